@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,17 @@ from qcompiler.errors import InputModelError, OutputPathError
 
 __all__ = [
     "load_model", "save_model", "import_graph", "export_graph", "ensure_opset", "add_domain",
-    "constant_value", "single_consumer", "ONNX_PROTO_LIMIT",
+    "constant_value", "single_consumer", "ONNX_PROTO_LIMIT", "WeightedGemm", "weighted_gemms", "KEEP_FLOAT_SUFFIX",
 ]
 
 logger = logging.getLogger(__name__)
 
 # protobuf refuses messages over 2 GiB; stay well clear of it and spill weights to external data.
 ONNX_PROTO_LIMIT = 1_800_000_000
+
+# Nodes whose name ends with this are deliberately kept in float (e.g. LLM.int8()'s outlier GEMM);
+# quantization passes leave them alone.
+KEEP_FLOAT_SUFFIX = "::keep_float"
 
 
 def load_model(path: str | Path) -> onnx.ModelProto:
@@ -133,3 +138,63 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
 
 def single_consumer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.outputs[0] if len(tensor.outputs) == 1 else None
+
+
+@dataclass
+class WeightedGemm:
+    """A MatMul/Gemm whose second operand is a constant 2-D weight.
+
+    ``weight_kn`` is the weight as [K, N] (input channels x output channels) whatever the storage:
+    MatMul stores B as [K, N]; Gemm with transB=1 stores it as [N, K].
+    """
+
+    node: gs.Node
+    activation: gs.Variable
+    weight: gs.Constant
+    transposed: bool
+
+    @property
+    def weight_kn(self) -> np.ndarray:
+        return self.weight.values.T if self.transposed else self.weight.values
+
+    @property
+    def k(self) -> int:
+        return self.weight_kn.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.weight_kn.shape[1]
+
+    @property
+    def weight_is_shared(self) -> bool:
+        return len(self.weight.outputs) > 1
+
+    @property
+    def produces_graph_output(self) -> bool:
+        return any(o.name in self.graph_output_names for o in self.node.outputs)
+
+    graph_output_names: frozenset[str] = frozenset()
+
+
+def weighted_gemms(graph: gs.Graph, op_types: tuple[str, ...] = ("MatMul", "Gemm")) -> list[WeightedGemm]:
+    """Every MatMul/Gemm of ``graph`` whose B is a float constant of rank 2, in topological order.
+
+    Gemm qualifies only with transA=0 and alpha=1 (scaling folds are not worth the special cases).
+    """
+    outputs = frozenset(t.name for t in graph.outputs)
+    found = []
+    for node in graph.nodes:
+        if node.op not in op_types or len(node.inputs) < 2:
+            continue
+        activation, weight = node.inputs[0], node.inputs[1]
+        if not isinstance(weight, gs.Constant) or isinstance(activation, gs.Constant):
+            continue
+        if weight.values.ndim != 2 or not np.issubdtype(weight.values.dtype, np.floating):
+            continue
+        transposed = False
+        if node.op == "Gemm":
+            if node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0:
+                continue
+            transposed = bool(node.attrs.get("transB", 0))
+        found.append(WeightedGemm(node, activation, weight, transposed, outputs))
+    return found
