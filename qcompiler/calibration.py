@@ -28,6 +28,7 @@ from qcompiler.errors import CalibrationDataError
 
 __all__ = [
     "TensorStats", "CalibrationStats", "load_calibration_arrays", "iterate_feeds", "collect_stats",
+    "collect_activation_samples",
     "HISTOGRAM_RANGE", "ORT_TO_NUMPY",
 ]
 
@@ -265,3 +266,28 @@ def collect_stats(model: onnx.ModelProto, tensor_names: Sequence[str],
                 stats.tensors[name] = TensorStats.empty(channels, bins, outlier_threshold)
             stats.tensors[name].update(value)
     return stats
+
+
+def collect_activation_samples(model: onnx.ModelProto, tensor_names: Sequence[str],
+                               feeds: Callable[[], Iterator[dict[str, np.ndarray]]], *, max_batches: int,
+                               max_rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random subsample of at most ``max_rows`` token rows ([rows, channels]) of each tensor.
+
+    Used where a pass must score candidates on real activations (SmoothQuant's alpha search); the
+    subsample keeps memory bounded by ``max_rows`` rows per tensor.
+    """
+    names = list(dict.fromkeys(tensor_names))
+    if not names:
+        return {}
+    session = _session(model, names)
+    rng = np.random.default_rng(seed)
+    per_batch = max(1, max_rows // max_batches)
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for count, feed in enumerate(feeds()):
+        if count >= max_batches:
+            break
+        for name, value in zip(names, session.run(names, feed), strict=True):
+            rows = value.reshape(-1, value.shape[-1])
+            pick = rng.choice(rows.shape[0], size=min(per_batch, rows.shape[0]), replace=False)
+            parts[name].append(rows[np.sort(pick)].astype(np.float32))
+    return {name: np.concatenate(chunks) for name, chunks in parts.items()}

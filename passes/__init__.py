@@ -1,0 +1,1 @@
+"""Graph rewrite passes, one per module. Import the pass you need from its module."""

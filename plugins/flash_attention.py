@@ -1,0 +1,272 @@
+"""Flash attention forward (fp16/bf16, head dim 16..256 power of two; tuned for 64 and 128).
+
+``O = softmax(scale * Q K^T + mask) V`` computed block by block with the online softmax (running row
+max ``m`` and row sum ``l``; each new key block rescales the accumulator by ``exp(m_old - m_new)``), so
+the S x S score matrix never reaches device memory. Also returns ``LSE = m + log(l)`` (natural log),
+per query row, for a backward pass or for merging partial attentions.
+
+Batches (``ops.ATTENTION_LAYOUTS``):
+  * dense: Q [B, Hq, Sq, D], K/V [B, Hkv, Sk, D] (any strides, last dim contiguous).
+  * padded: the same plus ``seqlens_k`` int32 [B]: keys at positions >= seqlens_k[b] are masked
+    (a right-padded key padding mask); query rows past it are still computed.
+  * varlen: Q [Tq, Hq, D], K/V [Tk, Hkv, D] packed, ``cu_seqlens_q`` / ``cu_seqlens_k`` int32 [B+1].
+GQA/MQA: query head h reads kv head ``h // (Hq // Hkv)``. Causal masking is bottom-right aligned (query
+i sees key j iff ``j <= i + Sk_b - Sq_b``), which equals the usual top-left mask when Sq == Sk and is
+what a KV-cache decode step needs. Rows that see no key get O = 0 and LSE = -inf.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["AttnConfig", "flash_attention", "flash_attention_reference", "pick_attn_config", "ATTN_TACTICS",
+           "MODE_DENSE", "MODE_PADDED", "MODE_VARLEN"]
+
+logger = logging.getLogger(__name__)
+
+MODE_DENSE, MODE_PADDED, MODE_VARLEN = 0, 1, 2
+
+
+@triton.jit
+def _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, end, offs_m, offs_n, k_len, causal_off,
+                stride_ks, stride_vs, qk_scale,
+                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    k_ptrs += start * stride_ks
+    v_ptrs += start * stride_vs
+    for s in range(start, end, BLOCK_N):
+        if MASKED:
+            kmask = (s + offs_n) < k_len
+            k = tl.load(k_ptrs, mask=kmask[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, k)
+        if MASKED:
+            keep = kmask[None, :]
+            if IS_CAUSAL:
+                keep = keep & ((s + offs_n)[None, :] <= (offs_m[:, None] + causal_off))
+            qk = tl.where(keep, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=kmask[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_ij
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _flash_attn_fwd_kernel(
+    Q, K, V, SEQ_Q, SEQ_K,  # inputs; SEQ_Q = cu_seqlens_q (varlen), SEQ_K = seqlens_k or cu_seqlens_k
+    SQ, SK, HQ,  # scalars: (max) query / key length, number of query heads
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    O, LSE,  # outputs
+    SM_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, GQA_GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Longest causal rows first: pid 0 takes the last query block, so the tail of the grid is short work.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if IS_CAUSAL else tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    kvh = h // GQA_GROUP
+    if MODE == 2:
+        q_start = tl.load(SEQ_Q + b)
+        q_len = tl.load(SEQ_Q + b + 1) - q_start
+        k_start = tl.load(SEQ_K + b)
+        k_len = tl.load(SEQ_K + b + 1) - k_start
+    elif MODE == 1:
+        q_start = 0
+        q_len = SQ
+        k_start = 0
+        k_len = tl.minimum(tl.load(SEQ_K + b), SK)
+    else:
+        q_start = 0
+        q_len = SQ
+        k_start = 0
+        k_len = SK
+    start_m = pid_m * BLOCK_M
+    if start_m >= q_len:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qs
+    k_base = K + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = V + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=(offs_m < q_len)[:, None], other=0.0)
+    k_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]  # K^T tile [D, BLOCK_N]
+    v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+    qk_scale = SM_SCALE * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+    # A finite floor instead of -inf keeps exp2(m_old - m_new) free of inf - inf for fully masked blocks.
+    m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    causal_off = k_len - q_len
+    if IS_CAUSAL:
+        hi = tl.minimum(k_len, start_m + BLOCK_M + causal_off)
+        # keys below start_m + causal_off + 1 are visible to every row of this block
+        full = tl.minimum(tl.maximum(start_m + causal_off + 1, 0), k_len) // BLOCK_N * BLOCK_N
+    else:
+        hi = k_len
+        full = k_len // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, 0)
+    full = tl.minimum(full, hi)
+    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, full, offs_m, offs_n, k_len, causal_off,
+                                stride_ks, stride_vs, qk_scale, False, IS_CAUSAL, BLOCK_N)
+    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, full, hi, offs_m, offs_n, k_len, causal_off,
+                                stride_ks, stride_vs, qk_scale, True, IS_CAUSAL, BLOCK_N)
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    row_ok = offs_m < q_len
+    o_ptrs = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_os
+              + offs_m[:, None] * stride_os + offs_d[None, :])
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m, lse, mask=row_ok)
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """Launch meta-parameters of the attention kernel (one TensorRT tactic)."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+
+ATTN_TACTICS: dict[str, AttnConfig] = {
+    "d64": AttnConfig(128, 128, 8, 3),
+    "d128": AttnConfig(128, 64, 8, 3),
+    "d256": AttnConfig(64, 32, 4, 2),
+}
+
+
+def pick_attn_config(head_dim: int, seq_q: int) -> AttnConfig:
+    if head_dim <= 64:
+        return ATTN_TACTICS["d64"]
+    if head_dim <= 128:
+        return ATTN_TACTICS["d128"]
+    return ATTN_TACTICS["d256"]
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                    scale: float | None = None, seqlens_k: torch.Tensor | None = None,
+                    cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                    max_seqlen_q: int | None = None, config: AttnConfig | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention forward; returns (O like q, LSE float32).
+
+    Args:
+        q, k, v: dense/padded [B, H, S, D], or packed varlen [T, H, D] with cu_seqlens_q/k.
+        causal: bottom-right aligned causal mask.
+        scale: softmax scale, default 1/sqrt(D).
+        seqlens_k: int32 [B], valid keys per batch (padded mode).
+        cu_seqlens_q, cu_seqlens_k: int32 [B+1] prefix sums (varlen mode).
+        max_seqlen_q: longest query sequence in varlen mode (grid size); computed when None.
+        config: launch tactic; chosen by head dim when None.
+
+    Returns:
+        O with q's shape and dtype; LSE float32 [B, Hq, Sq] (dense/padded) or [Hq, Tq] (varlen).
+    """
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"FlashAttention: q/k/v must share float16/bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError("FlashAttention: q/k/v need a contiguous last (head) dimension")
+    D = q.shape[-1]
+    if k.shape[-1] != D or v.shape[-1] != D or D not in (16, 32, 64, 128, 256):
+        raise ValueError(f"FlashAttention: head dim must match and be a power of two in 16..256, got {D}")
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None or seqlens_k is not None:
+            raise ValueError("FlashAttention: varlen needs both cu_seqlens_q and cu_seqlens_k (and no seqlens_k)")
+        if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+            raise ValueError("FlashAttention: varlen q/k/v must be [T, H, D]")
+        B = cu_seqlens_q.numel() - 1
+        if cu_seqlens_k.numel() != B + 1 or cu_seqlens_q.dtype != torch.int32 or cu_seqlens_k.dtype != torch.int32:
+            raise ValueError("FlashAttention: cu_seqlens_q/k must be int32 [B+1]")
+        Tq, HQ, _ = q.shape
+        HKV = k.shape[1]
+        if max_seqlen_q is None:
+            max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if B > 0 else 0
+        SQ, SK = max_seqlen_q, k.shape[0]
+        mode = MODE_VARLEN
+        qs = (0, q.stride(1), q.stride(0))
+        ks = (0, k.stride(1), k.stride(0))
+        vs = (0, v.stride(1), v.stride(0))
+        o = torch.empty_like(q)
+        os_ = (0, o.stride(1), o.stride(0))
+        lse = torch.empty((HQ, Tq), dtype=torch.float32, device=q.device)
+        ls = (0, lse.stride(0))
+    else:
+        if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or k.shape[0] != q.shape[0]:
+            raise ValueError(f"FlashAttention: q/k/v must be [B, H, S, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        B, HQ, SQ, _ = q.shape
+        HKV, SK = k.shape[1], k.shape[2]
+        mode = MODE_DENSE
+        if seqlens_k is not None:
+            if seqlens_k.shape != (B,) or seqlens_k.dtype != torch.int32:
+                raise ValueError(f"FlashAttention: seqlens_k must be int32 [{B}]")
+            mode = MODE_PADDED
+        qs = (q.stride(0), q.stride(1), q.stride(2))
+        ks = (k.stride(0), k.stride(1), k.stride(2))
+        vs = (v.stride(0), v.stride(1), v.stride(2))
+        o = torch.empty_like(q)
+        os_ = (o.stride(0), o.stride(1), o.stride(2))
+        lse = torch.empty((B, HQ, SQ), dtype=torch.float32, device=q.device)
+        ls = (lse.stride(0), lse.stride(1))
+    if HQ % HKV != 0:
+        raise ValueError(f"FlashAttention: query heads {HQ} must be a multiple of kv heads {HKV}")
+    cfg = config or pick_attn_config(D, SQ)
+    if B == 0 or SQ == 0:
+        return o, lse
+    sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
+    grid = (triton.cdiv(SQ, cfg.BLOCK_M), B * HQ)
+    _flash_attn_fwd_kernel[grid](
+        q, k, v, cu_seqlens_q if mode == MODE_VARLEN else None,
+        cu_seqlens_k if mode == MODE_VARLEN else seqlens_k,
+        SQ, SK, HQ, *qs, *ks, *vs, *os_, *ls, o, lse,
+        SM_SCALE=sm_scale, HEAD_DIM=D, GQA_GROUP=HQ // HKV, IS_CAUSAL=bool(causal), MODE=mode,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, lse
+
+
+def flash_attention_reference(q, k, v, *, causal=False, scale=None, seqlens_k=None,
+                              dtype: torch.dtype = torch.float32):
+    """Plain torch (dense/padded layout) in ``dtype``; returns (O, LSE) in ``dtype``."""
+    B, HQ, SQ, D = q.shape
+    HKV, SK = k.shape[1], k.shape[2]
+    scale = scale if scale is not None else 1.0 / math.sqrt(D)
+    qf, kf, vf = q.to(dtype), k.to(dtype), v.to(dtype)
+    if HKV != HQ:
+        kf = kf.repeat_interleave(HQ // HKV, dim=1)
+        vf = vf.repeat_interleave(HQ // HKV, dim=1)
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    j = torch.arange(SK, device=q.device)
+    keep = torch.ones((B, 1, SQ, SK), dtype=torch.bool, device=q.device)
+    lens = seqlens_k.long() if seqlens_k is not None else torch.full((B,), SK, device=q.device)
+    keep = keep & (j[None, None, None, :] < lens[:, None, None, None])
+    if causal:
+        i = torch.arange(SQ, device=q.device)
+        off = lens - SQ
+        keep = keep & (j[None, None, None, :] <= (i[None, None, :, None] + off[:, None, None, None]))
+    s = s.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+    o = p @ vf
+    return o, lse

@@ -1,0 +1,1 @@
+"""Backends: build something that runs from a compiled ONNX graph."""
