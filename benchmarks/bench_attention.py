@@ -1,0 +1,85 @@
+"""Flash attention forward vs SDPA's FlashAttention-2, cuDNN and memory-efficient backends (fp16).
+
+s in {512, 2048, 8192, 16384}, d in {64, 128}, causal and not; B*s = 16384 tokens, H*d = 2048. Prints
+µs and TFLOPS (4*B*H*s*s*d, halved when causal) per backend and our ratio to each.
+
+    python benchmarks/bench_attention.py [--seqs 2048,8192] [--dims 128] [--sweep] [--out results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from qcompiler.plugins.flash_attention import AttnConfig, flash_attention, pick_attn_config
+
+SEQS = [512, 2048, 8192, 16384]
+DIMS = [64, 128]
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+SWEEP = [AttnConfig(128, 64, 8, 3), AttnConfig(128, 128, 8, 3), AttnConfig(128, 64, 4, 3),
+         AttnConfig(64, 64, 4, 3), AttnConfig(128, 128, 8, 2), AttnConfig(128, 64, 8, 4), AttnConfig(128, 32, 4, 3)]
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqs", default=",".join(map(str, SEQS)))
+    ap.add_argument("--dims", default=",".join(map(str, DIMS)))
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    head = "| d | s | causal | ours µs | ours TFLOPS | " + " | ".join(f"{n} TFLOPS" for n in BACKENDS) + " | " + \
+        " | ".join(f"vs {n}" for n in BACKENDS) + " | tactic |"
+    lines = [f"# Attention forward (fp16) vs SDPA backends on {torch.cuda.get_device_name()}", "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    print("\n".join(lines), flush=True)
+    for d, s, causal in itertools.product([int(x) for x in args.dims.split(",")],
+                                          [int(x) for x in args.seqs.split(",")], (False, True)):
+        B, H = max(1, 16384 // s), 2048 // d
+        q, k, v = (torch.randn(B, H, s, d, device="cuda", dtype=torch.float16) for _ in range(3))
+        flops = 4 * B * H * s * s * d / (2 if causal else 1)
+        times = {}
+        for name, backend in BACKENDS.items():
+            try:
+                with sdpa_kernel([backend]):
+                    times[name] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
+            except RuntimeError as err:
+                print(f"  {name} unavailable: {str(err).splitlines()[0][:80]}", file=sys.stderr)
+                times[name] = float("nan")
+        if args.sweep:
+            best = None
+            for cfg in SWEEP:
+                try:
+                    t = bench(lambda: flash_attention(q, k, v, causal=causal, config=cfg))
+                except Exception as err:
+                    print(f"  skip {cfg}: {type(err).__name__}", file=sys.stderr)
+                    continue
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+            t, cfg = best
+        else:
+            cfg = pick_attn_config(d, s)
+            t = bench(lambda: flash_attention(q, k, v, causal=causal))
+        row = (f"| {d} | {s} | {int(causal)} | {t:.0f} | {flops / t / 1e6:.0f} | "
+               + " | ".join(f"{flops / times[n] / 1e6:.0f}" for n in BACKENDS) + " | "
+               + " | ".join(f"{times[n] / t:.2f}x" for n in BACKENDS)
+               + f" | {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages} |")
+        lines.append(row)
+        print(row, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
