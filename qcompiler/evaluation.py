@@ -1,0 +1,167 @@
+"""Evaluation: compiled vs original model on held-out samples, perplexity, latency, per-layer SQNR."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qcompiler.backends.onnxruntime import create_session, measure_latency
+from qcompiler.calibration import _session
+from qcompiler.errors import QCompileError
+
+__all__ = ["OutputAgreement", "LayerError", "Evaluation", "compare_outputs", "perplexity", "layer_sqnr",
+           "lm_feeds", "latency_pair"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OutputAgreement:
+    """How closely one output of the compiled model follows the original, over all samples."""
+
+    name: str
+    cosine: float
+    sqnr_db: float
+    max_abs_error: float
+
+
+@dataclass
+class LayerError:
+    """SQNR of one GEMM's output in the compiled model against the original (errors accumulate)."""
+
+    tensor: str
+    op: str
+    sqnr_db: float
+
+
+@dataclass
+class Evaluation:
+    samples: int = 0
+    outputs: list[OutputAgreement] = field(default_factory=list)
+    perplexity_original: float | None = None
+    perplexity_compiled: float | None = None
+    perplexity_windows: int = 0
+    latency_original_ms: float | None = None
+    latency_compiled_ms: float | None = None
+    latency_shape: dict[str, list[int]] = field(default_factory=dict)
+    threads: int | None = None
+    layers: list[LayerError] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float | None:
+        if self.latency_original_ms and self.latency_compiled_ms:
+            return self.latency_original_ms / self.latency_compiled_ms
+        return None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["speedup"] = self.speedup
+        return data
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise <= 0:
+        return math.inf
+    return 10.0 * math.log10(max(signal, 1e-300) / noise)
+
+
+def compare_outputs(original: Path, compiled: Path, feeds: Iterable[dict[str, np.ndarray]],
+                    threads: int | None = None) -> tuple[list[OutputAgreement], int]:
+    """Cosine similarity, SQNR (dB) and max |error| of every graph output, accumulated over ``feeds``."""
+    reference, candidate = create_session(original, threads), create_session(compiled, threads)
+    names = [o.name for o in reference.get_outputs()]
+    sums = {n: np.zeros(4) for n in names}  # <a,b>, |a|^2, |b|^2, |a-b|^2
+    max_abs = dict.fromkeys(names, 0.0)
+    count = 0
+    for feed in feeds:
+        for name, a, b in zip(names, reference.run(names, feed), candidate.run(names, feed), strict=True):
+            a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+            sums[name] += (a @ b, a @ a, b @ b, np.sum((a - b) ** 2))
+            max_abs[name] = max(max_abs[name], float(np.max(np.abs(a - b))) if a.size else 0.0)
+        count += 1
+    agreements = []
+    for name in names:
+        dot, aa, bb, noise = sums[name]
+        cosine = float(dot / math.sqrt(aa * bb)) if aa > 0 and bb > 0 else 1.0
+        agreements.append(OutputAgreement(name, cosine, _db(aa, noise), max_abs[name]))
+    return agreements, count
+
+
+def lm_feeds(model: onnx.ModelProto, windows: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """One feed per token window for a language model taking input_ids (+ attention_mask, position_ids).
+
+    Raises:
+        QCompileError: the model has inputs other than these, so text cannot drive it.
+    """
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    known = {"input_ids", "attention_mask", "position_ids"}
+    if "input_ids" not in inputs or set(inputs) - known:
+        raise QCompileError(f"text calibration/evaluation needs a model whose inputs are input_ids "
+                            f"[+ attention_mask, position_ids]; this one has {inputs}: pass --calib arrays instead")
+    feeds = []
+    for window in windows:
+        ids = window[None, :].astype(np.int64)
+        feed = {"input_ids": ids}
+        if "attention_mask" in inputs:
+            feed["attention_mask"] = np.ones_like(ids)
+        if "position_ids" in inputs:
+            feed["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None, :]
+        feeds.append(feed)
+    return feeds
+
+
+def perplexity(model_path: Path, feeds: Sequence[dict[str, np.ndarray]], logits_name: str | None = None,
+               threads: int | None = None) -> float:
+    """exp(mean next-token negative log-likelihood) over all windows (token t+1 predicted from <= t)."""
+    session = create_session(model_path, threads)
+    name = logits_name or session.get_outputs()[0].name
+    total_nll, total_tokens = 0.0, 0
+    for feed in feeds:
+        logits = session.run([name], feed)[0].astype(np.float64)
+        ids = feed["input_ids"]
+        if logits.ndim != 3 or logits.shape[:2] != ids.shape:
+            raise QCompileError(f"output {name} has shape {logits.shape}; perplexity needs logits [batch, seq, vocab]")
+        shifted = logits[:, :-1, :]
+        peak = shifted.max(axis=-1, keepdims=True)
+        log_norm = np.log(np.exp(shifted - peak).sum(axis=-1)) + peak[..., 0]
+        target = np.take_along_axis(shifted, ids[:, 1:, None], axis=-1)[..., 0]
+        total_nll += float(np.sum(log_norm - target))
+        total_tokens += target.size
+    return math.exp(total_nll / max(total_tokens, 1))
+
+
+def layer_sqnr(original: onnx.ModelProto, compiled: onnx.ModelProto, feed: dict[str, np.ndarray]) -> list[LayerError]:
+    """SQNR of every GEMM output of the original that still exists (same name) in the compiled model."""
+    compiled_tensors = {o for n in compiled.graph.node for o in n.output}
+    initializers = {t.name for t in original.graph.initializer}
+    gemm_outputs = [(n.output[0], n.op_type) for n in original.graph.node
+                    if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in initializers
+                    and n.output[0] in compiled_tensors]
+    if not gemm_outputs:
+        return []
+    names = [name for name, _ in gemm_outputs]
+    reference = _session(original, names).run(names, feed)
+    candidate = _session(compiled, names).run(names, feed)
+    layers = []
+    for (name, op), a, b in zip(gemm_outputs, reference, candidate, strict=True):
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        layers.append(LayerError(name, op, _db(float(np.sum(a * a)), float(np.sum((a - b) ** 2)))))
+    return layers
+
+
+def latency_pair(original: Path, compiled: Path, feed: dict[str, np.ndarray], threads: int | None,
+                 repeats: int = 10) -> tuple[float, float]:
+    """Median latency (ms) of both models, measured alternately so drift hits both equally."""
+    reference, candidate = create_session(original, threads), create_session(compiled, threads)
+    a, b = [], []
+    for _ in range(3):
+        a.append(measure_latency(reference, feed, warmup=1, repeats=max(1, repeats // 3)))
+        b.append(measure_latency(candidate, feed, warmup=1, repeats=max(1, repeats // 3)))
+    return float(np.median(a)), float(np.median(b))

@@ -1,0 +1,49 @@
+"""Built-in recipes, and loading a recipe by name or from a YAML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qcompiler.config import (
+    ActivationScheme, CalibrationConfig, GPTQConfig, OutlierSplitConfig, Recipe, RecipeError, SmoothQuantConfig,
+    W8A8Config, WeightOnlyConfig,
+)
+
+__all__ = ["BUILTIN_RECIPES", "load_recipe"]
+
+_STATIC = W8A8Config(activation=ActivationScheme.PER_TENSOR_STATIC)
+_DYNAMIC = W8A8Config(activation=ActivationScheme.PER_TOKEN_DYNAMIC)
+_GPTQ_CALIBRATION = CalibrationConfig(num_samples=128)
+
+BUILTIN_RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("fp32", "no-op baseline: the model as given"),
+    Recipe("w8a8-naive", "int8 per-channel weights, per-tensor static int8 activations (max), no smoothing: "
+           "what ONNX Runtime's quantize_static gives", w8a8=_STATIC),
+    Recipe("w8a8-smoothquant", "SmoothQuant (alpha searched per layer group) + int8 per-channel weights, "
+           "per-token dynamic int8 activations", smoothquant=SmoothQuantConfig(alpha="auto"), w8a8=_DYNAMIC),
+    Recipe("w8a8-smoothquant-static", "SmoothQuant + int8 per-channel weights, per-tensor static int8 activations "
+           "(the form TensorRT fuses)", smoothquant=SmoothQuantConfig(alpha="auto"), w8a8=_STATIC),
+    Recipe("w8a8-smoothquant-split", "SmoothQuant + LLM.int8() outlier columns in float + per-token W8A8 for the rest",
+           smoothquant=SmoothQuantConfig(alpha="auto"), outlier_split=OutlierSplitConfig(), w8a8=_DYNAMIC),
+    Recipe("llm-int8", "LLM.int8(): activation columns with |x| > 6 in float, vector-wise W8A8 for the rest",
+           outlier_split=OutlierSplitConfig(threshold=6.0), w8a8=_DYNAMIC),
+    Recipe("w4a16-rtn", "4-bit weights, group 128, symmetric, round-to-nearest", weight_only=WeightOnlyConfig(bits=4)),
+    Recipe("w8a16-rtn", "8-bit weights per output channel, round-to-nearest",
+           weight_only=WeightOnlyConfig(bits=8, group_size=None)),
+    Recipe("w4a16-gptq", "4-bit weights, group 128, symmetric, GPTQ with act-order (static groups)",
+           gptq=GPTQConfig(bits=4), calibration=_GPTQ_CALIBRATION),
+    Recipe("w3a16-gptq", "3-bit weights, group 128, symmetric, GPTQ with act-order (static groups)",
+           gptq=GPTQConfig(bits=3), calibration=_GPTQ_CALIBRATION),
+]}
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A built-in recipe by name, or a YAML file holding a serialised ``Recipe``."""
+    text = str(name_or_path)
+    if text in BUILTIN_RECIPES:
+        return BUILTIN_RECIPES[text]
+    if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        if not Path(text).is_file():
+            raise RecipeError(f"recipe file not found: {text}")
+        return Recipe.from_yaml(text)
+    raise RecipeError(f"unknown recipe {text!r}; built-in: {', '.join(BUILTIN_RECIPES)} (or a .yaml file)")
