@@ -25,6 +25,7 @@ class Calibrate:
     """
 
     name = "calibrate"
+    exact = True
 
     def __init__(self, outlier_threshold: float = 6.0, bins: int = 2048):
         self.outlier_threshold = outlier_threshold

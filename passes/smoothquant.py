@@ -82,6 +82,7 @@ class SmoothQuant:
     """
 
     name = "smoothquant"
+    exact = True
 
     def __init__(self, config: SmoothQuantConfig = SmoothQuantConfig(),
                  activation: ActivationScheme = ActivationScheme.PER_TOKEN_DYNAMIC, insert_mul: bool = False):
@@ -188,6 +189,9 @@ class SmoothQuant:
             gemm_out = group.absorber.gemm.node.outputs[0].name
             t = probe_tensors[gemm_out]
             n = group.absorber.gemm.n
+            for bias in group.absorber.biases:  # the probe needs pure column indices at the end of the path
+                if bias.name in probe_tensors:
+                    probe_tensors[bias.name].values = np.zeros_like(bias.values)
             producer = t.inputs[0]
             replaced = gs.Variable(gemm_out + "/probe_src", dtype=t.dtype)
             producer.outputs = [replaced]
@@ -279,9 +283,14 @@ def _own_constant(node: gs.Node, index: int) -> gs.Constant:
 
 
 def _affine_absorber(x: gs.Variable, k: int) -> _Absorber | None:
-    producer = x.inputs[0]
+    tensor, producer = x, x.inputs[0]
+    # A row-major Reshape that keeps the last dimension (K on both sides: the GEMM reads K, the
+    # per-channel constant below has K) keeps every element in its channel, e.g. [B, S, K] -> [B*S, K].
+    while producer.op in ("Reshape", "Identity") and producer.inputs[0].inputs \
+            and _exclusive(producer.inputs[0], producer):
+        tensor, producer = producer.inputs[0], producer.inputs[0].inputs[0]
     if producer.op in _NORM_OPS:
-        if len(producer.outputs) > 0 and producer.outputs[0] is x and len(producer.inputs) > 1 \
+        if len(producer.outputs) > 0 and producer.outputs[0] is tensor and len(producer.inputs) > 1 \
                 and _per_channel_constant(producer.inputs[1], k) is not None:
             gains = [_own_constant(producer, 1)]
             if len(producer.inputs) > 2 and producer.op == "LayerNormalization" \

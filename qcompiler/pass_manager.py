@@ -63,6 +63,8 @@ class PassContext:
 
 class GraphPass(Protocol):
     name: str
+    # True for passes that preserve the function exactly (in exact arithmetic): SmoothQuant, Calibrate.
+    exact: bool
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult: ...
 
@@ -82,11 +84,11 @@ class PassManager:
         self.passes = list(passes)
         self.dump_dir = Path(dump_dir) if dump_dir else None
 
-    def run(self, graph: gs.Graph, context: PassContext) -> list[PassRecord]:
+    def run(self, graph: gs.Graph, context: PassContext, first_index: int = 1) -> list[PassRecord]:
         from qcompiler.graph import export_graph, save_model
 
         records = []
-        for index, graph_pass in enumerate(self.passes, start=1):
+        for index, graph_pass in enumerate(self.passes, start=first_index):
             start = time.perf_counter()
             result = graph_pass.run(graph, context)
             graph.cleanup().toposort()

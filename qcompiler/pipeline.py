@@ -180,8 +180,8 @@ def _random_feed(model: onnx.ModelProto, shapes: dict[str, list[int]] | None, rn
     return feed
 
 
-def _evaluate(original_path: Path, compiled_path: Path, original: onnx.ModelProto, options: EvalOptions,
-              data: DataOptions, calibration) -> Evaluation:
+def _evaluate(original_path: Path, compiled_path: Path, original: onnx.ModelProto, reference: onnx.ModelProto,
+              options: EvalOptions, data: DataOptions, calibration) -> Evaluation:
     evaluation = Evaluation(threads=options.threads or os.cpu_count())
     rng = np.random.default_rng(0)
     windows_feeds = None
@@ -207,7 +207,7 @@ def _evaluate(original_path: Path, compiled_path: Path, original: onnx.ModelProt
         original_path, compiled_path, latency_feed, options.threads, options.latency_repeats)
     if options.layer_report:
         compiled = onnx.load(str(compiled_path))
-        evaluation.layers = layer_sqnr(original, compiled, compare[0])
+        evaluation.layers = layer_sqnr(reference, compiled, compare[0])
     return evaluation
 
 
@@ -238,7 +238,12 @@ def compile(model: str | Path, output: str | Path, recipe: str | Path | Recipe =
         raise CalibrationDataError(f"recipe {recipe.name!r} (GPTQ) needs calibration data")
     graph = import_graph(original)
     context = PassContext(stats=stats, calibration_feeds=calibration, exclude=patterns, show_progress=show_progress)
-    records = PassManager(passes, dump_dir=dump_dir).run(graph, context)
+    # Passes that preserve the function come first; the graph after them is the reference for
+    # per-layer errors (SmoothQuant rescales some GEMM outputs on purpose, e.g. V and up projections).
+    exact_prefix = next((i for i, p in enumerate(passes) if not getattr(p, "exact", False)), len(passes))
+    records = PassManager(passes[:exact_prefix], dump_dir=dump_dir).run(graph, context)
+    reference = export_graph(graph) if exact_prefix else original
+    records += PassManager(passes[exact_prefix:], dump_dir=dump_dir).run(graph, context, first_index=exact_prefix + 1)
     quantizing = [r for r in records if r.name not in ("calibrate", "smoothquant", "fuse_quant")]
     if recipe.name != "fp32" and quantizing and not any(r.result.changed for r in quantizing):
         reasons = "; ".join(f"{w}: {why}" for r in quantizing for w, why in r.result.not_fired[:3])
@@ -252,6 +257,6 @@ def compile(model: str | Path, output: str | Path, recipe: str | Path | Recipe =
     save_model(compiled, output, input_path=model_path)
     result = CompileResult(output, recipe, records)
     if evaluate.enabled:
-        result.evaluation = _evaluate(model_path, output, original, evaluate, data, calibration)
+        result.evaluation = _evaluate(model_path, output, original, reference, evaluate, data, calibration)
     return result
 

@@ -1,0 +1,255 @@
+"""GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", 2022) as a pure torch function, plus the streaming Hessian it needs.
+
+Notation (the paper's): a linear layer computes W X with W ∈ R^{N×K} (rows = output channels; the
+transpose of ONNX MatMul's [K, N] weight) and calibration inputs X ∈ R^{K×n} (n tokens). GPTQ picks
+quantized Q minimising the layer-output error ‖W X − Q X‖², whose Hessian with respect to each row
+of W is
+
+    H = 2 X Xᵀ / n                                                                   (K × K)
+
+(the 1/n only rescales H; it keeps damping and float ranges independent of n). Columns are quantized
+one at a time; after quantizing column j, the not-yet-quantized columns absorb its error (Optimal
+Brain Surgeon update, eq. 3 of the paper, with F the remaining columns):
+
+    δ_F = −(w_j − q_j) / [H_F⁻¹]_jj · (H_F⁻¹)_{j,F}        H_F⁻¹ ← H_F⁻¹ − (H_F⁻¹)_{:,j} (H_F⁻¹)_{j,:} / [H_F⁻¹]_jj
+
+GPTQ's observations: (1) every row can use the same column order, so H_F⁻¹ is shared by all rows;
+(2) the rows (H_F⁻¹)_{j, j:} / sqrt([H_F⁻¹]_jj) of all the successive eliminations are exactly the rows
+of the upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U), computed once; (3) updates can be applied
+lazily: columns inside a block of B columns are updated immediately, everything right of the block
+once per block with E · U_{block, rest} (E = scaled errors of the block). Numerical safeguards:
+damping λ = damp · mean(diag H) added to the diagonal, and "dead" inputs (H_jj = 0: input channel j
+was always 0 in calibration) get H_jj = 1, which decouples column j (its H row/column is zero), so it
+is quantized by plain rounding. The reference implementation zeroes dead columns instead; that is
+exact on the calibration data but wrong for inputs where the channel is not zero, so we keep them.
+
+Act-order: columns are processed by decreasing H_jj (the inputs with the most energy first, while
+many columns remain to absorb their error). To keep the group structure contiguous in the original
+column order (what every packed format needs: group g = rows [g·G, (g+1)·G) of the [K, N] weight),
+group scales are then "static": fixed up front from the original W. Without act-order, a group's
+scales are taken when its first column is reached, from the already-updated W (the paper's choice).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qcompiler.algorithms.weight_quant import code_range, compute_qparams, group_index, num_groups
+
+__all__ = ["GPTQResult", "gptq_quantize", "HessianAccumulator", "default_device"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_DAMP_RETRIES = 4
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class HessianAccumulator:
+    """Streams H = 2/n Σ_t x_t x_tᵀ over batches of activations, one K × K matrix in memory.
+
+    Args:
+        k: input channels (the activation's last axis).
+        dtype: accumulator dtype. float64 (default) keeps sums over many tokens exact enough; each
+            batch's product X_bᵀ X_b is formed in float32 (fast BLAS) and added in ``dtype``.
+        device: where to accumulate (default: CUDA when present, else CPU).
+    """
+
+    def __init__(self, k: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None):
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k = k
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else default_device()
+        self._sum = torch.zeros(k, k, dtype=dtype, device=self.device)
+        self.count = 0
+
+    def add_batch(self, x: np.ndarray | torch.Tensor) -> None:
+        """Adds every row x_t of ``x`` [..., K] (tokens on all leading axes)."""
+        x = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+        if x.shape[-1] != self.k:
+            raise ValueError(f"activation has {x.shape[-1]} channels, the Hessian expects {self.k}")
+        rows = x.reshape(-1, self.k).to(self.device, torch.float32)
+        if not torch.isfinite(rows).all():
+            raise ValueError("activation holds NaN/Inf; check the calibration data and model")
+        if self.dtype == torch.float32:
+            self._sum.addmm_(rows.T, rows)
+        else:
+            self._sum += (rows.T @ rows).to(self.dtype)
+        self.count += rows.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        """H = 2/n Σ x xᵀ (in ``dtype``); raises if no rows were added."""
+        if self.count == 0:
+            raise ValueError("no activations were added to the Hessian")
+        return self._sum * (2.0 / self.count)
+
+
+@dataclass
+class GPTQResult:
+    """What ``gptq_quantize`` returns (tensors on the CPU).
+
+    Attributes:
+        codes: [N, K] integer codes (int16 tensor): signed for symmetric, unsigned for asymmetric.
+        scales: [N, G] scales (values rounded to ``scale_dtype``), group g covering input channels [g·G, (g+1)·G).
+        zeros: [N, G] zero points (uint8 values) or None when symmetric.
+        Q: [N, K] dequantized weight s · (code − z), float32.
+        perm: the act-order column order (None without act-order); codes/scales are already in the
+            original column order, so no g_idx is needed.
+        loss: Σ_j ‖w_j − q_j‖² / (2 [H_F⁻¹]_jj), GPTQ's estimate of the output error it left.
+        damp: the damping fraction finally used (raised when H + λI was not positive definite).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    Q: torch.Tensor
+    perm: torch.Tensor | None
+    loss: float
+    damp: float
+
+
+def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """U with H_damped⁻¹ = Uᵀ U, H_damped = H + damp · mean(diag H) · I; retries with 10× damping."""
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    mean_diag = float(H.diagonal().mean())
+    for attempt in range(_MAX_DAMP_RETRIES):
+        used = damp * 10.0 ** attempt
+        L, info = torch.linalg.cholesky_ex(H + used * mean_diag * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0:
+                if attempt:
+                    logger.warning("Hessian not positive definite with damp=%g; used damp=%g", damp, used)
+                return U, used
+    raise ValueError(f"Hessian is not positive definite even with damp={damp * 10.0 ** (_MAX_DAMP_RETRIES - 1):g}")
+
+
+def _qparams_torch(cols: torch.Tensor, bits: int, symmetric: bool, scale_dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One group's scales/zeros for W columns ``cols`` [N, G'] via the shared numpy definition."""
+    scale, zero = compute_qparams(cols.T.double().cpu().numpy(), bits, None, symmetric, scale_dtype)
+    to = {"device": cols.device, "dtype": cols.dtype}
+    return torch.from_numpy(scale[0].astype(np.float64)).to(**to), (
+        None if zero is None else torch.from_numpy(zero[0].astype(np.float64)).to(**to))
+
+
+def gptq_quantize(W: torch.Tensor | np.ndarray, H: torch.Tensor | np.ndarray, *, bits: int = 4,
+                  group_size: int | None = 128, symmetric: bool = True, act_order: bool = True,
+                  damp: float = 0.01, block_size: int = 128, device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32, scale_dtype=np.float32) -> GPTQResult:
+    """Quantizes W [N, K] column by column with error feedback through H [K, K] (see module docstring).
+
+    Args:
+        W: weight, rows = output channels (N × K).
+        H: Hessian 2 X Xᵀ / n of the layer input (K × K), e.g. ``HessianAccumulator.finalize()``.
+        bits: 2, 3, 4 or 8.
+        group_size: input channels per scale group (contiguous in the original order), None = per row.
+        symmetric: signed codes and zero point 0, or unsigned codes with a zero point per group.
+        act_order: process columns by decreasing H_jj (with static groups, see above).
+        damp: λ = damp · mean(diag H) added to H's diagonal.
+        block_size: B, columns per lazy batch update. With dynamic groups it is rounded to a multiple of
+            the group size (at least one group), so each group's scales see its fully updated columns.
+        device: where to compute (default CUDA when present, else CPU).
+        dtype: working precision of the column loop (float32; tests use float64).
+        scale_dtype: numpy dtype the scales are stored in (the weight's float type).
+
+    Returns:
+        GPTQResult with codes, scales, zeros and the dequantized Q, on the CPU.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    W = torch.as_tensor(W).to(device=device, dtype=dtype).clone()
+    H = torch.as_tensor(H).to(device=device, dtype=torch.float64).clone()
+    n_rows, k = W.shape
+    if H.shape != (k, k):
+        raise ValueError(f"H must be [{k}, {k}] for W of shape {tuple(W.shape)}, got {tuple(H.shape)}")
+    if not (torch.isfinite(H).all() and torch.isfinite(W).all()):
+        raise ValueError("W or H holds NaN/Inf")
+    qmin, qmax = code_range(bits, symmetric)
+    n_groups = num_groups(k, group_size)
+    group_of = torch.from_numpy(group_index(k, group_size))
+    static = act_order or group_size is None
+
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+
+    scales = torch.zeros(n_rows, n_groups, dtype=dtype, device=device)
+    zeros = None if symmetric else torch.zeros(n_rows, n_groups, dtype=dtype, device=device)
+    if static:
+        s, z = compute_qparams(W.T.double().cpu().numpy(), bits, group_size, symmetric, scale_dtype)
+        scales.copy_(torch.from_numpy(s.T.astype(np.float64)))
+        if zeros is not None:
+            zeros.copy_(torch.from_numpy(z.T.astype(np.float64)))
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True, stable=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        group_of = group_of[perm.cpu()]
+
+    U, used_damp = _upper_cholesky_of_inverse(H, damp)
+    U = U.to(dtype)
+    del H
+
+    step = block_size
+    if not static:
+        step = max(group_size, (block_size // group_size) * group_size)
+        if step != block_size:
+            logger.debug("GPTQ block size %d -> %d (multiple of group size %d)", block_size, step, group_size)
+
+    group_of = group_of.tolist()
+    codes = torch.zeros(n_rows, k, dtype=torch.int16, device=device)
+    Q = torch.zeros_like(W)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    for i1 in range(0, k, step):
+        i2 = min(i1 + step, k)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            g = group_of[j]
+            if not static and j % group_size == 0:
+                s, z = _qparams_torch(W1[:, i:i + group_size], bits, symmetric, scale_dtype)
+                scales[:, g] = s
+                if zeros is not None:
+                    zeros[:, g] = z
+            w = W1[:, i]
+            s = scales[:, g]
+            c = torch.round(w / s)
+            if zeros is not None:
+                c = (c + zeros[:, g]).clamp_(qmin, qmax)
+                q = s * (c - zeros[:, g])
+            else:
+                c = c.clamp_(qmin, qmax)
+                q = s * c
+            codes[:, j] = c.to(torch.int16)
+            Q[:, j] = q
+            d = U1[i, i]
+            err = (w - q) / d
+            loss += (err.double() ** 2).sum() / 2
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        Q = Q[:, inverse]
+        codes = codes[:, inverse]
+    return GPTQResult(
+        codes=codes.cpu(),
+        scales=scales.cpu(),
+        zeros=None if zeros is None else zeros.cpu(),
+        Q=Q.cpu().to(torch.float32),
+        perm=None if perm is None else perm.cpu(),
+        loss=float(loss),
+        damp=used_damp,
+    )
