@@ -83,7 +83,7 @@ def _command(model, output, recipe, calib, calib_batch, calib_samples, calib_tex
     evaluate = EvalOptions(enabled=not no_eval, eval_text=eval_text, eval_windows=eval_windows,
                            shapes=_parse_shapes(shapes), threads=threads)
     result = compile(model, output, recipe, data=data, evaluate=evaluate, exclude=exclude, dump_dir=dump_dir,
-                     backend=backend, show_progress=not quiet)
+                     backend=backend, show_progress=not quiet and sys.stderr.isatty())
     if explain:
         for record in result.records:
             for where, why in record.result.not_fired:

@@ -73,7 +73,10 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, input_path: str | Pa
     if path.is_dir():
         raise OutputPathError(f"cannot write {path}: it is a folder")
     use_external = external_data if external_data is not None else _model_bytes(model) > ONNX_PROTO_LIMIT
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+    except OSError as err:
+        raise OutputPathError(f"cannot write {path}: {err.strerror or err}") from None
     try:
         staged = staging / path.name
         data_name = path.name + ".data"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,8 +119,12 @@ def _check_output_path(output: Path, model_path: Path) -> None:
     folder = output.parent
     if not folder.is_dir():
         raise OutputPathError(f"cannot write {output}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise OutputPathError(f"cannot write {output}: folder {folder} is not writable")
+    if output.is_dir():
+        raise OutputPathError(f"cannot write {output}: it is a folder")
+    try:  # fail before the (possibly long) work, not after it; os.access says yes to root everywhere
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as err:
+        raise OutputPathError(f"cannot write {output}: {err.strerror or err}") from None
 
 
 def _text_windows(model: onnx.ModelProto, text: str | Path, tokenizer_path: str | Path | None, seq_len: int,

@@ -13,6 +13,7 @@ evaluation of causal LMs.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 from dataclasses import dataclass
@@ -82,11 +83,15 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     try:
         from tokenizers import Tokenizer as Backend
     except ImportError:
-        raise QCompileError("reading tokenizer.json needs the tokenizers package: pip install qcompiler[import]") from None
+        raise QCompileError(
+            "reading tokenizer.json needs the tokenizers package: pip install qcompiler[import]"
+        ) from None
     try:
         backend = Backend.from_file(str(path))
     except Exception as err:  # the Rust side raises a bare Exception with the parse error
-        raise TextDataError(f"{path} is not a tokenizers JSON file: {str(err).splitlines()[0] if str(err) else err!r}") from None
+        raise TextDataError(
+            f"{path} is not a tokenizers JSON file: {str(err).splitlines()[0] if str(err) else err!r}"
+        ) from None
     return Tokenizer(backend, str(path))
 
 
@@ -95,14 +100,19 @@ def _gguf_backend(path: Path):
         import gguf  # noqa: F401
         from transformers import AutoTokenizer
     except ImportError:
-        raise QCompileError(f"reading the tokenizer of {path.name} needs transformers and gguf: "
-                            "pip install qcompiler[import]") from None
+        raise QCompileError(
+            f"reading the tokenizer of {path.name} needs transformers and gguf: pip install qcompiler[import]"
+        ) from None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(path.parent), gguf_file=path.name, local_files_only=True
+        )
     except Exception as err:  # transformers raises many types for a bad or unsupported GGUF
-        raise TextDataError(f"{path}: no usable tokenizer in this GGUF file ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        raise TextDataError(
+            f"{path}: no usable tokenizer in this GGUF file ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise TextDataError(f"{path}: transformers built no fast tokenizer from this GGUF file")
@@ -112,29 +122,26 @@ def _gguf_backend(path: Path):
 def _split_point(text: str) -> int:
     """Where to cut ``text`` so both sides tokenize as they would in one piece (0: nowhere found).
 
-    Prefers the end of a line followed by a non-blank character, then a space before a word
-    (byte-level BPE pre-tokenizers attach a word's leading space to it).
+    Pre-tokenizers split at whitespace runs, and byte-level BPE attaches a word's leading space to the
+    word; cutting right after a lone newline, or right before a lone space, between two non-blank
+    characters does not change any pre-token.
     """
-    for sep in ("\n", " "):
-        cut = len(text)
-        while True:
-            i = text.rfind(sep, 0, cut)
-            if i <= 0:
-                break
-            after = i + 1 if sep == "\n" else i
-            if after < len(text) and not text[after if sep == " " else after].isspace() if sep == "\n" else (
-                    i + 1 < len(text) and not text[i + 1].isspace() and not text[i - 1].isspace()):
-                return after
-            cut = i
+    n = len(text)
+    for sep, offset in (("\n", 1), (" ", 0)):
+        i = n
+        while (i := text.rfind(sep, 0, i)) > 0:
+            if i + 1 < n and not text[i - 1].isspace() and not text[i + 1].isspace():
+                return i + offset
     return 0
 
 
 def _chunks(path: Path, start: int, end: int):
-    """Yields line-aligned text chunks of bytes [start, end) of ``path``, decoded as UTF-8."""
+    """Yields text chunks of bytes [start, end) of ``path`` (UTF-8), cut where tokenization allows."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     with open(path, "rb") as f:
-        f.seek(start)
         if start > 0:
-            # Land on a line start: never inside a UTF-8 sequence or a word.
+            # Begin at a line start: never inside a UTF-8 sequence or a word.
+            f.seek(start - 1)
             f.readline()
         position = f.tell()
         pending = ""
@@ -143,21 +150,25 @@ def _chunks(path: Path, start: int, end: int):
             if not data:
                 break
             position += len(data)
-            if position < end:
-                data += f.readline()[: max(0, end - position)]  # finish the line (and any split character)
-                position = f.tell() if position < end else position
-            pending += data.decode("utf-8", errors="replace")
-            while len(pending) > 2 * _CHUNK_CHARS:
+            pending += decoder.decode(data)
+            while len(pending) >= 2 * _CHUNK_CHARS:
                 cut = _split_point(pending[:_CHUNK_CHARS]) or _CHUNK_CHARS
                 yield pending[:cut]
                 pending = pending[cut:]
+        pending += decoder.decode(b"", final=True)
         if pending:
             yield pending
 
 
-def text_windows(text_path: str | os.PathLike, tokenizer: TokenizerLike | str | os.PathLike, seq_len: int, *,
-                 max_windows: int | None = None, start_fraction: float = 0.0,
-                 end_fraction: float = 1.0) -> np.ndarray:
+def text_windows(
+    text_path: str | os.PathLike,
+    tokenizer: TokenizerLike | str | os.PathLike,
+    seq_len: int,
+    *,
+    max_windows: int | None = None,
+    start_fraction: float = 0.0,
+    end_fraction: float = 1.0,
+) -> np.ndarray:
     """Cuts a UTF-8 text file into non-overlapping windows of ``seq_len`` tokens.
 
     Args:
@@ -181,13 +192,15 @@ def text_windows(text_path: str | os.PathLike, tokenizer: TokenizerLike | str | 
     if max_windows is not None and max_windows < 1:
         raise ValueError(f"max_windows must be >= 1 or None, got {max_windows}")
     if not 0.0 <= start_fraction < end_fraction <= 1.0:
-        raise ValueError(f"need 0 <= start_fraction < end_fraction <= 1, got {start_fraction}, {end_fraction}")
+        raise ValueError(
+            f"need 0 <= start_fraction < end_fraction <= 1, got {start_fraction}, {end_fraction}"
+        )
     if not path.is_file():
         raise TextDataError(f"text file not found: {path}")
     size = path.stat().st_size
     if size == 0:
         raise TextDataError(f"text file {path} is empty")
-    if not isinstance(tokenizer, TokenizerLike.__class__) and isinstance(tokenizer, (str, os.PathLike)):
+    if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
     start, end = int(size * start_fraction), int(size * end_fraction)
     needed = None if max_windows is None else max_windows * seq_len
@@ -213,8 +226,11 @@ def text_windows(text_path: str | os.PathLike, tokenizer: TokenizerLike | str | 
     if batch:
         flush()
     n = len(ids) // seq_len if needed is None else min(len(ids) // seq_len, max_windows)
-    where = f"{path}" if (start_fraction, end_fraction) == (0.0, 1.0) else \
-        f"{path} (fraction {start_fraction:g}..{end_fraction:g})"
+    where = (
+        f"{path}"
+        if (start_fraction, end_fraction) == (0.0, 1.0)
+        else f"{path} (fraction {start_fraction:g}..{end_fraction:g})"
+    )
     if n == 0:
         raise TextDataError(f"{where} holds {len(ids)} tokens, fewer than one window of {seq_len}")
     if max_windows is not None and n < max_windows:
@@ -224,6 +240,6 @@ def text_windows(text_path: str | os.PathLike, tokenizer: TokenizerLike | str | 
 
 
 def _enough(batch: list[str], ids: list[int], needed: int) -> bool:
-    # One token per 2 characters is a safe under-estimate for English BPE: flush early rather than read
-    # (and tokenize) far more text than the windows need.
+    # English BPE averages ~4 characters per token; assuming 2 flushes early (and reads on if short)
+    # rather than tokenizing far more text than the windows need.
     return len(ids) + sum(len(t) for t in batch) // 2 >= needed

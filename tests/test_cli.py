@@ -1,0 +1,109 @@
+"""The CLI: bad input gets one line on stderr and a non-zero exit, and nothing is overwritten."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from qcompiler.cli import main
+from tests.passes.graphs import make_model, two_linear_model
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(two_linear_model(np.random.default_rng(0)), str(path))
+    return path
+
+
+@pytest.fixture
+def calib_path(tmp_path):
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.random.default_rng(1).normal(size=(16, 32)).astype(np.float32))
+    return path
+
+
+def _fails(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert message in err, err
+    return err
+
+
+def test_compiles_and_reports(tmp_path, model_path, calib_path, capsys):
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    main([str(model_path), "-o", str(out), "--recipe", "w8a8-naive", "--calib", str(calib_path),
+          "--shapes", "x:8x32", "--report", str(report), "-q"])
+    assert out.is_file() and report.is_file()
+    assert any(n.op_type == "MatMulIntegerToFloat" for n in onnx.load(str(out)).graph.node)
+    assert '"speedup"' in report.read_text()
+
+
+def test_list_recipes(capsys):
+    main(["--list-recipes"])
+    assert "w8a8-smoothquant" in capsys.readouterr().out
+
+
+def test_not_an_onnx_file(tmp_path, capsys):
+    bogus = tmp_path / "model.onnx"
+    bogus.write_text("this is not a model")
+    _fails(capsys, [bogus, "-o", tmp_path / "out.onnx", "--recipe", "w8a8-smoothquant"], "not a readable ONNX model")
+
+
+def test_missing_model(tmp_path, capsys):
+    _fails(capsys, [tmp_path / "absent.onnx", "-o", tmp_path / "out.onnx"], "not found")
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"y": np.zeros((4, 32), np.float32)}, "keyed by the model's input names"),
+    ({"x": np.zeros((4, 31), np.float32)}, "model expects"),
+    ({"x": np.zeros((4, 32), np.int64)}, "dtype"),
+    ({"x": np.full((4, 32), np.nan, np.float32)}, "NaN"),
+])
+def test_bad_calibration_arrays(tmp_path, model_path, capsys, arrays, message):
+    calib = tmp_path / "bad.npz"
+    np.savez(calib, **arrays)
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous result")
+    _fails(capsys, [model_path, "-o", out, "--recipe", "w8a8-naive", "--calib", calib], message)
+    assert out.read_bytes() == b"previous result", "a failed run must not touch an existing output"
+
+
+def test_nothing_quantizable(tmp_path, capsys, calib_path):
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], [],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 32])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", 32])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(model, str(path))
+    _fails(capsys, [path, "-o", tmp_path / "out.onnx", "--recipe", "w8a8-naive", "--calib", calib_path],
+           "found nothing to quantize")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_output_equal_to_input_is_refused(model_path, calib_path, capsys):
+    before = model_path.read_bytes()
+    _fails(capsys, [model_path, "-o", model_path, "--calib", calib_path], "is the input model")
+    assert model_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("where", ["missing_folder", "is_a_folder", "proc"])
+def test_unwritable_output(tmp_path, model_path, calib_path, capsys, where):
+    target = {"missing_folder": tmp_path / "no" / "such" / "out.onnx", "is_a_folder": tmp_path,
+              "proc": "/proc/qcompile-out.onnx"}[where]
+    _fails(capsys, [model_path, "-o", target, "--recipe", "w8a8-naive", "--calib", calib_path, "--no-eval"],
+           "cannot write" if where != "is_a_folder" else "")
+    assert not list(tmp_path.glob(".*.onnx.*")), "no staging leftovers"
+
+
+def test_unknown_recipe_and_bad_yaml(tmp_path, model_path, capsys):
+    _fails(capsys, [model_path, "-o", tmp_path / "o.onnx", "--recipe", "w9a9"], "unknown recipe")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nsmoothquant: {alpha: 3}\n")
+    _fails(capsys, [model_path, "-o", tmp_path / "o.onnx", "--recipe", bad], "alpha must be in [0, 1]")
+
+
+def test_recipe_needs_calibration(tmp_path, model_path, capsys):
+    _fails(capsys, [model_path, "-o", tmp_path / "o.onnx", "--recipe", "w8a8-naive"], "needs calibration data")
