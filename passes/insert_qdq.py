@@ -80,8 +80,8 @@ class InsertQDQ:
 
     name = "insert_qdq"
 
-    def __init__(self, config: W8A8Config = W8A8Config()):
-        self.config = config
+    def __init__(self, config: W8A8Config | None = None):
+        self.config = config or W8A8Config()
 
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         gemms, skipped = eligible_w8a8_gemms(graph, self.config, context)

@@ -84,9 +84,9 @@ class SmoothQuant:
     name = "smoothquant"
     exact = True
 
-    def __init__(self, config: SmoothQuantConfig = SmoothQuantConfig(),
+    def __init__(self, config: SmoothQuantConfig | None = None,
                  activation: ActivationScheme = ActivationScheme.PER_TOKEN_DYNAMIC, insert_mul: bool = False):
-        self.config = config
+        self.config = config or SmoothQuantConfig()
         self.activation = activation
         self.insert_mul = insert_mul
 

@@ -6,8 +6,16 @@
 """
 
 from qcompiler.config import (
-    ActivationScheme, CalibrationConfig, GPTQConfig, OutlierSplitConfig, RangeMethod, Recipe, SmoothQuantConfig,
-    W8A8Config, WeightLowering, WeightOnlyConfig,
+    ActivationScheme,
+    CalibrationConfig,
+    GPTQConfig,
+    OutlierSplitConfig,
+    RangeMethod,
+    Recipe,
+    SmoothQuantConfig,
+    W8A8Config,
+    WeightLowering,
+    WeightOnlyConfig,
 )
 from qcompiler.errors import QCompileError
 from qcompiler.pipeline import CompileResult, DataOptions, EvalOptions, build_passes, compile

@@ -5,8 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from qcompiler.config import (
-    ActivationScheme, CalibrationConfig, GPTQConfig, OutlierSplitConfig, Recipe, RecipeError, SmoothQuantConfig,
-    W8A8Config, WeightOnlyConfig,
+    ActivationScheme,
+    CalibrationConfig,
+    GPTQConfig,
+    OutlierSplitConfig,
+    Recipe,
+    RecipeError,
+    SmoothQuantConfig,
+    W8A8Config,
+    WeightOnlyConfig,
 )
 
 __all__ = ["BUILTIN_RECIPES", "load_recipe"]

@@ -204,10 +204,14 @@ def plan_stages(graph: gs.Graph, gemms: Sequence[WeightedGemm]) -> list[Stage]:
 
 @dataclass
 class _Step:
+    """One ONNX Runtime run per batch: ``nodes`` from ``inputs`` to ``outputs`` (= ``carry`` + the
+    stage's activations); ``carry`` is kept for later steps, ``drops`` are read here for the last time."""
+
     stage: Stage
     nodes: list[gs.Node]
     inputs: list[str]
     outputs: list[str]
+    carry: list[str]
     drops: list[str]
 
 
@@ -241,10 +245,10 @@ def _plan_steps(topo: _Topology, stages: Sequence[Stage], activations: Mapping[s
         inputs = sorted({t.name for n in run for t in topo.inputs[id(n)]
                          if (t.name in step_of and step_of[t.name] < index) or t.name in topo.graph_inputs})
         produced_here = [out.name for n in topo.order if id(n) in new for out in n.outputs]
-        outputs = [name for name in produced_here if last_use.get(name, -1) > index]
-        outputs += [t.name for t in targets if t.name not in topo.graph_inputs and t.name not in outputs]
+        carry = [name for name in produced_here if last_use.get(name, -1) > index]
+        outputs = carry + [t.name for t in targets if t.name not in topo.graph_inputs and t.name not in carry]
         drops = [name for name, last in last_use.items() if last == index]
-        steps.append(_Step(stage, run, inputs, outputs, drops))
+        steps.append(_Step(stage, run, inputs, outputs, carry, drops))
     return steps
 
 
@@ -338,14 +342,13 @@ def run_sequential(
     overrides: dict[str, np.ndarray] = {}
     override_owner: dict[str, int] = {}
     cached_bytes = 0
-    for step in tqdm(steps, desc="GPTQ stages", unit="stage", disable=not show_progress, leave=False):
+    for index, step in enumerate(tqdm(steps, desc="GPTQ stages", unit="stage", disable=not show_progress,
+                                      leave=False)):
         stage = step.stage
-        hessians = {name: HessianAccumulator(activations[name].shape[-1] if activations[name].shape
-                                             and isinstance(activations[name].shape[-1], int)
-                                             else by_key[keys[0]].k, dtype=hessian_dtype, device=device)
+        hessians = {name: HessianAccumulator(by_key[keys[0]].k, dtype=hessian_dtype, device=device)
                     for name, keys in stage.groups.items()}
         session, batches = None, 0
-        produced: dict[str, list[np.ndarray | None]] = {name: [] for name in step.outputs}
+        produced: dict[str, list[np.ndarray | None]] = {name: [] for name in step.carry}
         for b, feed in enumerate(feeds()):
             batches += 1
             values = {}
@@ -382,7 +385,7 @@ def run_sequential(
                     raise CalibrationDataError(f"calibration feed has no array for graph input {name!r}")
                 accumulator.add_batch(x)
             report.seconds["hessian"] += time.perf_counter() - start
-            for name in step.outputs:
+            for name in step.carry:
                 produced[name].append(outputs[name])
                 cached_bytes += outputs[name].nbytes
             for name in step.drops:
@@ -398,7 +401,6 @@ def run_sequential(
         for name in step.drops:
             cache.pop(name, None)
         cache.update(produced)
-        index = steps.index(step)
         for name in [n for n, owner in override_owner.items() if owner <= index]:
             overrides.pop(name, None)
             override_owner.pop(name)

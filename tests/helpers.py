@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 
 from qcompiler.calibration import CalibrationStats, collect_stats, iterate_feeds
-from qcompiler.graph import weighted_gemms, import_graph
+from qcompiler.graph import import_graph, weighted_gemms
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool = False) -> list[np.ndarray]:
