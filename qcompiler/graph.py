@@ -88,6 +88,8 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, input_path: str | Pa
         if use_external:
             os.replace(staging / data_name, folder / data_name)
         os.replace(staged, path)
+        if use_external:  # onnx moved the caller's tensors out to the file; bring them back in
+            onnx.load_external_data_for_model(model, str(folder))
     except OSError as err:
         raise OutputPathError(f"cannot write {path}: {err.strerror or err}") from None
     finally:
