@@ -11,18 +11,35 @@ import importlib
 import logging
 
 __all__ = [
-    "build_llama", "build_gpt2", "build_bert", "llama_module", "gpt2_module", "bert_module",
-    "export_module", "fold_sites", "apply_channel_factors_", "random_rescale_", "import_smollm2",
+    "build_llama",
+    "build_gpt2",
+    "build_bert",
+    "llama_module",
+    "gpt2_module",
+    "bert_module",
+    "export_module",
+    "fold_sites",
+    "apply_channel_factors_",
+    "random_rescale_",
+    "import_smollm2",
+    "cached_smollm2",
 ]
 
 logger = logging.getLogger(__name__)
 
 _HOME = {
-    "build_llama": "builders", "build_gpt2": "builders", "build_bert": "builders",
-    "llama_module": "builders", "gpt2_module": "builders", "bert_module": "builders",
+    "build_llama": "builders",
+    "build_gpt2": "builders",
+    "build_bert": "builders",
+    "llama_module": "builders",
+    "gpt2_module": "builders",
+    "bert_module": "builders",
     "export_module": "export",
-    "fold_sites": "rescale", "apply_channel_factors_": "rescale", "random_rescale_": "rescale",
+    "fold_sites": "rescale",
+    "apply_channel_factors_": "rescale",
+    "random_rescale_": "rescale",
     "import_smollm2": "smollm2",
+    "cached_smollm2": "smollm2",
 }
 
 

@@ -35,7 +35,13 @@ from qcompiler.models.export import DEFAULT_OPSET, export_module
 from qcompiler.models.rescale import apply_channel_factors_, fold_sites
 
 __all__ = [
-    "build_llama", "build_gpt2", "build_bert", "llama_module", "gpt2_module", "bert_module", "TensorOutput",
+    "build_llama",
+    "build_gpt2",
+    "build_bert",
+    "llama_module",
+    "gpt2_module",
+    "bert_module",
+    "TensorOutput",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,7 +52,7 @@ _WRAPPER_PREFIX = "hf."
 
 
 class TensorOutput(torch.nn.Module):
-    """Wraps a transformers model so ``forward`` takes tensors positionally and returns one tensor.
+    """Wraps a transformers model so ``forward`` takes plain tensors and returns one tensor.
 
     Attributes:
         hf: the wrapped transformers model.
@@ -60,17 +66,33 @@ class TensorOutput(torch.nn.Module):
         self.output = output
         self.input_names = input_names
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        kwargs = dict(zip(self.input_names, inputs, strict=True))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
         if self.output == "logits":
             kwargs["use_cache"] = False
         return getattr(self.hf(**kwargs), self.output)
 
 
-def _check(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
-           outlier_channels: int, outlier_scale: float) -> None:
-    for name, value in (("hidden", hidden), ("layers", layers), ("heads", heads), ("kv_heads", kv_heads),
-                        ("intermediate", intermediate), ("vocab", vocab)):
+def _check(
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    vocab: int,
+    outlier_channels: int,
+    outlier_scale: float,
+) -> None:
+    for name, value in (
+        ("hidden", hidden),
+        ("layers", layers),
+        ("heads", heads),
+        ("kv_heads", kv_heads),
+        ("intermediate", intermediate),
+        ("vocab", vocab),
+    ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if hidden % heads:
@@ -94,17 +116,18 @@ def _reinit_(model: torch.nn.Module, seed: int) -> None:
                     continue
                 seen.add(id(param))
                 if param.dim() == 2:
-                    # transformers' Conv1D (GPT-2) stores [in, out]; Linear and Embedding [out|vocab, in|hidden].
+                    # Conv1D (GPT-2) stores [in, out]; Linear and Embedding [out or vocab, in or hidden].
                     fan_in = param.shape[0] if type(module).__name__ == "Conv1D" else param.shape[1]
-                    param.copy_(torch.randn(param.shape, generator=generator) * fan_in ** -0.5)
+                    param.copy_(torch.randn(param.shape, generator=generator) * fan_in**-0.5)
                 elif name == "weight":
                     param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
                 else:
                     param.copy_(0.02 * torch.randn(param.shape, generator=generator))
 
 
-def _inject_outliers_(model: torch.nn.Module, kinds: tuple[str, ...], width: int, count: int, scale: float,
-                      seed: int) -> list[int]:
+def _inject_outliers_(
+    model: torch.nn.Module, kinds: tuple[str, ...], width: int, count: int, scale: float, seed: int
+) -> list[int]:
     if count == 0 or scale == 1.0:
         return []
     channels = sorted(np.random.default_rng(seed).choice(width, size=count, replace=False).tolist())
@@ -118,8 +141,17 @@ def _inject_outliers_(model: torch.nn.Module, kinds: tuple[str, ...], width: int
     return channels
 
 
-def _finish(hf: torch.nn.Module, output: str, input_names: tuple[str, ...], *, seed: int, outlier_kinds,
-            width: int, outlier_channels: int, outlier_scale: float) -> TensorOutput:
+def _finish(
+    hf: torch.nn.Module,
+    output: str,
+    input_names: tuple[str, ...],
+    *,
+    seed: int,
+    outlier_kinds,
+    width: int,
+    outlier_channels: int,
+    outlier_scale: float,
+) -> TensorOutput:
     _reinit_(hf, seed)
     channels = _inject_outliers_(hf, outlier_kinds, width, outlier_channels, outlier_scale, seed)
     module = TensorOutput(hf.eval(), output, input_names).eval()
@@ -134,10 +166,21 @@ def _new(make):
         return make()
 
 
-def llama_module(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                 intermediate: int = 128, vocab: int = 256, seed: int = 0, tied_embeddings: bool = True,
-                 max_positions: int = 2048, rope_theta: float = 10000.0, outlier_channels: int = 0,
-                 outlier_scale: float = 1.0) -> TensorOutput:
+def llama_module(
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int = 256,
+    seed: int = 0,
+    tied_embeddings: bool = True,
+    max_positions: int = 2048,
+    rope_theta: float = 10000.0,
+    outlier_channels: int = 0,
+    outlier_scale: float = 1.0,
+) -> TensorOutput:
     """A seeded Llama-style decoder (``LlamaForCausalLM``): ``input_ids -> logits``.
 
     RMSNorm, RoPE, SwiGLU MLP, grouped-query attention (``kv_heads < heads`` repeats K/V), causal mask,
@@ -148,19 +191,46 @@ def llama_module(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-        rope_theta=rope_theta, tie_word_embeddings=tied_embeddings, use_cache=False,
-        attn_implementation="eager", bos_token_id=None, eos_token_id=None, pad_token_id=None,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        rope_theta=rope_theta,
+        tie_word_embeddings=tied_embeddings,
+        use_cache=False,
+        attn_implementation="eager",
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
     )
     hf = _new(lambda: LlamaForCausalLM(config))
-    return _finish(hf, "logits", ("input_ids",), seed=seed, outlier_kinds=("norm",), width=hidden,
-                   outlier_channels=outlier_channels, outlier_scale=outlier_scale)
+    return _finish(
+        hf,
+        "logits",
+        ("input_ids",),
+        seed=seed,
+        outlier_kinds=("norm",),
+        width=hidden,
+        outlier_channels=outlier_channels,
+        outlier_scale=outlier_scale,
+    )
 
 
-def gpt2_module(*, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int | None = None,
-                vocab: int = 256, seed: int = 0, max_positions: int = 1024, outlier_channels: int = 0,
-                outlier_scale: float = 1.0) -> TensorOutput:
+def gpt2_module(
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int | None = None,
+    vocab: int = 256,
+    seed: int = 0,
+    max_positions: int = 1024,
+    outlier_channels: int = 0,
+    outlier_scale: float = 1.0,
+) -> TensorOutput:
     """A seeded GPT-2-style decoder (``GPT2LMHeadModel``): ``input_ids -> logits``.
 
     LayerNorm (pre-norm), learned positions, fused QKV projection ``c_attn`` (Conv1D, exported as
@@ -172,18 +242,42 @@ def gpt2_module(*, hidden: int = 64, layers: int = 2, heads: int = 4, intermedia
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
-        vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate,
-        n_positions=max_positions, use_cache=False, attn_implementation="eager",
-        bos_token_id=None, eos_token_id=None,
+        vocab_size=vocab,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_inner=intermediate,
+        n_positions=max_positions,
+        use_cache=False,
+        attn_implementation="eager",
+        bos_token_id=None,
+        eos_token_id=None,
     )
     hf = _new(lambda: GPT2LMHeadModel(config))
-    return _finish(hf, "logits", ("input_ids",), seed=seed, outlier_kinds=("norm",), width=hidden,
-                   outlier_channels=outlier_channels, outlier_scale=outlier_scale)
+    return _finish(
+        hf,
+        "logits",
+        ("input_ids",),
+        seed=seed,
+        outlier_kinds=("norm",),
+        width=hidden,
+        outlier_channels=outlier_channels,
+        outlier_scale=outlier_scale,
+    )
 
 
-def bert_module(*, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128,
-                vocab: int = 256, seed: int = 0, max_positions: int = 512, outlier_channels: int = 0,
-                outlier_scale: float = 1.0) -> TensorOutput:
+def bert_module(
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int = 128,
+    vocab: int = 256,
+    seed: int = 0,
+    max_positions: int = 512,
+    outlier_channels: int = 0,
+    outlier_scale: float = 1.0,
+) -> TensorOutput:
     """A seeded BERT-style encoder (``BertModel`` without pooler):
     ``(input_ids, attention_mask) -> last_hidden_state``.
 
@@ -195,31 +289,50 @@ def bert_module(*, hidden: int = 64, layers: int = 2, heads: int = 4, intermedia
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=intermediate, max_position_embeddings=max_positions, attn_implementation="eager",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+        attn_implementation="eager",
         pad_token_id=0,
     )
     hf = _new(lambda: BertModel(config, add_pooling_layer=False))
-    return _finish(hf, "last_hidden_state", ("input_ids", "attention_mask"), seed=seed, outlier_kinds=("v_o",),
-                   width=hidden, outlier_channels=outlier_channels, outlier_scale=outlier_scale)
+    return _finish(
+        hf,
+        "last_hidden_state",
+        ("input_ids", "attention_mask"),
+        seed=seed,
+        outlier_kinds=("v_o",),
+        width=hidden,
+        outlier_channels=outlier_channels,
+        outlier_scale=outlier_scale,
+    )
 
 
-def _export(module: TensorOutput, vocab: int, seed: int, kind: str, path: str | Path | None) -> onnx.ModelProto:
+def _export(
+    module: TensorOutput, vocab: int, seed: int, kind: str, path: str | Path | None
+) -> onnx.ModelProto:
     generator = torch.Generator().manual_seed(seed)
     inputs = {"input_ids": torch.randint(0, vocab, (_TRACE_BATCH, _TRACE_SEQ), generator=generator)}
     if "attention_mask" in module.input_names:
         mask = torch.ones(_TRACE_BATCH, _TRACE_SEQ, dtype=torch.int64)
-        mask[1, _TRACE_SEQ // 2:] = 0
+        mask[1, _TRACE_SEQ // 2 :] = 0
         inputs["attention_mask"] = mask
     dims = {name: {0: "batch", 1: "seq"} for name in inputs}
-    model = export_module(module, inputs, [module.output], dynamic_dims=dims, opset=DEFAULT_OPSET,
-                          strip_prefix=_WRAPPER_PREFIX)
-    onnx.helper.set_model_props(model, {
-        "qcompiler.builder": kind,
-        "qcompiler.seed": str(seed),
-        "qcompiler.outlier_channels": ",".join(str(c) for c in module.outlier_channels),
-        "qcompiler.outlier_scale": repr(module.outlier_scale),
-    })
+    model = export_module(
+        module, inputs, [module.output], dynamic_dims=dims, opset=DEFAULT_OPSET, strip_prefix=_WRAPPER_PREFIX
+    )
+    onnx.helper.set_model_props(
+        model,
+        {
+            "qcompiler.builder": kind,
+            "qcompiler.seed": str(seed),
+            "qcompiler.outlier_channels": ",".join(str(c) for c in module.outlier_channels),
+            "qcompiler.outlier_scale": repr(module.outlier_scale),
+        },
+    )
     if path is not None:
         from qcompiler.graph import save_model
 
@@ -227,11 +340,21 @@ def _export(module: TensorOutput, vocab: int, seed: int, kind: str, path: str | 
     return model
 
 
-def build_llama(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                intermediate: int = 128, vocab: int = 256, seed: int = 0, tied_embeddings: bool = True,
-                outlier_channels: int = 0, outlier_scale: float = 1.0,
-                path: str | Path | None = None) -> onnx.ModelProto:
-    """Exports :func:`llama_module`: ``input_ids`` int64 [batch, seq] -> ``logits`` float32 [batch, seq, vocab].
+def build_llama(
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int = 256,
+    seed: int = 0,
+    tied_embeddings: bool = True,
+    outlier_channels: int = 0,
+    outlier_scale: float = 1.0,
+    path: str | Path | None = None,
+) -> onnx.ModelProto:
+    """Exports :func:`llama_module`: ``input_ids`` int64 [batch, seq] -> ``logits`` fp32 [batch, seq, vocab].
 
     Args:
         hidden, layers, heads, kv_heads, intermediate, vocab: model sizes.
@@ -241,32 +364,75 @@ def build_llama(*, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: 
         outlier_scale: the factor they are multiplied by.
         path: where to save the model as well (optional).
     """
-    module = llama_module(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
-                          vocab=vocab, seed=seed, tied_embeddings=tied_embeddings,
-                          outlier_channels=outlier_channels, outlier_scale=outlier_scale)
+    module = llama_module(
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=intermediate,
+        vocab=vocab,
+        seed=seed,
+        tied_embeddings=tied_embeddings,
+        outlier_channels=outlier_channels,
+        outlier_scale=outlier_scale,
+    )
     return _export(module, vocab, seed, "llama", path)
 
 
-def build_gpt2(*, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int | None = None,
-               vocab: int = 256, seed: int = 0, outlier_channels: int = 0, outlier_scale: float = 1.0,
-               path: str | Path | None = None) -> onnx.ModelProto:
-    """Exports :func:`gpt2_module`: ``input_ids`` int64 [batch, seq] -> ``logits`` float32 [batch, seq, vocab].
+def build_gpt2(
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int | None = None,
+    vocab: int = 256,
+    seed: int = 0,
+    outlier_channels: int = 0,
+    outlier_scale: float = 1.0,
+    path: str | Path | None = None,
+) -> onnx.ModelProto:
+    """Exports :func:`gpt2_module`: ``input_ids`` int64 [batch, seq] -> ``logits`` fp32 [batch, seq, vocab].
 
     Arguments as for :func:`build_llama` (``intermediate`` defaults to ``4 * hidden``).
     """
-    module = gpt2_module(hidden=hidden, layers=layers, heads=heads, intermediate=intermediate, vocab=vocab,
-                         seed=seed, outlier_channels=outlier_channels, outlier_scale=outlier_scale)
+    module = gpt2_module(
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        intermediate=intermediate,
+        vocab=vocab,
+        seed=seed,
+        outlier_channels=outlier_channels,
+        outlier_scale=outlier_scale,
+    )
     return _export(module, vocab, seed, "gpt2", path)
 
 
-def build_bert(*, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128, vocab: int = 256,
-               seed: int = 0, outlier_channels: int = 0, outlier_scale: float = 1.0,
-               path: str | Path | None = None) -> onnx.ModelProto:
+def build_bert(
+    *,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int = 128,
+    vocab: int = 256,
+    seed: int = 0,
+    outlier_channels: int = 0,
+    outlier_scale: float = 1.0,
+    path: str | Path | None = None,
+) -> onnx.ModelProto:
     """Exports :func:`bert_module`: ``input_ids``, ``attention_mask`` int64 [batch, seq] ->
     ``last_hidden_state`` float32 [batch, seq, hidden].
 
     Arguments as for :func:`build_llama`.
     """
-    module = bert_module(hidden=hidden, layers=layers, heads=heads, intermediate=intermediate, vocab=vocab,
-                         seed=seed, outlier_channels=outlier_channels, outlier_scale=outlier_scale)
+    module = bert_module(
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        intermediate=intermediate,
+        vocab=vocab,
+        seed=seed,
+        outlier_channels=outlier_channels,
+        outlier_scale=outlier_scale,
+    )
     return _export(module, vocab, seed, "bert", path)

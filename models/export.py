@@ -74,19 +74,30 @@ def export_module(
     dims: dict[str, object] = {}
     dynamic_shapes = None
     if dynamic_dims:
-        dynamic_shapes = {}
-        for name in example_inputs:
-            axes = dynamic_dims.get(name, {})
-            dynamic_shapes[name] = {ax: dims.setdefault(dim, torch.export.Dim(dim)) for ax, dim in axes.items()}
+        # Positional, so the forward's parameter names need not equal the graph input names.
+        dynamic_shapes = tuple(
+            {
+                ax: dims.setdefault(dim, torch.export.Dim(dim))
+                for ax, dim in dynamic_dims.get(name, {}).items()
+            }
+            for name in example_inputs
+        )
     with warnings.catch_warnings():
         # torch/transformers deprecation chatter from inside the exporter, not actionable by our callers.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message="# The axis name", category=UserWarning)
         with torch.no_grad():
             program = torch.onnx.export(
-                module, tuple(example_inputs.values()), dynamo=True, opset_version=opset,
-                input_names=list(example_inputs), output_names=list(output_names),
-                dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
+                module,
+                tuple(example_inputs.values()),
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(example_inputs),
+                output_names=list(output_names),
+                dynamic_shapes=dynamic_shapes,
+                optimize=True,
+                verbose=False,
             )
     model = program.model
     folded = _fold_weight_transposes(model)
@@ -123,8 +134,9 @@ def _fold_weight_transposes(model) -> int:
         if out.is_graph_output():
             continue
         tensor = ir.tensor(np.ascontiguousarray(array.transpose(perm)), name=out.name)
-        new = ir.Value(name=out.name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype),
-                       const_value=tensor)
+        new = ir.Value(
+            name=out.name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
+        )
         out.replace_all_uses_with(new)
         graph.remove(node, safe=True)
         graph.register_initializer(new)
@@ -147,7 +159,7 @@ def _module_path(node) -> str | None:
 
 
 def _strip(name: str, prefix: str) -> str:
-    return name[len(prefix):] if prefix and name.startswith(prefix) else name
+    return name[len(prefix) :] if prefix and name.startswith(prefix) else name
 
 
 def _rename(model, param_names: set[str], prefix: str) -> None:
@@ -157,13 +169,19 @@ def _rename(model, param_names: set[str], prefix: str) -> None:
         path = _module_path(node)
         if path is None:
             continue
-        base = node.name[len("node_"):] if node.name and node.name.startswith("node_") else (node.name or node.op_type)
-        new = f"{_strip(path, prefix)}/{base}"
+        base = (
+            node.name[len("node_") :]
+            if node.name and node.name.startswith("node_")
+            else (node.name or node.op_type)
+        )
+        module_path = "" if prefix and path == prefix.rstrip(".") else _strip(path, prefix)
+        new = f"{module_path}/{base}" if module_path else base
         if new not in taken_nodes:
             taken_nodes.discard(node.name)
             node.name = new
             taken_nodes.add(new)
     # Parameters keep their torch names (minus the wrapper prefix).
+    param_names = param_names | {_strip(name, prefix) for name in param_names}
     for name, value in list(graph.initializers.items()):
         stripped = _strip(name, prefix)
         if name in param_names and stripped != name and stripped not in graph.initializers:
@@ -176,7 +194,7 @@ def _rename(model, param_names: set[str], prefix: str) -> None:
         path = _module_path(node)
         if path is None or not _is_const(weight) or not weight.is_initializer() or weight.name in param_names:
             continue
-        if _strip(weight.name, prefix) != weight.name or len(weight.uses()) != 1:
+        if len(weight.uses()) != 1:
             continue
         new = f"{_strip(path, prefix)}.weight_t"
         if new not in graph.initializers:

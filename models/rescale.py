@@ -78,14 +78,20 @@ def _pname(prefix: str, attr: str) -> str:
 
 def _vec(module_name: str, module, attr: str, axis: int, index=None) -> list[ScaleTarget]:
     """Target for ``module.<attr>`` if it exists (a bias may be None)."""
-    return [ScaleTarget(_pname(module_name, attr), axis, index)] if getattr(module, attr, None) is not None else []
+    return (
+        [ScaleTarget(_pname(module_name, attr), axis, index)]
+        if getattr(module, attr, None) is not None
+        else []
+    )
 
 
 def _llama_sites(model, kinds: set[str]) -> list[FoldSite]:
     names = _names(model)
     sites: list[FoldSite] = []
     for module in model.modules():
-        if not all(hasattr(module, a) for a in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")):
+        if not all(
+            hasattr(module, a) for a in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp")
+        ):
             continue
         attn, mlp = module.self_attn, module.mlp
         if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
@@ -94,33 +100,60 @@ def _llama_sites(model, kinds: set[str]) -> list[FoldSite]:
         n = lambda m: names[id(m)]  # noqa: E731
         if "norm" in kinds:
             norm = module.input_layernorm
-            sites.append(FoldSite(
-                f"{n(norm)}", "norm", norm.weight.shape[0],
-                tuple(_vec(n(norm), norm, "weight", 0) + _vec(n(norm), norm, "bias", 0)),
-                tuple(ScaleTarget(_pname(n(lin), "weight"), 1) for lin in (attn.q_proj, attn.k_proj, attn.v_proj)),
-            ))
+            sites.append(
+                FoldSite(
+                    f"{n(norm)}",
+                    "norm",
+                    norm.weight.shape[0],
+                    tuple(_vec(n(norm), norm, "weight", 0) + _vec(n(norm), norm, "bias", 0)),
+                    tuple(
+                        ScaleTarget(_pname(n(lin), "weight"), 1)
+                        for lin in (attn.q_proj, attn.k_proj, attn.v_proj)
+                    ),
+                )
+            )
             norm = module.post_attention_layernorm
             if all(hasattr(mlp, a) for a in ("gate_proj", "up_proj")):
-                sites.append(FoldSite(
-                    f"{n(norm)}", "norm", norm.weight.shape[0],
-                    tuple(_vec(n(norm), norm, "weight", 0) + _vec(n(norm), norm, "bias", 0)),
-                    tuple(ScaleTarget(_pname(n(lin), "weight"), 1) for lin in (mlp.gate_proj, mlp.up_proj)),
-                ))
+                sites.append(
+                    FoldSite(
+                        f"{n(norm)}",
+                        "norm",
+                        norm.weight.shape[0],
+                        tuple(_vec(n(norm), norm, "weight", 0) + _vec(n(norm), norm, "bias", 0)),
+                        tuple(
+                            ScaleTarget(_pname(n(lin), "weight"), 1) for lin in (mlp.gate_proj, mlp.up_proj)
+                        ),
+                    )
+                )
         if "v_o" in kinds:
             n_heads, n_kv, head_dim = _attention_shape(attn)
             group = n_heads // n_kv
             index = tuple((h // group) * head_dim + d for h in range(n_heads) for d in range(head_dim))
-            sites.append(FoldSite(
-                f"{layer}.v_o", "v_o", n_kv * head_dim,
-                tuple(_vec(n(attn.v_proj), attn.v_proj, "weight", 0) + _vec(n(attn.v_proj), attn.v_proj, "bias", 0)),
-                (ScaleTarget(_pname(n(attn.o_proj), "weight"), 1, index),),
-            ))
+            sites.append(
+                FoldSite(
+                    f"{layer}.v_o",
+                    "v_o",
+                    n_kv * head_dim,
+                    tuple(
+                        _vec(n(attn.v_proj), attn.v_proj, "weight", 0)
+                        + _vec(n(attn.v_proj), attn.v_proj, "bias", 0)
+                    ),
+                    (ScaleTarget(_pname(n(attn.o_proj), "weight"), 1, index),),
+                )
+            )
         if "up_down" in kinds and all(hasattr(mlp, a) for a in ("up_proj", "down_proj")):
-            sites.append(FoldSite(
-                f"{layer}.up_down", "up_down", mlp.up_proj.weight.shape[0],
-                tuple(_vec(n(mlp.up_proj), mlp.up_proj, "weight", 0) + _vec(n(mlp.up_proj), mlp.up_proj, "bias", 0)),
-                (ScaleTarget(_pname(n(mlp.down_proj), "weight"), 1),),
-            ))
+            sites.append(
+                FoldSite(
+                    f"{layer}.up_down",
+                    "up_down",
+                    mlp.up_proj.weight.shape[0],
+                    tuple(
+                        _vec(n(mlp.up_proj), mlp.up_proj, "weight", 0)
+                        + _vec(n(mlp.up_proj), mlp.up_proj, "bias", 0)
+                    ),
+                    (ScaleTarget(_pname(n(mlp.down_proj), "weight"), 1),),
+                )
+            )
     # The final norm feeds only the LM head; usable when the head is not tied to the embedding.
     if "norm" in kinds:
         for module in model.modules():
@@ -129,11 +162,15 @@ def _llama_sites(model, kinds: set[str]) -> list[FoldSite]:
             if inner is None or head is None or not hasattr(inner, "norm") or not hasattr(inner, "layers"):
                 continue
             norm = inner.norm
-            sites.append(FoldSite(
-                names[id(norm)], "norm", norm.weight.shape[0],
-                tuple(_vec(names[id(norm)], norm, "weight", 0) + _vec(names[id(norm)], norm, "bias", 0)),
-                (ScaleTarget(_pname(names[id(head)], "weight"), 1),),
-            ))
+            sites.append(
+                FoldSite(
+                    names[id(norm)],
+                    "norm",
+                    norm.weight.shape[0],
+                    tuple(_vec(names[id(norm)], norm, "weight", 0) + _vec(names[id(norm)], norm, "bias", 0)),
+                    (ScaleTarget(_pname(names[id(head)], "weight"), 1),),
+                )
+            )
     return sites
 
 
@@ -156,25 +193,35 @@ def _gpt2_sites(model, kinds: set[str]) -> list[FoldSite]:
     if "norm" not in kinds:
         return sites
     for module in model.modules():
-        if not all(hasattr(module, a) for a in ("ln_1", "attn", "ln_2", "mlp")) or not hasattr(module.attn, "c_attn"):
+        if not all(hasattr(module, a) for a in ("ln_1", "attn", "ln_2", "mlp")) or not hasattr(
+            module.attn, "c_attn"
+        ):
             continue
         # Conv1D stores weight as [in, out]: the input channel is axis 0.
         for norm, lin in ((module.ln_1, module.attn.c_attn), (module.ln_2, module.mlp.c_fc)):
-            sites.append(FoldSite(
-                names[id(norm)], "norm", norm.weight.shape[0],
-                tuple(_vec(names[id(norm)], norm, "weight", 0) + _vec(names[id(norm)], norm, "bias", 0)),
-                (ScaleTarget(_pname(names[id(lin)], "weight"), 0),),
-            ))
+            sites.append(
+                FoldSite(
+                    names[id(norm)],
+                    "norm",
+                    norm.weight.shape[0],
+                    tuple(_vec(names[id(norm)], norm, "weight", 0) + _vec(names[id(norm)], norm, "bias", 0)),
+                    (ScaleTarget(_pname(names[id(lin)], "weight"), 0),),
+                )
+            )
     for module in model.modules():
         inner, head = getattr(module, "transformer", None), getattr(module, "lm_head", None)
         if inner is None or head is None or not hasattr(inner, "ln_f"):
             continue
         norm = inner.ln_f
-        sites.append(FoldSite(
-            names[id(norm)], "norm", norm.weight.shape[0],
-            tuple(_vec(names[id(norm)], norm, "weight", 0) + _vec(names[id(norm)], norm, "bias", 0)),
-            (ScaleTarget(_pname(names[id(head)], "weight"), 1),),
-        ))
+        sites.append(
+            FoldSite(
+                names[id(norm)],
+                "norm",
+                norm.weight.shape[0],
+                tuple(_vec(names[id(norm)], norm, "weight", 0) + _vec(names[id(norm)], norm, "bias", 0)),
+                (ScaleTarget(_pname(names[id(head)], "weight"), 1),),
+            )
+        )
     return sites
 
 
@@ -188,11 +235,15 @@ def _bert_sites(model, kinds: set[str]) -> list[FoldSite]:
         if attention is None or not hasattr(attention, "self") or not hasattr(attention, "output"):
             continue
         value, dense = attention.self.value, attention.output.dense
-        sites.append(FoldSite(
-            f"{names[id(module)]}.v_o", "v_o", value.weight.shape[0],
-            tuple(_vec(names[id(value)], value, "weight", 0) + _vec(names[id(value)], value, "bias", 0)),
-            (ScaleTarget(_pname(names[id(dense)], "weight"), 1),),
-        ))
+        sites.append(
+            FoldSite(
+                f"{names[id(module)]}.v_o",
+                "v_o",
+                value.weight.shape[0],
+                tuple(_vec(names[id(value)], value, "weight", 0) + _vec(names[id(value)], value, "bias", 0)),
+                (ScaleTarget(_pname(names[id(dense)], "weight"), 1),),
+            )
+        )
     return sites
 
 
@@ -247,16 +298,19 @@ def apply_channel_factors_(model, site: FoldSite, factors) -> None:
                 param = model.get_parameter(target.param)
                 v = vector[list(target.index)] if target.index is not None else vector
                 if param.shape[target.axis] != v.shape[0]:
-                    raise ValueError(f"{target.param}: axis {target.axis} has {param.shape[target.axis]} "
-                                     f"channels, site {site.name} gives {v.shape[0]} factors")
+                    raise ValueError(
+                        f"{target.param}: axis {target.axis} has {param.shape[target.axis]} "
+                        f"channels, site {site.name} gives {v.shape[0]} factors"
+                    )
                 shape = [1] * param.dim()
                 shape[target.axis] = -1
                 # Multiply in float64 and round once, so W * (1/f) is as close to exact as fp32 allows.
                 param.copy_((param.double() * v.view(shape)).to(param.dtype))
 
 
-def random_rescale_(model, *, amplitude: float = 0.7, seed: int = 0,
-                    kinds: Iterable[str] = SITE_KINDS) -> Mapping[str, object]:
+def random_rescale_(
+    model, *, amplitude: float = 0.7, seed: int = 0, kinds: Iterable[str] = SITE_KINDS
+) -> Mapping[str, object]:
     """Applies factors ``f_j = exp(U(-amplitude, amplitude))`` at every fold site, in place.
 
     The model computes the same function afterwards (up to fp32 rounding) but its Linear weights
@@ -280,7 +334,9 @@ def random_rescale_(model, *, amplitude: float = 0.7, seed: int = 0,
         raise ValueError(f"amplitude must be >= 0, got {amplitude}")
     sites = fold_sites(model, kinds)
     if not sites:
-        raise ValueError(f"no fold site found in {type(model).__name__}: not a Llama-, GPT-2- or BERT-style model")
+        raise ValueError(
+            f"no fold site found in {type(model).__name__}: not a Llama-, GPT-2- or BERT-style model"
+        )
     generator = torch.Generator().manual_seed(seed)
     applied = {}
     for site in sites:
