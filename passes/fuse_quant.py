@@ -15,8 +15,8 @@ Steps (each reported):
    Symmetric int8 activations are shifted to uint8 with zero point 128 (exactly the same values: the
    symmetric grid never produces -128), because MLAS's s8s8 path is ~15x slower than u8s8 on x86.
    Per-token scales cannot be a MatMulIntegerToFloat input (it takes per-tensor A scales), so the
-   rows are quantized with Div/Round/Add/Cast and the integer product is multiplied by the row
-   scales afterwards. For ``target="tensorrt"`` the standard Q/DQ form is kept (TensorRT fuses it).
+   rows are quantized by the same blocked QuantizeLinear (zero point 128 in every block) and the
+   integer product is multiplied by the row scales afterwards. For ``target="tensorrt"`` the standard Q/DQ form is kept (TensorRT fuses it).
 """
 
 from __future__ import annotations
@@ -241,14 +241,17 @@ class FuseQuant:
             graph.nodes.append(gs.Node("QuantizeLinear", f"{prefix}/QuantizeLinear",
                                        inputs=[x, scale, gs.Constant(f"{prefix}/zero_point", shift)], outputs=[xq]))
             return xq, None
-        # Per-token: |x / s| <= 127, so round(x / s) + 128 lies in [1, 255] and the Cast is exact.
-        divided, rounded, offset = (gs.Variable(f"{prefix}/{n}", dtype=np.float32) for n in ("div", "round", "shift"))
+        # Per-token: the same blocked QuantizeLinear, to uint8 with zero point 128 in every block.
+        # |x / s| <= 127, so round(x / s) + 128 lies in [1, 255]: the same integers shifted by 128.
+        scale_shape, zero_point = (gs.Variable(f"{prefix}/{n}") for n in ("scale_shape", "zero_point"))
+        zero_point.dtype = np.uint8
         graph.nodes += [
-            gs.Node("Div", f"{prefix}/Div", inputs=[x, scale], outputs=[divided]),
-            gs.Node("Round", f"{prefix}/Round", inputs=[divided], outputs=[rounded]),
-            gs.Node("Add", f"{prefix}/Add", inputs=[rounded, gs.Constant(f"{prefix}/offset", np.array(_UINT8_SHIFT, np.float32))],
-                    outputs=[offset]),
-            gs.Node("Cast", f"{prefix}/Cast", attrs={"to": 2}, inputs=[offset], outputs=[xq]),
+            gs.Node("Shape", f"{prefix}/Shape", inputs=[scale], outputs=[scale_shape]),
+            gs.Node("Expand", f"{prefix}/Expand", inputs=[gs.Constant(f"{prefix}/shift", shift), scale_shape],
+                    outputs=[zero_point]),
+            gs.Node("QuantizeLinear", f"{prefix}/QuantizeLinear", attrs={k: v for k, v in a_q.attrs.items()
+                                                                        if k in ("axis", "block_size")},
+                    inputs=[x, scale, zero_point], outputs=[xq]),
         ]
         return xq, scale
 

@@ -7,7 +7,7 @@ never their outputs, so every DQ feeds the GEMM directly and a backend can fuse 
   s_n = max_k |W_kn| / 127 (axis 1 for MatMul; axis 0 for Gemm's transposed [N, K]).
 * Activation X, symmetric int8 with zero point 0, either
   - per-tensor static: s = max|X| / 127 (or a percentile of |X|) from calibration, or
-  - per-token dynamic: s_t = max_k |X_tk| / 127 computed in the graph (Abs, ReduceMax, Div) and
+  - per-token dynamic: s_t = max_k |X_tk| / 127 computed in the graph (ReduceMax/ReduceMin, Div) and
     applied with a blocked QuantizeLinear (block_size = K along the last axis, opset 21), so every row
     has its own scale.
   GEMMs reading one activation share one quantizer.
@@ -128,11 +128,11 @@ class InsertQDQ:
         return dq
 
     def _dynamic_qdq(self, graph: gs.Graph, x: gs.Variable, k: int) -> gs.Variable:
+        # max|x| per row as max(ReduceMax(x), -ReduceMin(x)): two reductions, no full-size Abs pass.
         prefix = f"{x.name}/per_token"
-        absx = gs.Variable(f"{prefix}/abs", dtype=np.float32)
-        rowmax = gs.Variable(f"{prefix}/rowmax", dtype=np.float32)
-        scale_raw = gs.Variable(f"{prefix}/scale_raw", dtype=np.float32)
-        scale = gs.Variable(f"{prefix}/scale", dtype=np.float32)
+        rowmax, rowmin, negmin, absmax, scale_raw, scale = (
+            gs.Variable(f"{prefix}/{n}", dtype=np.float32)
+            for n in ("rowmax", "rowmin", "negmin", "absmax", "scale_raw", "scale"))
         q = gs.Variable(f"{prefix}/quantized", dtype=np.int8, shape=x.shape)
         dq = gs.Variable(f"{prefix}/dequantized", dtype=np.float32, shape=x.shape)
         axes = gs.Constant(f"{prefix}/axes", np.array([-1], np.int64))
@@ -140,9 +140,11 @@ class InsertQDQ:
         floor = gs.Constant(f"{prefix}/min_scale", np.array(_MIN_DYNAMIC_SCALE, np.float32))
         blocked = {"axis": -1, "block_size": k}
         graph.nodes += [
-            gs.Node("Abs", f"{prefix}/Abs", inputs=[x], outputs=[absx]),
-            gs.Node("ReduceMax", f"{prefix}/ReduceMax", attrs={"keepdims": 1}, inputs=[absx, axes], outputs=[rowmax]),
-            gs.Node("Div", f"{prefix}/Div", inputs=[rowmax, qmax], outputs=[scale_raw]),
+            gs.Node("ReduceMax", f"{prefix}/ReduceMax", attrs={"keepdims": 1}, inputs=[x, axes], outputs=[rowmax]),
+            gs.Node("ReduceMin", f"{prefix}/ReduceMin", attrs={"keepdims": 1}, inputs=[x, axes], outputs=[rowmin]),
+            gs.Node("Neg", f"{prefix}/Neg", inputs=[rowmin], outputs=[negmin]),
+            gs.Node("Max", f"{prefix}/AbsMax", inputs=[rowmax, negmin], outputs=[absmax]),
+            gs.Node("Div", f"{prefix}/Div", inputs=[absmax, qmax], outputs=[scale_raw]),
             gs.Node("Max", f"{prefix}/Max", inputs=[scale_raw, floor], outputs=[scale]),
             gs.Node("QuantizeLinear", f"{prefix}/QuantizeLinear",
                     attrs={**blocked, "output_dtype": onnx.TensorProto.INT8}, inputs=[x, scale], outputs=[q]),
