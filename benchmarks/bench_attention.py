@@ -6,6 +6,7 @@ s in {512, 2048, 8192, 16384}, d in {64, 128}, causal and not; B*s = 16384 token
     python benchmarks/bench_attention.py [--seqs 2048,8192] [--dims 128] [--sweep] [--out results.md]
 """
 
+# ruff: noqa: B023  (each lambda is timed inside the iteration that defines it)
 from __future__ import annotations
 
 import argparse

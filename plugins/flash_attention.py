@@ -73,7 +73,7 @@ def _flash_attn_fwd_kernel(
     SQ, SK, HQ,  # scalars: (max) query / key length, number of query heads
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
-    O, LSE,  # outputs
+    O, LSE,  # outputs  # noqa: E741
     SM_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, GQA_GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr,
     MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):

@@ -34,6 +34,7 @@ def _int4_gemm_kernel(
     N_BLOCKS: tl.constexpr,  # ceil(K / QBLOCK)
     HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP_AB: tl.constexpr, SPLIT_X: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -49,12 +50,18 @@ def _int4_gemm_kernel(
     # One group per tile (tile inside a quant block) or several whole groups per tile.
     SINGLE_GROUP: tl.constexpr = (N_BLOCKS == 1) or (QBLOCK % BLOCK_K == 0)
     G: tl.constexpr = 1 if SINGLE_GROUP else BLOCK_K // QBLOCK
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if SWAP_AB:  # acc = W X^T: the dequantized weight is the register A operand (no shared-memory trip)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, stride_bn, BLOCK_K // 2):  # kb: byte offset in the packed row (k0 = 2 kb)
+        k0 = 2 * kb
         kk = k0 + offs_k
         x = tl.load(x_ptrs, mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
-        # bytes past K hold padding zeros (or are masked at the tail); x is zero there anyway.
-        p = tl.load(b_ptrs, mask=mask_n[:, None] & ((k0 + 2 * offs_j)[None, :] < K), other=0)
+        # Mask on the byte index against the (padded) row length, not on 2*j < K: Triton proves the
+        # former constant over 16 contiguous bytes and emits 16-byte loads; the latter gave 1-byte loads
+        # (0.3 TB/s). Padding bytes are valid memory and meet zero activations.
+        p = tl.load(b_ptrs, mask=mask_n[:, None] & ((kb + offs_j)[None, :] < stride_bn), other=0)
         if SINGLE_GROUP:
             g = k0 // QBLOCK
             s = tl.load(S + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(DT)
@@ -78,10 +85,26 @@ def _int4_gemm_kernel(
             z2 = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, G, QBLOCK // 2)), (BLOCK_N, BLOCK_K // 2))
         lo = ((p & 0xF).to(DT) - z2) * s2  # even k
         hi = ((p >> 4).to(DT) - z2) * s2  # odd k
-        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # [n, j, 2] -> [n, 2j + t]
-        acc = tl.dot(x, tl.trans(w), acc)
+        if SPLIT_X:
+            # The sum over k is order-free: pair even-k weights with even-k activations instead of
+            # interleaving the nibbles back; splitting x's last pair is register-local.
+            xe, xo = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            if SWAP_AB:
+                acc = tl.dot(lo, tl.trans(xe), acc)
+                acc = tl.dot(hi, tl.trans(xo), acc)
+            else:
+                acc = tl.dot(xe, tl.trans(lo), acc)
+                acc = tl.dot(xo, tl.trans(hi), acc)
+        else:
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # [n, j, 2] -> [n, 2j + t]
+            if SWAP_AB:
+                acc = tl.dot(w, tl.trans(x), acc)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
         x_ptrs += BLOCK_K
         b_ptrs += BLOCK_K // 2
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -97,6 +120,8 @@ class Int4GemmConfig:
     BLOCK_K: int
     num_warps: int
     num_stages: int
+    SWAP_AB: bool = False
+    SPLIT_X: bool = False
 
     def __post_init__(self):
         if self.BLOCK_K < 32 or self.BLOCK_K & (self.BLOCK_K - 1):
@@ -104,22 +129,23 @@ class Int4GemmConfig:
 
 
 # Tactics by M range (upper bound inclusive). The plugin exposes each as a TensorRT tactic.
-INT4_TACTICS: dict[str, Int4GemmConfig] = {
-    "m16": Int4GemmConfig(16, 16, 512, 4, 4),
-    "m64": Int4GemmConfig(64, 32, 256, 4, 4),
-    "m128": Int4GemmConfig(64, 128, 128, 4, 4),
-    "large": Int4GemmConfig(128, 256, 64, 8, 3),
+INT4_TACTICS: dict[str, Int4GemmConfig] = {  # from benchmarks/bench_int4_gemm.py --sweep (gpu_notes.md)
+    "m16": Int4GemmConfig(16, 32, 256, 4, 3),
+    "m16_wide_k": Int4GemmConfig(16, 32, 512, 4, 4),
+    "m64": Int4GemmConfig(64, 64, 128, 4, 4),
+    "m256": Int4GemmConfig(128, 128, 128, 8, 3),
+    "large": Int4GemmConfig(256, 128, 64, 8, 3),
 }
 
 
 def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig:
     """Heuristic tactic choice by M (the weight stream for decode, a tiled GEMM for prefill)."""
     if M <= 16:
-        cfg = INT4_TACTICS["m16"]
+        cfg = INT4_TACTICS["m16_wide_k" if N <= 4096 else "m16"]
     elif M <= 64:
         cfg = INT4_TACTICS["m64"]
-    elif M <= 128:
-        cfg = INT4_TACTICS["m128"]
+    elif M <= 256 and N <= 4096:
+        cfg = INT4_TACTICS["m256"]
     else:
         cfg = INT4_TACTICS["large"]
     return fit_int4_config(cfg, K, block_size)
@@ -132,7 +158,7 @@ def fit_int4_config(cfg: Int4GemmConfig, K: int, block_size: int) -> Int4GemmCon
     if n_blocks > 1 and block_size % bk != 0 and bk % block_size != 0:
         raise ValueError(f"block_size {block_size} must be a power of two (or K for per-channel)")
     bk = min(bk, max(32, triton.next_power_of_2(K)))
-    return Int4GemmConfig(cfg.BLOCK_M, cfg.BLOCK_N, bk, cfg.num_warps, cfg.num_stages)
+    return Int4GemmConfig(cfg.BLOCK_M, cfg.BLOCK_N, bk, cfg.num_warps, cfg.num_stages, cfg.SWAP_AB, cfg.SPLIT_X)
 
 
 def _check(x, b, scales, zero_points, bias, block_size):
@@ -189,7 +215,7 @@ def int4_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_point
         zero_points.stride(0) if zero_points is not None else 0, y.stride(0),
         y,
         QBLOCK=block_size, N_BLOCKS=b.shape[1], HAS_ZP=zero_points is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SWAP_AB=cfg.SWAP_AB, SPLIT_X=cfg.SPLIT_X,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y

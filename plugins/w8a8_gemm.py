@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 @triton.jit
 def _w8a8_gemm_kernel(
-    A, B, SA, SB, BIAS,  # inputs
+    A, SA, B, SB, BIAS,  # inputs, in the op's order (ops.W8A8_GEMM)
     M, N, K, stride_am, stride_bn, stride_ym,  # scalars
     Y,  # output
     HAS_BIAS: tl.constexpr,
@@ -129,7 +129,7 @@ def w8a8_gemm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor, col_sca
         return y
     grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
     _w8a8_gemm_kernel[grid](
-        a, b, row_scale, col_scale, bias, M, N, K, a.stride(0), b.stride(0), y.stride(0), y,
+        a, row_scale, b, col_scale, bias, M, N, K, a.stride(0), b.stride(0), y.stride(0), y,
         HAS_BIAS=bias is not None, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
         GROUP_M=cfg.GROUP_M, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

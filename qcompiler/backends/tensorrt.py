@@ -1,0 +1,143 @@
+"""TensorRT backend: builds a serialized engine from an ONNX model holding qcompiler plugin ops.
+
+Steps: (1) a prepared copy of the model (the input is never modified): absent optional plugin inputs
+are materialised with their neutral values (Int4Gemm zero points 8 and bias 0, W8A8Gemm bias 0,
+QuantizePerToken gamma 1 / beta 0) so each op has one plugin signature, and FlashAttention nodes get
+their LSE output; (2) the qcompiler plugins are registered (``qcompiler.plugins.tensorrt_plugins``,
+AOT: the engine embeds Triton PTX and needs no Python at run time); (3) TensorRT's ONNX parser builds a
+strongly typed network, with an optimization profile over the dynamic input dims.
+
+TensorRT is imported lazily; without it :func:`build_engine` raises :class:`TensorRTUnavailableError`.
+Plugin kernels take float16/bfloat16 activations: export or convert the model to float16 first.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qcompiler.errors import QCompileError
+
+__all__ = ["TensorRTUnavailableError", "prepare_for_tensorrt", "build_engine"]
+
+logger = logging.getLogger(__name__)
+
+
+class TensorRTUnavailableError(QCompileError):
+    """TensorRT (>= 10.6 with tensorrt.plugin) is not installed."""
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt as trt
+        import tensorrt.plugin  # noqa: F401
+    except ImportError as err:
+        raise TensorRTUnavailableError(
+            f"the tensorrt backend needs TensorRT >= 10.6 with its Python plugin API (pip install tensorrt): {err}"
+        ) from None
+    return trt
+
+
+def prepare_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with every qcompiler node given its full plugin input/output list (see module docstring)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    added: list[onnx.TensorProto] = []
+
+    def const(name, array):
+        added.append(numpy_helper.from_array(array, name))
+        return name
+
+    for node in out.graph.node:
+        if node.domain != "qcompiler":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        ins = list(node.input)
+        if node.op_type == "Int4Gemm":
+            ins += [""] * (5 - len(ins))
+            N, K, bs = int(attrs["N"]), int(attrs["K"]), int(attrs["block_size"])
+            nb = -(-K // bs)
+            sdt = numpy_helper.to_array(inits[ins[2]]).dtype if ins[2] in inits else np.float16
+            if not ins[3]:
+                ins[3] = const(f"{node.name}_zp8", np.full((N, (nb + 1) // 2), 0x88, np.uint8))
+            if not ins[4]:
+                ins[4] = const(f"{node.name}_bias0", np.zeros(N, sdt))
+        elif node.op_type == "W8A8Gemm":
+            ins += [""] * (5 - len(ins))
+            if not ins[4]:
+                n = numpy_helper.to_array(inits[ins[2]]).shape[0] if ins[2] in inits else None
+                if n is None:
+                    raise QCompileError(f"W8A8Gemm node {node.name!r}: weight {ins[2]!r} must be an initializer")
+                ins[4] = const(f"{node.name}_bias0", np.zeros(n, np.float16 if attrs.get("out_dtype", 10) == 10
+                                                                 else np.float32))
+        elif node.op_type == "QuantizePerToken":
+            ins += [""] * (3 - len(ins))
+            # H is unknown from the graph alone when gamma is absent; the kernel ignores gamma/beta for
+            # norm="none", so a one-element placeholder keeps the signature without changing the result.
+            if not ins[1]:
+                ins[1] = const(f"{node.name}_gamma", np.ones(1, np.float16))
+            if not ins[2]:
+                ins[2] = const(f"{node.name}_beta", np.zeros(1, np.float16))
+        elif node.op_type == "FlashAttention":
+            if len(ins) > 3 and ins[3]:
+                raise QCompileError(f"FlashAttention node {node.name!r}: seqlens_k has no TensorRT plugin yet")
+            ins = ins[:3]
+            if len(node.output) < 2:
+                node.output.append(f"{node.name or node.output[0]}_lse")
+        else:
+            continue
+        del node.input[:]
+        node.input.extend(ins)
+    out.graph.initializer.extend(added)
+    return out
+
+
+def build_engine(model: onnx.ModelProto | str | Path, engine_path: str | Path, *,
+                 profile: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] | None = None,
+                 workspace_bytes: int = 4 << 30) -> Path:
+    """Builds and writes a serialized TensorRT engine.
+
+    Args:
+        model: ONNX model (or path) after the qcompiler passes.
+        engine_path: where the engine is written.
+        profile: input name -> (min, opt, max) shapes for dynamic inputs.
+        workspace_bytes: builder workspace limit.
+
+    Raises:
+        TensorRTUnavailableError: TensorRT is not installed.
+        QCompileError: the parser or the builder failed (first parser error in the message).
+    """
+    trt = _import_tensorrt()
+    from qcompiler.plugins.tensorrt_plugins import register_plugins
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    prepared = prepare_for_tensorrt(model)
+    register_plugins()
+    logger_trt = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger_trt)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger_trt)
+    if not parser.parse(prepared.SerializeToString()):
+        first = parser.get_error(0) if parser.num_errors else "unknown error"
+        raise QCompileError(f"TensorRT could not parse the model: {first}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    # Only aot_impl is registered for our ops, so TensorRT has no JIT (Python) path to fall back on.
+    if profile:
+        opt = builder.create_optimization_profile()
+        for name, (lo, mid, hi) in profile.items():
+            opt.set_shape(name, lo, mid, hi)
+        config.add_optimization_profile(opt)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise QCompileError("TensorRT failed to build the engine (see the TensorRT log above)")
+    engine_path = Path(engine_path)
+    engine_path.write_bytes(bytes(serialized))
+    logger.info("wrote TensorRT engine %s", engine_path)
+    return engine_path
