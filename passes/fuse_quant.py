@@ -55,6 +55,14 @@ def _same_constant(a: gs.Tensor | None, b: gs.Tensor | None) -> bool:
     return va is not None and vb is not None and va.dtype == vb.dtype and va.shape == vb.shape and np.array_equal(va, vb)
 
 
+def _bypass(node: gs.Node, replacement: gs.Tensor) -> None:
+    """Points every reader of ``node``'s output at ``replacement``; cleanup() then drops the node."""
+    out = node.outputs[0]
+    for consumer in list(out.outputs):
+        consumer.inputs[consumer.inputs.index(out)] = replacement
+    node.outputs.clear()
+
+
 def _optional_input(node: gs.Node, index: int) -> gs.Tensor | None:
     if len(node.inputs) > index and node.inputs[index].name:
         return node.inputs[index]
@@ -113,9 +121,7 @@ class FuseQuant:
             q = np.rint(x / _broadcast(scale, x.ndim, axis)) + _broadcast(zero, x.ndim, axis).astype(np.float64)
             out = node.outputs[0]
             folded = gs.Constant(f"{node.inputs[0].name}_{zero.dtype.name}", np.clip(q, info.min, info.max).astype(zero.dtype))
-            for consumer in list(out.outputs):
-                consumer.inputs[consumer.inputs.index(out)] = folded
-            node.outputs.clear()
+            _bypass(node, folded)
             count += 1
         return count
 
@@ -136,9 +142,7 @@ class FuseQuant:
                 out = dup.outputs[0]
                 if out in graph.outputs:
                     continue
-                for consumer in list(out.outputs):
-                    consumer.inputs[consumer.inputs.index(out)] = keep.outputs[0]
-                dup.outputs.clear()
+                _bypass(dup, keep.outputs[0])
                 count += 1
         return count
 
@@ -159,9 +163,7 @@ class FuseQuant:
             out = node.outputs[0]
             if out in graph.outputs or original.dtype != out.dtype:
                 continue
-            for consumer in list(out.outputs):
-                consumer.inputs[consumer.inputs.index(out)] = original
-            node.outputs.clear()
+            _bypass(node, original)
             count += 1
         return count
 
