@@ -53,12 +53,13 @@ def main(argv=None) -> None:
         args.model, args.tokenizer = cached_smollm2(args.work / "smollm2")
     models = {"fp32": args.model}
     for recipe in args.recipes:
-        out = args.work / f"{args.model.stem}.{recipe}.onnx"
+        label = Path(recipe).stem if recipe.endswith((".yaml", ".yml")) else recipe
+        out = args.work / f"{args.model.stem}.{label}.onnx"
         if not out.exists():
             data = qcompiler.DataOptions(calib_text=DATA / "sotu_calibration.txt", tokenizer=args.tokenizer,
                                          seq_len=args.seq_len, num_samples=args.calib_windows)
             qcompiler.compile(args.model, out, recipe, data=data)
-        models[recipe] = out
+        models[label] = out
 
     feed = {"input_ids": np.random.default_rng(0).integers(0, 1000, (1, args.seq_len)).astype(np.int64)}
     sessions = {name: create_session(path, args.threads) for name, path in models.items()}
