@@ -28,6 +28,9 @@ BUILTIN_RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "what ONNX Runtime's quantize_static gives", w8a8=_STATIC),
     Recipe("w8a8-smoothquant", "SmoothQuant (alpha searched per layer group) + int8 per-channel weights, "
            "per-token dynamic int8 activations", smoothquant=SmoothQuantConfig(alpha="auto"), w8a8=_DYNAMIC),
+    Recipe("w8a8-smoothquant-lmhead", "w8a8-smoothquant that also quantizes the vocabulary projection (LM head): "
+           "faster on large vocabularies, a little less accurate", smoothquant=SmoothQuantConfig(alpha="auto"),
+           w8a8=W8A8Config(activation=ActivationScheme.PER_TOKEN_DYNAMIC, quantize_lm_head=True)),
     Recipe("w8a8-smoothquant-static", "SmoothQuant + int8 per-channel weights, per-tensor static int8 activations "
            "(the form TensorRT fuses)", smoothquant=SmoothQuantConfig(alpha="auto"), w8a8=_STATIC),
     Recipe("w8a8-smoothquant-split", "SmoothQuant + LLM.int8() outlier columns in float + per-token W8A8 for the rest",
