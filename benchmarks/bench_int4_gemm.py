@@ -1,98 +1,256 @@
 """INT4 weight-only GEMM (g128, symmetric) vs torch fp16 ``F.linear``, measured side by side.
 
-Prints µs, TFLOPS and effective weight bandwidth (packed INT4 bytes + scales / time) for
-M in {1, 4, 16, 64, 256, 1024, 4096} x (N, K) in {(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)}.
-Timing: triton.testing.do_bench, median, which clears L2 (a 256 MB write) before every repetition so
-weights stream from HBM in both columns. ``--sweep`` times a list of tactics per point instead.
+For M in {1, 4, 16, 64, 256, 1024, 4096} x (N, K) in {(4096, 4096), (11008, 4096), (4096, 11008),
+(28672, 8192)} it times, in one run: torch fp16; every tactic of ``INT4_TACTICS`` that suits the M
+range (the table reports the fastest, which is what TensorRT's autotuner keeps for the plugin, and
+the torch wrapper's default: ``pick_int4_config``'s tactic, or from ``DEQUANT_MIN_M`` on the
+two-kernel path); for M >= 256 the two-kernel path (dequantize to fp16, then cuBLAS); optionally
+the previous kernel (``--before FILE``, a copy of
+an older int4_gemm.py). µs, TFLOPS and effective weight bandwidth (packed bytes + scales / time).
 
-    python benchmarks/bench_int4_gemm.py [--ms 1,4,16] [--sweep] [--out results.md]
+Timing: each callable is captured in a CUDA graph and ``triton.testing.do_bench`` (median) replays
+it, clearing L2 (a 256 MB write) before every repetition, so weights stream from HBM in every column
+and host launch overhead (Python, Triton's launcher) is out of every column alike. Every point is
+timed in two passes and the faster median kept; the GPU is kept busy for 0.5 s before each shape so
+its clocks are up. Each tactic's output is checked against the fp16 product of the dequantized
+weight; a wrong one is marked BAD and never chosen. Kernels are compiled first by ``--jobs`` worker
+processes (Triton's on-disk cache).
+
+    python benchmarks/bench_int4_gemm.py [--ms 1,4,16] [--shapes 11008:4096] [--jobs 12] [--before old.py]
+        [--sweep] [--out results.md]
 """
 
 # ruff: noqa: B023  (each lambda is timed inside the iteration that defines it)
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
+import math
+import multiprocessing as mp
 import sys
+import time
 
 import torch
 import triton
 
-from qcompiler.plugins.int4_gemm import Int4GemmConfig, int4_gemm, pick_int4_config
+from qcompiler.plugins.int4_gemm import (
+    DEQUANT_MIN_M,
+    INT4_TACTICS,
+    Int4GemmConfig,
+    dequantize_int4,
+    fit_int4_config,
+    int4_gemm,
+    int4_gemm_dequant_matmul,
+    pick_int4_config,
+)
 from qcompiler.plugins.ops import pack_int4_matmulnbits
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)]
 MS = [1, 4, 16, 64, 256, 1024, 4096]
 BLOCK = 128
+C = Int4GemmConfig
 
 
-def bench(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # µs
+def tactics_for(M):
+    """Tactics of the table worth timing at this M (the others lose by construction)."""
+    names = {"m16", "m16_n32", "m16_n64", "m16_k8", "m64"} if M <= 16 else set()
+    if M <= 4:
+        names.add("gemv")
+    if 16 < M <= 64:
+        names |= {"m16_n32", "m16_n64", "m64", "m256"}
+    if M > 64:
+        names |= {"m256", "large"} | ({"m64"} if M <= 256 else set())
+    return [n for n in INT4_TACTICS if n in names]
 
 
 def sweep_configs(M):
-    # SWAP_AB (weight as the register A operand) is left out: Triton 3.6 then loads the packed bytes
-    # one byte at a time (cp.async.ca of 1 B in the PTX), see gpu_notes.md.
+    """Extra candidates for ``--sweep`` (see benchmarks/gpu_notes.md for why each is there)."""
     if M <= 16:
-        for bn, bk, split, st in itertools.product((16, 32, 64, 128), (256, 512), (False, True), (3, 4)):
-            yield Int4GemmConfig(16, bn, bk, 4, st, False, split)
-        for bn, bk, w, st in itertools.product((32, 64, 128), (128, 256, 1024), (2, 8), (2, 5)):
-            yield Int4GemmConfig(16, bn, bk, w, st, False, False)
+        for bn, (bk, ks), st in itertools.product((16, 32, 64), ((256, 2), (512, 4), (1024, 8)), (3, 4)):
+            yield C(16, bn, bk, ks, st, SPLIT_X=True, KSPLIT=ks)
+        if M <= 4:
+            yield C(1, 32, 256, 4, 4, DOT=False)
     elif M <= 128:
-        for bm, bn, bk, split in itertools.product((32, 64), (64, 128), (128, 256), (False, True)):
-            yield Int4GemmConfig(bm, bn, bk, 4, 4, False, split)
+        yield C(64, 64, 128, 4, 4, SCALE_AFTER=True)
+        yield C(32, 64, 128, 4, 4, SCALE_AFTER=True)
+        yield C(64, 128, 64, 4, 4, SPLIT_X=True)
     else:
-        for (bm, bn, bk, w, st), split in itertools.product(
-                [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
-                 (128, 256, 128, 8, 3), (64, 256, 64, 4, 4)], (False, True)):
-            yield Int4GemmConfig(bm, bn, bk, w, st, False, split)
+        for bm, bn, bk, w, st, split in [(128, 128, 64, 8, 3, False), (128, 128, 64, 8, 4, True),
+                                         (256, 128, 64, 8, 4, True), (128, 256, 64, 8, 3, True),
+                                         (128, 128, 128, 8, 3, False), (64, 128, 64, 4, 4, False)]:
+            yield C(bm, bn, bk, w, st, SPLIT_X=split, GROUP_M=8)
+
+
+def candidates(M, sweep):
+    out = [(name, INT4_TACTICS[name]) for name in tactics_for(M)]
+    if sweep:
+        out += [(cfg.describe(), cfg) for cfg in sweep_configs(M) if cfg not in INT4_TACTICS.values()]
+    return out
+
+
+def _weights(N, K):
+    torch.manual_seed(N + K)
+    w = torch.randn(N, K, device="cuda") * 0.02
+    b, s, _ = pack_int4_matmulnbits(w, BLOCK, scale_dtype=torch.float16)
+    return w, b, s
+
+
+def _load_module(path):
+    spec = importlib.util.spec_from_file_location("int4_gemm_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compile_worker(task):
+    """Runs each (M, config) once on the real shape so Triton's disk cache holds the kernel."""
+    N, K, items, before = task
+    _, b, s = _weights(N, K)
+    old = _load_module(before) if before else None
+    failed = []
+    for M, cfg in items:
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        try:
+            if cfg == "before":
+                old.int4_gemm(x, b, s, block_size=BLOCK)
+            elif cfg == "dq":
+                int4_gemm_dequant_matmul(x, b, s, block_size=BLOCK)
+            else:
+                int4_gemm(x, b, s, block_size=BLOCK, config=cfg)
+        except Exception as err:  # reported again (and skipped) by the timing loop
+            failed.append((M, str(cfg), f"{type(err).__name__}: {str(err)[-200:]}"))
+    torch.cuda.synchronize()
+    return failed
+
+
+def precompile(points: dict, jobs: int, before: str | None) -> None:
+    """points: (N, K) -> list of (M, config | "dq" | "before"), compiled in ``jobs`` processes."""
+    tasks = []
+    for (N, K), items in points.items():
+        chunk = max(1, math.ceil(len(items) / max(1, jobs // len(points))))
+        tasks += [(N, K, items[i:i + chunk], before) for i in range(0, len(items), chunk)]
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(jobs) as pool:
+        for failed in pool.imap_unordered(_compile_worker, tasks):
+            for f in failed:
+                print("  compile failed:", *f, file=sys.stderr)
+    print(f"# precompiled {sum(len(v) for v in points.values())} (M, tactic) pairs in {time.time() - t0:.0f} s",
+          file=sys.stderr, flush=True)
+
+
+def bench(fn, warmup=25, rep=100):
+    """Median µs of a CUDA-graph replay of fn (L2 cleared before each replay by do_bench)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") * 1e3
+
+
+def rel_err(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=None, help="N:K,N:K")
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="also time the extra candidates of sweep_configs")
+    ap.add_argument("--before", default=None, help="path of an older int4_gemm.py to time as 'before'")
+    ap.add_argument("--jobs", type=int, default=0, help="compile in this many processes first (0: no)")
+    ap.add_argument("--compile-only", action="store_true", help="with --jobs: fill the kernel cache and stop")
+    ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     ms = [int(m) for m in args.ms.split(",")]
     shapes = [tuple(map(int, s.split(":"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
-    torch.manual_seed(0)
-    lines = [f"# INT4 GEMM (g{BLOCK}, sym) vs torch fp16 on {torch.cuda.get_device_name()}", "",
-             "| M | N | K | fp16 µs | int4 µs | speedup | int4 TFLOPS | int4 weight TB/s | fp16 weight TB/s | tactic |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    old = _load_module(args.before) if args.before else None
+
+    def extras(M):
+        return (["dq"] if M >= 256 else []) + (["before"] if old else [])
+
+    if args.jobs:
+        precompile({(N, K): [(M, c) for M in ms for c in [c for _, c in candidates(M, args.sweep)] + extras(M)]
+                    for N, K in shapes}, args.jobs, args.before)
+    if args.compile_only:
+        return
+    dev = torch.cuda.get_device_name()
+    lines = [f"# INT4 GEMM (g{BLOCK}, sym) vs torch fp16 on {dev}", "",
+             "int4 = fastest tactic of INT4_TACTICS (what TensorRT's autotuner keeps); pick = the torch wrapper's "
+             "default (int4_gemm with config=None: pick_int4_config's tactic, or dq+cuBLAS from M >= "
+             f"{DEQUANT_MIN_M}); dq+cuBLAS = dequantize to fp16 then cuBLAS (torch path only); before = previous kernel.", "",
+             "| M | N | K | fp16 µs | int4 µs | speedup | int4 TFLOPS | int4 weight TB/s | tactic | pick µs | pick x "
+             "| dq+cuBLAS µs | dq x | before µs | before x | rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    for (N, K), M in itertools.product(shapes, ms):
-        w = torch.randn(N, K, device="cuda") * 0.02
-        b, s, _ = pack_int4_matmulnbits(w, BLOCK, scale_dtype=torch.float16)
+    detail = ["", "## Every timed tactic", "", "| M | N | K | tactic | config | µs | speedup | rel err |",
+              "|---|---|---|---|---|---|---|---|"]
+    for N, K in shapes:
+        w, b, s = _weights(N, K)
         w16 = w.half()
-        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-        t16 = bench(lambda: torch.nn.functional.linear(x, w16))
+        wq16 = dequantize_int4(b, s, None, K, torch.float16)
         wbytes = b.numel() + s.numel() * 2
-        if args.sweep:
-            best = None
-            for cfg in sweep_configs(M):
-                try:
-                    t = bench(lambda: int4_gemm(x, b, s, block_size=BLOCK, config=cfg))
-                except Exception as err:  # a tactic that does not fit shared memory
-                    print(f"  skip {cfg}: {type(err).__name__}", file=sys.stderr)
-                    continue
-                if best is None or t < best[0]:
-                    best = (t, cfg)
-            t4, cfg = best
-        else:
-            cfg = pick_int4_config(M, N, K, BLOCK)
-            t4 = bench(lambda: int4_gemm(x, b, s, block_size=BLOCK))
-        flops = 2 * M * N * K
-        row = (f"| {M} | {N} | {K} | {t16:.1f} | {t4:.1f} | {t16 / t4:.2f}x | {flops / t4 / 1e6:.1f} | "
-               f"{wbytes / t4 / 1e6:.2f} | {N * K * 2 / t16 / 1e6:.2f} | "
-               f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K} w{cfg.num_warps} s{cfg.num_stages}"
-               f"{' swap' if cfg.SWAP_AB else ''}{' splitx' if cfg.SPLIT_X else ''} |")
-        lines.append(row)
-        print(row, flush=True)
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+        t_end = time.time() + 0.5
+        while time.time() < t_end:  # clocks up before the first timing of this shape
+            a @ a
+        torch.cuda.synchronize()
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            ref = torch.nn.functional.linear(x, wq16)
+            runs = [("fp16", None, lambda: torch.nn.functional.linear(x, w16))]
+            for name, cfg in candidates(M, args.sweep):
+                runs.append((name, cfg, lambda cfg=cfg: int4_gemm(x, b, s, block_size=BLOCK, config=cfg)))
+            if M >= 256:
+                runs.append(("dq", None, lambda: int4_gemm_dequant_matmul(x, b, s, block_size=BLOCK)))
+            if old:
+                runs.append(("before", None, lambda: old.int4_gemm(x, b, s, block_size=BLOCK)))
+            times, errs = {}, {}
+            for _ in range(args.passes):
+                for name, _cfg, fn in runs:
+                    try:
+                        if name not in errs:
+                            errs[name] = 0.0 if name == "fp16" else rel_err(fn(), ref)
+                        t = bench(fn)
+                    except Exception as e:  # a tactic that does not fit shared memory / registers
+                        print(f"  skip {name}: {type(e).__name__}: {str(e)[-160:]}", file=sys.stderr)
+                        errs[name] = math.inf
+                        continue
+                    times[name] = min(times.get(name, math.inf), t)
+            t16 = times["fp16"]
+            ok = {n: t for n, t in times.items() if n not in ("fp16", "dq", "before") and errs[n] < 5e-3}
+            for name, cfg, _ in runs[1:]:
+                if name in times:
+                    desc = fit_int4_config(cfg, K, BLOCK).describe() if cfg else name
+                    detail.append(f"| {M} | {N} | {K} | {name} | {desc} | {times[name]:.1f} | {t16 / times[name]:.2f}x | "
+                                  f"{errs[name]:.1e}{'' if errs[name] < 5e-3 else ' BAD'} |")
+            if not ok:
+                continue
+            best = min(ok, key=ok.get)
+            t4 = ok[best]
+            # The wrapper's default (config=None): the two-kernel path from DEQUANT_MIN_M on, else its tactic.
+            pick = pick_int4_config(M, N, K, BLOCK)
+            pick_name = next((n for n, c in INT4_TACTICS.items() if fit_int4_config(c, K, BLOCK) == pick), None)
+            tp = times.get("dq", math.nan) if M >= DEQUANT_MIN_M else ok.get(pick_name, math.nan)
+
+            def col(t):
+                return ("-", "-") if not math.isfinite(t) else (f"{t:.1f}", f"{t16 / t:.2f}x")
+
+            dq, bf = col(times.get("dq", math.nan)), col(times.get("before", math.nan))
+            row = (f"| {M} | {N} | {K} | {t16:.1f} | {t4:.1f} | {t16 / t4:.2f}x | {2 * M * N * K / t4 / 1e6:.1f} | "
+                   f"{wbytes / t4 / 1e6:.2f} | {best} | {col(tp)[0]} | {col(tp)[1]} | {dq[0]} | {dq[1]} | "
+                   f"{bf[0]} | {bf[1]} | {errs[best]:.1e} |")
+            lines.append(row)
+            print(row, flush=True)
+            if args.out:  # rewritten after every point, so a run cut short keeps what it measured
+                with open(args.out, "w") as f:
+                    f.write("\n".join(lines + detail) + "\n")
     if args.out:
         with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            f.write("\n".join(lines + detail) + "\n")
 
 
 if __name__ == "__main__":

@@ -208,16 +208,16 @@ def build(config) -> AotKernel:
 
 
 def _build_int4(c: Int4GemmPlugin) -> AotKernel:
-    from .int4_gemm import INT4_TACTICS, _int4_gemm_kernel, fit_int4_config
+    import torch
+
+    from .int4_gemm import INT4_TACTICS, _int4_gemm_kernel, fit_int4_config, kernel_constexprs
 
     if c.dtype not in ("float16", "bfloat16"):
         raise ValueError(f"Int4Gemm plugin: dtype must be float16/bfloat16, got {c.dtype}")
     cfg = fit_int4_config(INT4_TACTICS[c.tactic], c.K, c.block_size)
     nb = -(-c.K // c.block_size)
     dt = _DTYPES[c.dtype]
-    constexprs = dict(QBLOCK=c.block_size, N_BLOCKS=nb, HAS_ZP=c.has_zero_points, HAS_BIAS=c.has_bias,
-                      BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-                      SWAP_AB=cfg.SWAP_AB, SPLIT_X=cfg.SPLIT_X)
+    constexprs = kernel_constexprs(cfg, c.K, c.block_size, getattr(torch, c.dtype), c.has_zero_points, c.has_bias)
     if not c.has_zero_points:
         constexprs["ZP"] = None
     if not c.has_bias:

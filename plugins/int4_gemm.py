@@ -4,25 +4,128 @@ The weight is in ONNX Runtime's ``com.microsoft.MatMulNBits`` layout (``ops.INT4
 it byte by byte): ``B`` uint8 ``[N, n_blocks, block_size // 2]``, scales ``[N, n_blocks]``, optional
 packed zero points ``[N, ceil(n_blocks / 2)]`` (8 when absent), ``w = (q - zp) * scale``.
 
-Hopper has no INT4 tensor cores, so each program loads a tile of packed bytes, splits the nibbles,
-dequantizes them to the activation dtype in registers and feeds ``tl.dot`` (mma / wgmma at 16 bits).
-For small M the kernel is a weight stream: the grid runs over N only and every program reads its rows
-once, so the time is ``N*K/2`` bytes over memory bandwidth. For large M the same kernel is a tiled
-GEMM whose B operand is dequantized on the fly; the dequant work is amortised over ``BLOCK_M`` rows.
+Hopper has no INT4 tensor cores, so each program streams packed bytes (16-byte cp.async), turns the
+nibbles into 16-bit floats in registers and multiplies at 16 bits on the tensor cores. At 3 TB/s an
+SM must turn ~26 weights per clock into operands with at most 128 thread-instructions per clock, and
+the integer-to-float conversion alone runs at 16 per clock per SM. So the nibbles are never
+converted: one inline-PTX block takes a 32-bit word (8 nibbles), masks the nibbles into bytes and
+``prmt``-s each under the exponent byte of 1024.0 (fp16, 0x64) or 128.0 (bf16, 0x43), which is
+exactly ``1024 + q`` (``128 + q``), then subtracts ``1024 + zp`` (``128 + zp``) two lanes at a time:
+11 instructions for 8 weights, and ``q - zp`` is an exact small integer in fp16/bf16.
+
+Three code paths, chosen per tactic (:class:`Int4GemmConfig`):
+
+* ``KSPLIT > 1`` (M <= 16): a 16 x BLOCK_N output is too small to spread over warps (every warp
+  would redo the whole dequantization), so each warp takes one K-slice of the tile in a batched
+  ``tl.dot`` (M padded to 16); each slice lies in one quant group and its fp32 partial is scaled
+  by that group's scale, so the weights are never rounded; slices are summed once at the end.
+* 2-D tile (M >= 64): the scale is multiplied into the dequantized weight in the same PTX block
+  (``SCALE_AFTER`` instead scales the fp32 partial per group); wgmma takes it from shared memory.
+* ``DOT=False``: CUDA-core FMAs, one program per row (a slower M <= 4 alternative).
+
+Scales are tiny 2-byte gathers that Triton does not pipeline: they are prefetched into L2 when a
+program starts and loaded one tile ahead (see the kernel). The grid is ``(cdiv(N, BLOCK_N),
+cdiv(M, BLOCK_M))``, renumbered in grouped order (``GROUP_M``). There is no split-K: a TensorRT AOT
+plugin launches one kernel and gets no workspace, and a cross-program K reduction would need one, so
+the plugin needs nothing beyond its inputs and output. For M >= ``DEQUANT_MIN_M`` the torch wrapper
+instead dequantizes to a dense fp16/bf16 workspace and calls cuBLAS (:func:`int4_gemm_dequant_matmul`),
+which measured faster there; the plugin has no such path. Measurements: benchmarks/gpu_notes.md.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["Int4GemmConfig", "int4_gemm", "int4_gemm_reference", "pick_int4_config", "INT4_TACTICS"]
+__all__ = ["Int4GemmConfig", "int4_gemm", "int4_gemm_reference", "int4_gemm_dequant_matmul", "dequantize_int4",
+           "dequantize_int4_gpu", "pick_int4_config", "fit_int4_config", "INT4_TACTICS", "DEQUANT_MIN_M"]
 
 logger = logging.getLogger(__name__)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # CPU interpreter: no inline PTX
+
+# ---------------------------------------------------------------------------------------------------------
+# Nibble -> 16-bit float, 4 packed bytes (8 weights) per asm block. Inputs: $N = 4 bytes (byte i is the
+# pack's element i); z (and s) = 4 fp16/bf16 values in 2 registers (element 0 in the low half). Outputs:
+# lo (low nibbles = even k) in 2 registers, hi (high nibbles = odd k) in 2 registers.
+# prmt selector 0x4140 builds [0x64 | b1 | 0x64 | b0]: bytes 0 and 1 of the masked word each below the
+# magic exponent byte (taken from the second source, byte index 4); 0x4342 does bytes 2 and 3.
+_NIB = """
+.reg .b32 t0, t1, mg;
+mov.b32 mg, {magic};
+and.b32 t0, $4, 0x0F0F0F0F;
+shr.u32 t1, $4, 4;
+and.b32 t1, t1, 0x0F0F0F0F;
+prmt.b32 $0, t0, mg, 0x4140;
+prmt.b32 $1, t0, mg, 0x4342;
+prmt.b32 $2, t1, mg, 0x4140;
+prmt.b32 $3, t1, mg, 0x4342;
+"""
+_SUB = "{op} $0, $0, $5;\n{op} $1, $1, $6;\n{op} $2, $2, $5;\n{op} $3, $3, $6;\n"
+_MUL = "{op} $0, $0, $7;\n{op} $1, $1, $8;\n{op} $2, $2, $7;\n{op} $3, $3, $8;\n"
+_ASM_F16 = tl.constexpr("{" + _NIB.format(magic="0x64646464") + _SUB.format(op="sub.f16x2") + "}")
+_ASM_BF16 = tl.constexpr("{" + _NIB.format(magic="0x43434343") + _SUB.format(op="sub.rn.bf16x2") + "}")
+_ASM_F16_S = tl.constexpr("{" + _NIB.format(magic="0x64646464") + _SUB.format(op="sub.f16x2")
+                          + _MUL.format(op="mul.rn.f16x2") + "}")
+_ASM_BF16_S = tl.constexpr("{" + _NIB.format(magic="0x43434343") + _SUB.format(op="sub.rn.bf16x2")
+                           + _MUL.format(op="mul.rn.bf16x2") + "}")
+MAGIC = {torch.float16: 1024.0, torch.bfloat16: 128.0}  # value of the magic exponent byte with mantissa 0
+
+
+@triton.jit
+def _dequant(p, z, s, DT: tl.constexpr, SCALE: tl.constexpr, USE_ASM: tl.constexpr):
+    """(lo, hi) of DT: (q - zp) [* s] for the low / high nibbles of p; z = MAGIC + zp (DT).
+
+    USE_ASM=False is the same arithmetic in plain Triton ops (16-bit or + bitcast), for Triton's CPU
+    interpreter, which cannot run inline PTX.
+    """
+    if USE_ASM:
+        if DT == tl.float16:
+            if SCALE:
+                lo, hi = tl.inline_asm_elementwise(_ASM_F16_S, "=r,=r,=r,=r,r,r,r,r,r", [p, z, s],
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            else:
+                lo, hi = tl.inline_asm_elementwise(_ASM_F16, "=r,=r,=r,=r,r,r,r", [p, z],
+                                                   dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        else:
+            if SCALE:
+                lo, hi = tl.inline_asm_elementwise(_ASM_BF16_S, "=r,=r,=r,=r,r,r,r,r,r", [p, z, s],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            else:
+                lo, hi = tl.inline_asm_elementwise(_ASM_BF16, "=r,=r,=r,=r,r,r,r", [p, z],
+                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        MAGIC_BITS: tl.constexpr = 0x6400 if DT == tl.float16 else 0x4300
+        lo = ((p & 0xF).to(tl.int16) | MAGIC_BITS).to(DT, bitcast=True) - z
+        hi = ((p >> 4).to(tl.int16) | MAGIC_BITS).to(DT, bitcast=True) - z
+        if SCALE:
+            lo = lo * s
+            hi = hi * s
+    return lo, hi
+
+
+@triton.jit
+def _scale_zero(S, ZP, rn, stride_sn, stride_zn, g, gmask, DT: tl.constexpr, HAS_ZP: tl.constexpr,
+                MAGIC_V: tl.constexpr):
+    """Scales (DT) and MAGIC + zero point (DT) of group(s) g for rows rn (g and rn broadcast together)."""
+    s = tl.load(S + rn * stride_sn + g, mask=gmask, other=0.0).to(DT)
+    if HAS_ZP:
+        zb = tl.load(ZP + rn * stride_zn + g // 2, mask=gmask, other=0)
+        z = (((zb >> ((g % 2) * 4)) & 0xF).to(tl.float32) + MAGIC_V).to(DT)
+    else:
+        z = tl.full(s.shape, MAGIC_V + 8.0, DT)
+    return s, z
+
+
+@triton.jit
+def _prefetch_l2(ptrs, mask):
+    """``prefetch.global.L2`` of every unmasked address (no result; kept by is_pure=False)."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                              "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -34,77 +137,133 @@ def _int4_gemm_kernel(
     N_BLOCKS: tl.constexpr,  # ceil(K / QBLOCK)
     HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SWAP_AB: tl.constexpr, SPLIT_X: tl.constexpr,
+    SPLIT_X: tl.constexpr,  # dot even-k / odd-k halves separately instead of re-interleaving the nibbles
+    SCALE_AFTER: tl.constexpr,  # integer weights, scale the fp32 partial product per quant group
+    KSPLIT: tl.constexpr,  # > 1: the tile is KSPLIT K-slices stacked in a batched dot (one warp each)
+    DOT: tl.constexpr,  # tensor cores (tl.dot); False: CUDA-core FMA path (BLOCK_M == 1)
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks, loop over K (padding bytes never read)
+    MAGIC_V: tl.constexpr,  # 1024.0 (fp16) or 128.0 (bf16): see _NIB
+    USE_ASM: tl.constexpr,  # False only under Triton's CPU interpreter
+    PREFETCH_SCALES: tl.constexpr,  # L2 prefetch of the program's scale rows (inline PTX, so not interpreted)
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
     DT = X.dtype.element_ty
+    # Grouped program order over the (N tiles, M tiles) grid: consecutive programs share weight tiles.
+    num_n = tl.num_programs(0)
+    num_m = tl.num_programs(1)
+    pid = tl.program_id(1) * num_n + tl.program_id(0)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_j = tl.arange(0, BLOCK_K // 2)  # byte index inside the tile
     mask_m = offs_m < M
     mask_n = offs_n < N
-    x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
-    b_ptrs = B + offs_n[:, None] * stride_bn + offs_j[None, :]
-    # One group per tile (tile inside a quant block) or several whole groups per tile.
-    SINGLE_GROUP: tl.constexpr = (N_BLOCKS == 1) or (QBLOCK % BLOCK_K == 0)
-    G: tl.constexpr = 1 if SINGLE_GROUP else BLOCK_K // QBLOCK
-    if SWAP_AB:  # acc = W X^T: the dequantized weight is the register A operand (no shared-memory trip)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    # Clamp out-of-range rows to row 0 instead of masking: full tiles load unmasked (16-byte, pipelined).
+    # At M = 1 this makes 15 padding rows of x read row 0's addresses, the suspected reason the same
+    # kernel runs 1.6-1.9x slower at M = 1 than at M = 16 (unmeasured fix: mask; gpu_notes.md).
+    rm = tl.where(mask_m, offs_m, 0)
+    rn = tl.where(mask_n, offs_n, 0)
+    k_end = K if EVEN_K else 2 * stride_bn  # padded row: k in [K, 2*stride_bn) meets x == 0
+
+    # Scales (and zero points) are 2-byte gathers that Triton's pipeliner leaves synchronous; after
+    # the L2 flush each tile's first touch went to HBM (~1 µs) and was waited for in every iteration.
+    # So: (1) every scale row this program will read is prefetched into L2 once, here; (2) each
+    # tile's scales are loaded one tile ahead and carried in registers (a tile past the end has
+    # g >= N_BLOCKS and is masked). A prefetch distance of two made Triton 3.6 drop the cp.async
+    # pipelining of the x / weight tiles, so it is one.
+    if PREFETCH_SCALES:
+        NB_P: tl.constexpr = triton.next_power_of_2(N_BLOCKS)
+        offs_g = tl.arange(0, NB_P)
+        _prefetch_l2(S + rn[:, None] * stride_sn + offs_g[None, :], offs_g[None, :] < N_BLOCKS)
+        if HAS_ZP:
+            _prefetch_l2(ZP + rn[:, None] * stride_zn + offs_g[None, :], offs_g[None, :] < (N_BLOCKS + 1) // 2)
+    if KSPLIT > 1:
+        # Small M: BLOCK_M x BLOCK_N is too small an output to spread over warps without every warp
+        # redoing the whole dequantization, so the warps split K instead. Slice s of a tile covers
+        # k0 + s*SUB .. k0 + (s+1)*SUB, inside one quant group; the batched dot gives one partial per
+        # slice, scaled by that slice's group scale, and the slices are summed once at the end.
+        SUB: tl.constexpr = BLOCK_K // KSPLIT
+        SUBH: tl.constexpr = SUB // 2
+        offs_s = tl.arange(0, KSPLIT)
+        kx = offs_s[:, None, None] * SUB + tl.arange(0, SUB)[None, None, :]
+        kb = offs_s[:, None, None] * SUBH + tl.arange(0, SUBH)[None, None, :]
+        x_ptrs = X + rm[None, :, None] * stride_xm + kx
+        b_ptrs = B + rn[None, :, None] * stride_bn + kb
+        g0 = (offs_s * SUB) // QBLOCK
+        s0, z0 = _scale_zero(S, ZP, rn[None, :], stride_sn, stride_zn, g0[:, None], (g0 < N_BLOCKS)[:, None],
+                             DT, HAS_ZP, MAGIC_V)
+        acc3 = tl.zeros((KSPLIT, BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k_end, BLOCK_K):
+            g1 = (k0 + BLOCK_K + offs_s * SUB) // QBLOCK
+            s1, z1 = _scale_zero(S, ZP, rn[None, :], stride_sn, stride_zn, g1[:, None], (g1 < N_BLOCKS)[:, None],
+                                 DT, HAS_ZP, MAGIC_V)
+            if EVEN_K:
+                x = tl.load(x_ptrs + k0)
+                p = tl.load(b_ptrs + k0 // 2)
+            else:
+                x = tl.load(x_ptrs + k0, mask=(k0 + kx) < K, other=0.0)
+                p = tl.load(b_ptrs + k0 // 2, mask=(k0 // 2 + kb) < stride_bn, other=0)
+            lo, hi = _dequant(p, z0[:, :, None], s0[:, :, None], DT, False, USE_ASM)
+            if SPLIT_X:
+                xe, xo = tl.split(tl.reshape(x, (KSPLIT, BLOCK_M, SUBH, 2)))
+                part = tl.dot(xe, tl.permute(lo, (0, 2, 1)))
+                part = tl.dot(xo, tl.permute(hi, (0, 2, 1)), part)
+            else:
+                w = tl.reshape(tl.join(lo, hi), (KSPLIT, BLOCK_N, SUB))
+                part = tl.dot(x, tl.permute(w, (0, 2, 1)))
+            acc3 += part * s0.to(tl.float32)[:, None, :]
+            s0, z0 = s1, z1
+        acc = tl.sum(acc3, axis=0)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, stride_bn, BLOCK_K // 2):  # kb: byte offset in the packed row (k0 = 2 kb)
-        k0 = 2 * kb
-        kk = k0 + offs_k
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & (kk[None, :] < K), other=0.0)
-        # Mask on the byte index against the (padded) row length, not on 2*j < K: Triton proves the
-        # former constant over 16 contiguous bytes and emits 16-byte loads; the latter gave 1-byte loads
-        # (0.3 TB/s). Padding bytes are valid memory and meet zero activations.
-        p = tl.load(b_ptrs, mask=mask_n[:, None] & ((kb + offs_j)[None, :] < stride_bn), other=0)
-        if SINGLE_GROUP:
-            g = k0 // QBLOCK
-            s = tl.load(S + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(DT)
-            if HAS_ZP:
-                zb = tl.load(ZP + offs_n * stride_zn + g // 2, mask=mask_n, other=0)
-                z = ((zb >> ((g % 2) * 4)) & 0xF).to(DT)
-            else:
-                z = tl.full((BLOCK_N,), 8.0, DT)
-            s2 = s[:, None]
-            z2 = z[:, None]
+        # One quant group per tile (fit_int4_config keeps BLOCK_K <= block_size here).
+        SUBH: tl.constexpr = BLOCK_K // 2
+        SCALE_IN: tl.constexpr = not (SCALE_AFTER and DOT)  # fold the scale into the dequantized weight
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_j = tl.arange(0, SUBH)  # byte index inside a tile
+        x_ptrs = X + rm[:, None] * stride_xm + offs_k[None, :]
+        b_ptrs = B + rn[:, None] * stride_bn + offs_j[None, :]
+        g0 = rn * 0
+        s0, z0 = _scale_zero(S, ZP, rn, stride_sn, stride_zn, g0, g0 < N_BLOCKS, DT, HAS_ZP, MAGIC_V)
+        if DOT:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
-            offs_g = k0 // QBLOCK + tl.arange(0, G)
-            gmask = mask_n[:, None] & (offs_g[None, :] < N_BLOCKS)
-            s = tl.load(S + offs_n[:, None] * stride_sn + offs_g[None, :], mask=gmask, other=0.0).to(DT)
-            if HAS_ZP:
-                zb = tl.load(ZP + offs_n[:, None] * stride_zn + offs_g[None, :] // 2, mask=gmask, other=0)
-                z = ((zb >> ((offs_g[None, :] % 2) * 4)) & 0xF).to(DT)
+            acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # per-element partials, summed at the end
+        for k0 in range(0, k_end, BLOCK_K):
+            g1 = (k0 + BLOCK_K) // QBLOCK
+            s1, z1 = _scale_zero(S, ZP, rn, stride_sn, stride_zn, g1, g1 < N_BLOCKS, DT, HAS_ZP, MAGIC_V)
+            if EVEN_K:
+                x = tl.load(x_ptrs + k0)
+                p = tl.load(b_ptrs + k0 // 2)
             else:
-                z = tl.full((BLOCK_N, G), 8.0, DT)
-            s2 = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, G, QBLOCK // 2)), (BLOCK_N, BLOCK_K // 2))
-            z2 = tl.reshape(tl.broadcast_to(z[:, :, None], (BLOCK_N, G, QBLOCK // 2)), (BLOCK_N, BLOCK_K // 2))
-        lo = ((p & 0xF).to(DT) - z2) * s2  # even k
-        hi = ((p >> 4).to(DT) - z2) * s2  # odd k
-        if SPLIT_X:
-            # The sum over k is order-free: pair even-k weights with even-k activations instead of
-            # interleaving the nibbles back; splitting x's last pair is register-local.
-            xe, xo = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-            if SWAP_AB:
-                acc = tl.dot(lo, tl.trans(xe), acc)
-                acc = tl.dot(hi, tl.trans(xo), acc)
+                x = tl.load(x_ptrs + k0, mask=(k0 + offs_k)[None, :] < K, other=0.0)
+                # Mask on the byte index against the padded row length: constant over 16 contiguous
+                # bytes, so the load stays 16 bytes wide (a mask on 2*j < K gave 1-byte loads).
+                p = tl.load(b_ptrs + k0 // 2, mask=(k0 // 2 + offs_j)[None, :] < stride_bn, other=0)
+            lo, hi = _dequant(p, z0[:, None], s0[:, None], DT, SCALE_IN, USE_ASM)
+            if DOT:
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if SCALE_AFTER else acc
+                if SPLIT_X:
+                    # The sum over k is order-free: pair even-k weights with even-k activations.
+                    xe, xo = tl.split(tl.reshape(x, (BLOCK_M, SUBH, 2)))
+                    part = tl.dot(xe, tl.trans(lo), part)
+                    part = tl.dot(xo, tl.trans(hi), part)
+                else:
+                    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # [n, j, 2] -> [n, 2j + t]
+                    part = tl.dot(x, tl.trans(w), part)
+                if SCALE_AFTER:
+                    acc += part * s0.to(tl.float32)[None, :]
+                else:
+                    acc = part
             else:
-                acc = tl.dot(xe, tl.trans(lo), acc)
-                acc = tl.dot(xo, tl.trans(hi), acc)
-        else:
-            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # [n, j, 2] -> [n, 2j + t]
-            if SWAP_AB:
-                acc = tl.dot(w, tl.trans(x), acc)
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
-        x_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K // 2
-    if SWAP_AB:
-        acc = tl.trans(acc)
+                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(tl.float32)
+                acc2 += w * x.to(tl.float32)  # x is [1, BLOCK_K]
+            s0, z0 = s1, z1
+        if not DOT:
+            acc = tl.sum(acc2, axis=1)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -113,52 +272,130 @@ def _int4_gemm_kernel(
 
 @dataclass(frozen=True)
 class Int4GemmConfig:
-    """Launch meta-parameters of the INT4 GEMM (one TensorRT tactic)."""
+    """Launch meta-parameters of the INT4 GEMM (one TensorRT tactic).
+
+    Attributes:
+        BLOCK_M, BLOCK_N, BLOCK_K: output tile and K step (BLOCK_K a power of two >= 16).
+        num_warps, num_stages: Triton launch / software-pipelining depth.
+        SPLIT_X: tensor-core path: two dots (even k, odd k) instead of re-interleaving the nibbles.
+        SCALE_AFTER: integer weights into the dot, scale applied to the fp32 partial per group
+            (always on for KSPLIT > 1 and for the CUDA-core path).
+        KSPLIT: > 1 splits each K tile into KSPLIT slices, one per warp, in a batched dot (small M).
+        DOT: False selects the CUDA-core path (fp32 FMA into per-element partials), BLOCK_M must be 1.
+        GROUP_M: grouped program order (1: plain row-major order of tiles).
+        PREFETCH_SCALES: prefetch the program's scale (and zero-point) rows into L2 at the start.
+    """
 
     BLOCK_M: int
     BLOCK_N: int
     BLOCK_K: int
     num_warps: int
     num_stages: int
-    SWAP_AB: bool = False
     SPLIT_X: bool = False
+    SCALE_AFTER: bool = False
+    KSPLIT: int = 1
+    DOT: bool = True
+    GROUP_M: int = 1
+    PREFETCH_SCALES: bool = True
 
     def __post_init__(self):
-        if self.BLOCK_K < 32 or self.BLOCK_K & (self.BLOCK_K - 1):
-            raise ValueError(f"BLOCK_K must be a power of two >= 32, got {self.BLOCK_K}")
+        if self.BLOCK_K < 16 or self.BLOCK_K & (self.BLOCK_K - 1):
+            raise ValueError(f"BLOCK_K must be a power of two >= 16, got {self.BLOCK_K}")
+        if self.KSPLIT < 1 or self.KSPLIT & (self.KSPLIT - 1) or self.BLOCK_K // self.KSPLIT < 16:
+            raise ValueError(f"KSPLIT must be a power of two with BLOCK_K / KSPLIT >= 16, got {self.KSPLIT}")
+        if self.DOT and (self.BLOCK_M < 16 or self.BLOCK_N < 16):
+            raise ValueError("the tensor-core path needs BLOCK_M, BLOCK_N >= 16")
+        if not self.DOT and (self.BLOCK_M != 1 or self.KSPLIT != 1):
+            raise ValueError("the CUDA-core path takes BLOCK_M == 1 and KSPLIT == 1")
+
+    def describe(self) -> str:
+        flags = "".join(f" {n}" for n, on in (("splitx", self.SPLIT_X), ("scale_after", self.SCALE_AFTER),
+                                              (f"ksplit{self.KSPLIT}", self.KSPLIT > 1), ("fma", not self.DOT)) if on)
+        g = f" g{self.GROUP_M}" if self.GROUP_M > 1 else ""
+        g += "" if self.PREFETCH_SCALES else " nopf"
+        return f"{self.BLOCK_M}x{self.BLOCK_N}x{self.BLOCK_K} w{self.num_warps} s{self.num_stages}{g}{flags}"
 
 
-# Tactics by M range (upper bound inclusive). The plugin exposes each as a TensorRT tactic.
-INT4_TACTICS: dict[str, Int4GemmConfig] = {  # from benchmarks/bench_int4_gemm.py --sweep (gpu_notes.md)
-    "m16": Int4GemmConfig(16, 32, 256, 4, 3),
-    "m16_wide_k": Int4GemmConfig(16, 32, 512, 4, 4),
+# The TensorRT tactics: TensorRT's autotuner times every one for each optimisation profile and keeps
+# the fastest, so the table holds each candidate that won somewhere in the sweeps (gpu_notes.md).
+# pick_int4_config is the heuristic the torch wrapper uses instead.
+INT4_TACTICS: dict[str, Int4GemmConfig] = {
+    "m16": Int4GemmConfig(16, 16, 512, 4, 3, SPLIT_X=True, KSPLIT=4),
+    "m16_n32": Int4GemmConfig(16, 32, 512, 4, 3, SPLIT_X=True, KSPLIT=4),
+    "m16_n64": Int4GemmConfig(16, 64, 512, 4, 3, SPLIT_X=True, KSPLIT=4),
+    "m16_k8": Int4GemmConfig(16, 32, 1024, 8, 3, SPLIT_X=True, KSPLIT=8),
+    "gemv": Int4GemmConfig(1, 16, 512, 4, 4, DOT=False),
     "m64": Int4GemmConfig(64, 64, 128, 4, 4),
-    "m256": Int4GemmConfig(128, 128, 128, 8, 3),
-    "large": Int4GemmConfig(256, 128, 64, 8, 3),
+    "m256": Int4GemmConfig(128, 128, 64, 8, 4, GROUP_M=8),
+    "large": Int4GemmConfig(256, 128, 64, 8, 3, SPLIT_X=True, GROUP_M=8),
 }
 
 
+# From M = 1024 on, dequantizing to fp16 and calling cuBLAS beat every fused tactic on all four
+# benchmark shapes (0.72-0.78x fp16 at M = 1024 and 0.88-1.01x at 4096, against 0.60-0.68x fused);
+# at M = 256 the fused kernel won on all four. M in (256, 1024) was not measured and stays fused.
+DEQUANT_MIN_M = 1024
+
+
 def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig:
-    """Heuristic tactic choice by M (the weight stream for decode, a tiled GEMM for prefill)."""
-    if M <= 16:
-        cfg = INT4_TACTICS["m16_wide_k" if N <= 4096 else "m16"]
+    """Heuristic tactic of the fused kernel by M and weight shape (the torch wrapper's choice).
+
+    Fitted to the H100 measurements in benchmarks/results/int4_gemm_h100.md (it picks the fastest
+    table tactic at every measured point with M < 1024); TensorRT times every tactic instead.
+    """
+    small_n = N <= 4096
+    if M <= 4:
+        name = "m16_k8" if small_n and K <= 4096 else "m16_n64"
+    elif M <= 16:
+        name = "m16" if small_n else "m16_n32"
     elif M <= 64:
-        cfg = INT4_TACTICS["m64"]
-    elif M <= 256 and N <= 4096:
-        cfg = INT4_TACTICS["m256"]
+        name = "m16_n64" if small_n else "m64"
+    elif M < DEQUANT_MIN_M:
+        name = "m64" if small_n else ("large" if N * K >= 1 << 27 else "m256")
     else:
-        cfg = INT4_TACTICS["large"]
-    return fit_int4_config(cfg, K, block_size)
+        name = "large"
+    return fit_int4_config(INT4_TACTICS[name], K, block_size)
 
 
 def fit_int4_config(cfg: Int4GemmConfig, K: int, block_size: int) -> Int4GemmConfig:
-    """Shrinks BLOCK_K so a tile holds whole quant blocks or sits inside one (the kernel's rule)."""
+    """Adapts a tactic to (K, block_size) so every tile / K-slice lies inside one quant group.
+
+    BLOCK_K shrinks to at most the next power of two of K. With several groups per row, a 2-D tile
+    holds at most one group (BLOCK_K <= block_size) and a KSPLIT slice likewise (BLOCK_K <= KSPLIT *
+    block_size); then BLOCK_K is halved while that makes it divide K (so K = 11008 takes the unmasked
+    loop with 256, not the masked one with 512), keeping >= 32 per slice. SPLIT_X needs halves of
+    >= 16 elements.
+    """
     n_blocks = -(-K // block_size)
     bk = cfg.BLOCK_K
     if n_blocks > 1 and block_size % bk != 0 and bk % block_size != 0:
         raise ValueError(f"block_size {block_size} must be a power of two (or K for per-channel)")
-    bk = min(bk, max(32, triton.next_power_of_2(K)))
-    return Int4GemmConfig(cfg.BLOCK_M, cfg.BLOCK_N, bk, cfg.num_warps, cfg.num_stages, cfg.SWAP_AB, cfg.SPLIT_X)
+    bk = min(bk, max(16, triton.next_power_of_2(K)))
+    if n_blocks > 1:
+        bk = min(bk, cfg.KSPLIT * block_size)
+    ksplit = cfg.KSPLIT
+    cand = bk
+    while K % cand and cand // 2 >= max(32, 32 * ksplit):
+        cand //= 2
+    if K % cand == 0:
+        bk = cand
+    while ksplit > 1 and bk // ksplit < 16:
+        ksplit //= 2
+    sub = bk // ksplit
+    split_x = cfg.SPLIT_X and sub >= 32
+    return replace(cfg, BLOCK_K=bk, KSPLIT=ksplit, SPLIT_X=split_x)
+
+
+def kernel_constexprs(cfg: Int4GemmConfig, K: int, block_size: int, dtype: torch.dtype, has_zp: bool,
+                      has_bias: bool) -> dict:
+    """The kernel's compile-time arguments for a fitted config (shared by the wrapper and the AOT build)."""
+    if dtype not in MAGIC:
+        raise ValueError(f"Int4Gemm: activations must be float16/bfloat16, got {dtype}")
+    return dict(QBLOCK=block_size, N_BLOCKS=-(-K // block_size), HAS_ZP=has_zp, HAS_BIAS=has_bias,
+                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_X=cfg.SPLIT_X,
+                SCALE_AFTER=cfg.SCALE_AFTER, KSPLIT=cfg.KSPLIT, DOT=cfg.DOT, GROUP_M=cfg.GROUP_M,
+                EVEN_K=K % cfg.BLOCK_K == 0, MAGIC_V=MAGIC[dtype], USE_ASM=True,
+                PREFETCH_SCALES=cfg.PREFETCH_SCALES)
 
 
 def _check(x, b, scales, zero_points, bias, block_size):
@@ -194,16 +431,20 @@ def int4_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_point
     Args:
         x: [M, K] float16/bfloat16 activations.
         b: uint8 [N, n_blocks, block_size // 2] packed weights.
-        scales: [N, n_blocks] (any float dtype; cast to x's dtype in the kernel).
+        scales: [N, n_blocks] (any float dtype; read as fp32 / x's dtype in the kernel).
         zero_points: optional uint8 [N, ceil(n_blocks / 2)], two 4-bit zero points per byte.
         bias: optional [N].
         block_size: quant block along K (16..256, power of two; or K rounded up for per-channel).
-        config: launch tactic; chosen from M by :func:`pick_int4_config` when None.
+        config: launch tactic of the fused kernel. When None: for M >= ``DEQUANT_MIN_M`` the
+            two-kernel path :func:`int4_gemm_dequant_matmul` (faster there, measured), otherwise the
+            fused kernel with :func:`pick_int4_config`'s tactic.
 
     Returns:
         [M, N] tensor of x's dtype.
     """
     M, N, K = _check(x, b, scales, zero_points, bias, block_size)
+    if config is None and M >= DEQUANT_MIN_M:
+        return int4_gemm_dequant_matmul(x, b, scales, zero_points, bias, block_size=block_size)
     cfg = fit_int4_config(config, K, block_size) if config else pick_int4_config(M, N, K, block_size)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
@@ -214,11 +455,61 @@ def int4_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_point
         M, N, K, x.stride(0), b.stride(0), scales.stride(0),
         zero_points.stride(0) if zero_points is not None else 0, y.stride(0),
         y,
-        QBLOCK=block_size, N_BLOCKS=b.shape[1], HAS_ZP=zero_points is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SWAP_AB=cfg.SWAP_AB, SPLIT_X=cfg.SPLIT_X,
+        **{**kernel_constexprs(cfg, K, block_size, x.dtype, zero_points is not None, bias is not None),
+           "USE_ASM": not _INTERPRET, "PREFETCH_SCALES": cfg.PREFETCH_SCALES and not _INTERPRET},
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
+
+
+@triton.jit
+def _int4_dequant_kernel(B, S, ZP, W, N, stride_bn, stride_sn, stride_zn, stride_wn,
+                         QBLOCK: tl.constexpr, N_BLOCKS: tl.constexpr, HAS_ZP: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC_V: tl.constexpr, USE_ASM: tl.constexpr):
+    """W[n, k] = (q - zp) * scale in W's dtype, for k over the padded row (2 * stride_bn)."""
+    DT = W.dtype.element_ty
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rn = tl.where(mask_n, offs_n, 0)
+    offs_j = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    mask_j = offs_j < stride_bn
+    p = tl.load(B + rn[:, None] * stride_bn + offs_j[None, :], mask=mask_j[None, :], other=0)
+    g = (2 * offs_j) // QBLOCK  # per element: a tile may span several small groups
+    s, z = _scale_zero(S, ZP, rn[:, None], stride_sn, stride_zn, g[None, :], (g < N_BLOCKS)[None, :], DT, HAS_ZP,
+                       MAGIC_V)
+    lo, hi = _dequant(p, z, s, DT, True, USE_ASM)
+    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(W + offs_n[:, None] * stride_wn + offs_k[None, :], w, mask=mask_n[:, None] & (offs_k < 2 * stride_bn)[None, :])
+
+
+def dequantize_int4_gpu(b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """MatMulNBits INT4 layout -> dense ``[N, n_blocks * block_size]`` (padded K) in fp16/bf16, one Triton pass."""
+    N, n_blocks, half = b.shape
+    w = torch.empty((N, n_blocks * half * 2), dtype=dtype, device=b.device)
+    bn, bk = 32, 256
+    grid = (triton.cdiv(N, bn), triton.cdiv(n_blocks * half * 2, bk))
+    _int4_dequant_kernel[grid](b, scales, zero_points, w, N, b.stride(0), scales.stride(0),
+                               zero_points.stride(0) if zero_points is not None else 0, w.stride(0),
+                               QBLOCK=half * 2, N_BLOCKS=n_blocks, HAS_ZP=zero_points is not None, BLOCK_N=bn,
+                               BLOCK_K=bk, MAGIC_V=MAGIC[dtype], USE_ASM=not _INTERPRET, num_warps=4)
+    return w
+
+
+def int4_gemm_dequant_matmul(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor,
+                             zero_points: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
+                             block_size: int) -> torch.Tensor:
+    """Two-kernel path for large M: dequantize B to a dense fp16/bf16 workspace, then cuBLAS.
+
+    Costs one extra pass over the weight (N*K/2 bytes read, N*K*2 written and read back) and a
+    workspace of N * K elements; it pays off only where the GEMM is long (large M). This is a torch
+    path: a TensorRT AOT plugin launches one kernel with no workspace, so the plugin has only the
+    fused kernel (see benchmarks/gpu_notes.md).
+    """
+    M, N, K = _check(x, b, scales, zero_points, bias, block_size)
+    w = dequantize_int4_gpu(b, scales, zero_points, x.dtype)
+    return torch.nn.functional.linear(x, w[:, :K], bias)
 
 
 def dequantize_int4(b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, K: int,

@@ -22,6 +22,7 @@ Ops
     even, high nibble (bits 4-7) when i is odd. Its scale is ``scales[n, blk]``; its zero point is
     nibble ``blk % 2`` (low for even blk) of byte ``zero_points[n, blk // 2]``, or 8 when the input is
     absent (symmetric weights stored as ``q_signed + 8``). ``W[n, k] = (q - zp) * scale``.
+    Plugin: one kernel launch reading exactly these tensors; no workspace (no split-K), no re-layout.
 
 ``qcompiler::W8A8Gemm``: ``Y = (A @ B^T) * a_scale[..., None] * b_scale[None, :] (+ bias)``.
     Inputs: ``A`` int8 [..., K]; ``a_scale`` float32 [...] (one per token, i.e. A's shape without K);

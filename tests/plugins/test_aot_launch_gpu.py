@@ -13,6 +13,8 @@ pytest.importorskip("triton")
 pytest.importorskip("cupy")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
+from qcompiler.plugins.int4_gemm import INT4_TACTICS  # noqa: E402 - after the importorskips
+
 DT = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -30,7 +32,7 @@ def _poison(shape, dtype):
 INT4_CASES = [("float16", 1000, 32, True, True), ("bfloat16", 4096, 128, False, False), ("float16", 777, 784, False, True)]
 
 
-@pytest.mark.parametrize("tactic", ["m16", "m16_wide_k", "m64", "m256", "large"])
+@pytest.mark.parametrize("tactic", list(INT4_TACTICS))
 @pytest.mark.parametrize("case", INT4_CASES, ids=lambda c: f"{c[0]}-K{c[1]}-g{c[2]}-zp{int(c[3])}-b{int(c[4])}")
 def test_int4_plugin(tactic, case):
     from qcompiler.plugins import aot, launch

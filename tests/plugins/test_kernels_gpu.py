@@ -49,6 +49,93 @@ def test_int4_gemm(M, K, block, sym):
     assert err <= 2 * berr + 1e-3, (err, berr)
 
 
+def _int4_extra_configs():
+    from qcompiler.plugins.int4_gemm import INT4_TACTICS
+    from qcompiler.plugins.int4_gemm import Int4GemmConfig as C
+
+    extra = [C(16, 16, 512, 4, 4, KSPLIT=4), C(16, 32, 128, 4, 4, SPLIT_X=True, SCALE_AFTER=True),
+             C(128, 128, 64, 8, 3, SPLIT_X=True, GROUP_M=8, PREFETCH_SCALES=False)]
+    return list(INT4_TACTICS.values()) + extra
+
+
+@pytest.mark.parametrize("cfg", _int4_extra_configs(), ids=lambda c: c.describe().replace(" ", "-"))
+@pytest.mark.parametrize("dtype,K,block,sym", [(torch.float16, 1000, 32, False), (torch.bfloat16, 4096, 128, True),
+                                               (torch.float16, 777, 784, True)])
+def test_int4_gemm_every_tactic(cfg, dtype, K, block, sym):
+    """Every tactic (and the kernel's other code paths) on awkward shapes, poisoned output."""
+    from qcompiler.plugins.int4_gemm import int4_gemm, int4_gemm_reference
+
+    torch.manual_seed(K + block)
+    N = 333
+    w = torch.randn(N, K, device="cuda") * 0.05
+    b, s, zp = _pack_int4(w, block, sym, dtype)
+    bias = torch.randn(N, device="cuda", dtype=dtype)
+    for M in (1, 17, 130):
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        torch.cuda.empty_cache()
+        out = int4_gemm(x, b, s, zp, bias, block_size=block, config=cfg)
+        assert not torch.isnan(out).any()
+        ref = int4_gemm_reference(x, b, s, zp, bias)
+        base = int4_gemm_reference(x, b, s, zp, bias, compute_dtype=dtype)
+        err, berr = rel(out, ref), rel(base, ref)
+        assert err <= 2 * berr + 1e-3, (M, err, berr)
+
+
+@pytest.mark.parametrize("dtype,K,block,sym", [(torch.float16, 1000, 32, False), (torch.bfloat16, 777, 784, True)])
+def test_int4_gemm_dequant_matmul(dtype, K, block, sym):
+    """The two-kernel path: its dense weight equals the reference dequantization bit for bit."""
+    from qcompiler.plugins.int4_gemm import dequantize_int4, dequantize_int4_gpu, int4_gemm_dequant_matmul, int4_gemm_reference
+
+    torch.manual_seed(K)
+    N, M = 333, 300
+    b, s, zp = _pack_int4(torch.randn(N, K, device="cuda") * 0.05, block, sym, dtype)
+    w = dequantize_int4_gpu(b, s, zp, dtype)
+    assert torch.equal(w[:, :K], dequantize_int4(b, s.to(dtype), zp, K, dtype))
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
+    bias = torch.randn(N, device="cuda", dtype=dtype)
+    out = int4_gemm_dequant_matmul(x, b, s, zp, bias, block_size=block)
+    ref = int4_gemm_reference(x, b, s, zp, bias)
+    base = int4_gemm_reference(x, b, s, zp, bias, compute_dtype=dtype)
+    assert rel(out, ref) <= 2 * rel(base, ref) + 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("scale", [False, True])
+def test_int4_dequant_asm_bit_exact(dtype, scale):
+    """The inline-PTX nibble dequantization equals the plain-Triton one bit for bit, on every byte."""
+    import triton
+    import triton.language as tl
+
+    from qcompiler.plugins.int4_gemm import MAGIC, _dequant
+
+    @triton.jit
+    def kernel(P, Z, S, LO, HI, SCALE: tl.constexpr, USE_ASM: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        p = tl.load(P + offs)
+        z = tl.load(Z + offs)
+        s = tl.load(S + offs)
+        lo, hi = _dequant(p, z, s, Z.dtype.element_ty, SCALE, USE_ASM)
+        tl.store(LO + offs, lo)
+        tl.store(HI + offs, hi)
+
+    torch.manual_seed(5)
+    n = 256 * 16
+    p = torch.arange(256, device="cuda", dtype=torch.uint8).repeat(16)[torch.randperm(n, device="cuda")]
+    z = (torch.randint(0, 16, (n,), device="cuda").float() + MAGIC[dtype]).to(dtype)
+    sc = (torch.rand(n, device="cuda") * 0.1).to(dtype)
+    outs = []
+    for use_asm in (True, False):
+        lo, hi = torch.empty(n, device="cuda", dtype=dtype), torch.empty(n, device="cuda", dtype=dtype)
+        kernel[(1,)](p, z, sc, lo, hi, SCALE=scale, USE_ASM=use_asm, BLOCK=n)
+        outs.append((lo, hi))
+    q_lo, q_hi = (p & 0xF).float(), (p >> 4).float()
+    zp = z.float() - MAGIC[dtype]
+    exp_lo, exp_hi = ((q_lo - zp) * (sc.float() if scale else 1)).to(dtype), ((q_hi - zp) * (sc.float() if scale else 1)).to(dtype)
+    for lo, hi in outs:
+        assert torch.equal(lo.view(torch.int16), exp_lo.view(torch.int16))
+        assert torch.equal(hi.view(torch.int16), exp_hi.view(torch.int16))
+
+
 @pytest.mark.parametrize("M", [1, 17, 1025])
 @pytest.mark.parametrize("N,K", [(333, 1000), (4096, 4096), (257, 72)])
 def test_w8a8_gemm(M, N, K):
