@@ -33,6 +33,7 @@ def main(argv=None) -> None:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--models", nargs="+", default=["original", "rescaled"])
     parser.add_argument("--out", type=Path, default=Path("weight_only_results.md"))
+    parser.add_argument("--runs", nargs="+", type=int, help="indices of the runs to do (default: all)")
     args = parser.parse_args(argv)
     rtn = WeightOnlyConfig(bits=4, group_size=args.group_size)
     gptq = GPTQConfig(bits=4, group_size=args.group_size)
@@ -40,6 +41,7 @@ def main(argv=None) -> None:
             ("w4a16-gptq act-order off", Recipe("gptq-noact", gptq=dataclasses.replace(gptq, act_order=False)), "sotu"),
             ("w4a16-gptq act-order on", Recipe("gptq-act", gptq=gptq), "sotu"),
             ("w4a16-gptq act-order on, Austen calibration", Recipe("gptq-act-austen", gptq=gptq), "austen")]
+    runs = [run for i, run in enumerate(runs) if args.runs is None or i in args.runs]
     texts = {"sotu": DATA / "sotu_calibration.txt", "austen": DATA / "austen_calibration.txt"}
     with args.out.open("a") as out:
         out.write(f"\n### SmolLM2-135M weight-only INT4 g{args.group_size} symmetric; {args.calib_windows} x {args.seq_len} "
@@ -47,7 +49,7 @@ def main(argv=None) -> None:
                   "| model | method | ppl | vs fp32 | compile s | peak RSS MB |\n|---|---|---|---|---|---|\n")
     for variant in args.models:
         model, tokenizer = cached_smollm2(args.work / "smollm2", rescale_seed=0 if variant == "rescaled" else None)
-        for label, recipe, calib in runs:
+        for run_index, (label, recipe, calib) in enumerate(runs):
             data = qcompiler.DataOptions(calib_text=texts.get(calib, texts["sotu"]), tokenizer=tokenizer,
                                          seq_len=args.seq_len, num_samples=args.calib_windows)
             evaluate = qcompiler.EvalOptions(eval_text=DATA / "austen_heldout.txt", eval_windows=args.eval_windows,
@@ -59,7 +61,7 @@ def main(argv=None) -> None:
             ev = result.evaluation
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             with args.out.open("a") as out:
-                if label == runs[0][0]:
+                if run_index == 0:
                     out.write(f"| {variant} | fp32 | {ev.perplexity_original:.3f} | - | - | - |\n")
                 out.write(f"| {variant} | {label} | {ev.perplexity_compiled:.3f} | "
                           f"{100 * (ev.perplexity_compiled / ev.perplexity_original - 1):+.2f}% | {seconds:.0f} | "
