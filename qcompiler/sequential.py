@@ -10,26 +10,32 @@ level s: their inputs depend only on GEMMs of earlier stages, which are quantize
 block this gives {q, k, v}, {o}, {gate, up}, {down}; GEMMs of one stage that read the same tensor
 share one Hessian (q/k/v; gate/up).
 
-Steps (cached cut, each node run once). Let done_s be every node needed to compute the inputs of
+Steps (a cached cut). Let done_s be every node needed to compute the inputs of
 stages 0..s. Step s runs only the nodes in done_s \\ done_{s-1} — which includes the GEMMs of stage
 s-1, now with their quantized weights — as its own small ONNX Runtime model whose inputs are the
 tensors crossing the cut from earlier steps (the residual stream, the previous stage's inputs, side
 tensors such as RoPE tables or masks) plus the graph inputs. Its outputs are this stage's activations
 and the tensors later steps need. Over all steps every node runs once per calibration batch (nodes
-computed from constants only are folded into each step that needs them), so capture costs about one
-forward pass of the model, not one per stage.
+computed from constants only are folded into each step that needs them; see also rematerialization
+below), so capture costs about one forward pass of the model, not one per stage.
 
-Memory bound. Between steps we keep, for every calibration batch, the tensors crossing the cut; a
-tensor is dropped (per batch, as soon as the step that reads it last has consumed that batch) when no
-later step needs it. Peak ≈ max over cuts of Σ_{crossing tensors} n_samples · bytes per sample
-(for a Llama block the residual stream plus one stage input, e.g. 128 × 512 × (576 + 1536) × 4 B ≈
-554 MB for SmolLM2-135M at its widest cut), plus one stage's Hessians, one batch's step
-activations, and the weights of one step's ONNX Runtime session. The quantized weights that later
-steps run with are held only until the step that runs their GEMM.
+Rematerialization. A stage input that is much wider than what it is computed from (SwiGLU's
+[*, 2.67·hidden] down-projection input, computed from the [*, hidden] gate/up input) is not kept
+until the step that reads it again; that step recomputes it (the producers run twice).
+
+Memory bound. Between steps we keep, for every calibration batch, the tensors crossing the cut; each
+is dropped per batch as soon as the last step reading it has consumed that batch. Per-batch copies
+that are identical (causal masks, RoPE tables of equal-length windows) share one array. Peak ≈
+max over cuts of Σ_{crossing tensors} n_samples · bytes per sample — for a Llama block the residual
+stream plus one [*, hidden] stage input, 128 × 512 × 2 × 576 × 4 B ≈ 302 MB for SmolLM2-135M
+(554 MB without rematerialization) — plus one stage's Hessians (K² float64 each), one batch's step
+activations, and one step's ONNX Runtime session (its weights, no memory arena: see ``_session``).
+Quantized weights that later steps run with are held only until the last step that runs their GEMM.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -90,6 +96,11 @@ class SequentialReport:
     peak_cache_bytes: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: {"forward": 0.0, "hessian": 0.0,
                                                                 "quantize": 0.0, "build": 0.0})
+
+
+def _input_channels(gemm: WeightedGemm) -> int:
+    # From the shape: WeightedGemm.k reads .values, which would load (and keep) every weight.
+    return gemm.weight.shape[1] if gemm.transposed else gemm.weight.shape[0]
 
 
 def _subgraph_outer_inputs(node: gs.Node) -> list[gs.Tensor]:
@@ -215,38 +226,145 @@ class _Step:
     drops: list[str]
 
 
-def _plan_steps(topo: _Topology, stages: Sequence[Stage], activations: Mapping[str, gs.Tensor]) -> list[_Step]:
+def _known(shape) -> bool:
+    return bool(shape) and all(isinstance(d, str) or (isinstance(d, int) and d >= 0) for d in shape)
+
+
+def _inferred_shapes(graph: gs.Graph, topo: _Topology) -> dict[str, tuple]:
+    """Shapes of the tensors whose shape the graph does not record, by ONNX shape inference on a
+    weightless copy (large initializers become typed graph inputs; small ones keep their values,
+    which Reshape-like ops need)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    nodes = [OnnxExporter.export_node(n) for n in topo.order]
+    inputs, initializers, seen = [], [], set()
+    for tensor in graph.inputs:
+        if tensor.dtype is not None:
+            inputs.append(onnx.helper.make_tensor_value_info(tensor.name, onnx.helper.np_dtype_to_tensor_dtype(
+                np.dtype(tensor.dtype)), tensor.shape))
+    for node in topo.order:
+        for tensor in topo.inputs[id(node)]:
+            if not isinstance(tensor, gs.Constant) or tensor.name in seen:
+                continue
+            seen.add(tensor.name)
+            if int(np.prod(tensor.shape, dtype=np.int64)) <= 1024:
+                initializers.append(OnnxExporter.export_tensor_proto(tensor))
+            else:
+                inputs.append(onnx.helper.make_tensor_value_info(
+                    tensor.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(tensor.dtype)), list(tensor.shape)))
+    opsets = list(graph.import_domains) if graph.import_domains else [onnx.helper.make_opsetid("", graph.opset)]
+    model = onnx.helper.make_model(onnx.helper.make_graph(nodes, "shapes", inputs, [], initializers),
+                                   opset_imports=opsets, ir_version=10)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as err:  # inference is an optimisation here, never a requirement
+        logger.debug("shape inference failed (%s); no rematerialization", err)
+        return {}
+    shapes = {}
+    for info in inferred.graph.value_info:
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims)
+    return shapes
+
+
+def _per_token_size(tensor: gs.Tensor, shapes: Mapping[str, tuple]) -> tuple[int, tuple[str, ...]] | None:
+    """(bytes of the static dims, sorted symbolic dims), or None when a dim is unknown. Two tensors
+    with the same symbolic dims (batch, seq) compare by the first number: their size per token."""
+    shape = tensor.shape if _known(tensor.shape) else shapes.get(tensor.name)
+    if not _known(shape):
+        return None
+    static = int(np.prod([d for d in shape if isinstance(d, int)], dtype=np.int64))
+    itemsize = np.dtype(tensor.dtype).itemsize if tensor.dtype is not None else 4  # unknown: assume float32
+    return static * itemsize, tuple(sorted(str(d) for d in shape if not isinstance(d, int)))
+
+
+def _rematerialize(topo: _Topology, new_per_step: list[set[int]], targets: list[list[gs.Tensor]],
+                   shapes: Mapping[str, tuple]) -> list[set[int]]:
+    """Which nodes each step re-runs so that a wide stage input is not kept between steps.
+
+    Stage s's input T is computed in step s (for the Hessian) and read again in one later step t
+    (by the now-quantized GEMMs). When T is at least twice as large per token as the earlier tensors
+    its producers in step s read and that would otherwise not be kept until step t (e.g. SwiGLU's
+    [*, 2.67·hidden] down-projection input, computed from the [*, hidden] gate/up input), step t
+    recomputes it from those instead: the same values (the same quantized weights), fewer bytes kept,
+    at the price of running those producers twice. Sizes come from the graph's shapes (symbolic
+    batch/seq dims must match); without shapes nothing is recomputed.
+    """
+    step_of = {out.name: i for i, new in enumerate(new_per_step) for n in topo.order if id(n) in new for out in n.outputs}
+    consumers: dict[str, set[int]] = {}
+    for i, new in enumerate(new_per_step):
+        for n in topo.order:
+            if id(n) in new:
+                for tensor in topo.inputs[id(n)]:
+                    consumers.setdefault(tensor.name, set()).add(i)
+    last_use = {name: max(steps) for name, steps in consumers.items()}
+    extra: list[set[int]] = [set() for _ in new_per_step]
+    for s, stage_targets in enumerate(targets):
+        for target in stage_targets:
+            later = {i for i in consumers.get(target.name, ()) if i > s}
+            if step_of.get(target.name) != s or len(later) != 1:
+                continue
+            t = later.pop()
+            recompute = topo.ancestors([target], set(), static=False) & new_per_step[s]
+            produced = {out.name for n in topo.order if id(n) in recompute for out in n.outputs}
+            if any(last_use.get(name, -1) > s for name in produced - {target.name}):
+                continue  # another output of these nodes is kept anyway: recomputing would clash with it
+            reads = {tensor.name: tensor for n in topo.order if id(n) in recompute for tensor in topo.inputs[id(n)]
+                     if tensor.name in step_of and step_of[tensor.name] < s}
+            benefit = _per_token_size(target, shapes)
+            costs = [_per_token_size(tensor, shapes) for name, tensor in reads.items() if last_use.get(name, -1) < t]
+            if benefit is None or any(c is None or c[1] != benefit[1] for c in costs):
+                continue
+            if benefit[0] < 2 * sum(c[0] for c in costs):
+                continue  # not worth running the producers twice for less than half the bytes
+            extra[t] |= recompute
+            for name in reads:
+                last_use[name] = max(last_use.get(name, -1), t)
+            logger.debug("stage %d input %s is recomputed in step %d instead of kept", s, target.name, t)
+    return extra
+
+
+def _plan_steps(topo: _Topology, stages: Sequence[Stage], activations: Mapping[str, gs.Tensor],
+                shapes: Mapping[str, tuple] | None = None) -> list[_Step]:
+    """Steps of the sequential run; with ``shapes`` (tensor name -> shape, for tensors the graph
+    leaves unshaped), wide stage inputs are recomputed instead of kept (``_rematerialize``)."""
     done: set[int] = set()
     new_per_step: list[set[int]] = []
     for stage in stages:
         new = topo.ancestors([activations[a] for a in stage.groups], done, static=False)
         done |= new
         new_per_step.append(new)
+    targets = [[activations[a] for a in stage.groups] for stage in stages]
+    extra = (_rematerialize(topo, new_per_step, targets, shapes) if shapes is not None
+             else [set() for _ in stages])
+    runs = [new | more for new, more in zip(new_per_step, extra, strict=True)]
     step_of: dict[str, int] = {}
     for index, new in enumerate(new_per_step):
         for node in topo.order:
             if id(node) in new:
                 for out in node.outputs:
                     step_of[out.name] = index
+    # A tensor read in step i is an input of step i unless step i computes it itself.
+    external: list[set[str]] = []
     last_use: dict[str, int] = {}
-    for index, new in enumerate(new_per_step):
-        for node in topo.order:
-            if id(node) in new:
-                for tensor in topo.inputs[id(node)]:
-                    if tensor.name in step_of and step_of[tensor.name] < index:
-                        last_use[tensor.name] = max(last_use.get(tensor.name, -1), index)
+    for index, run in enumerate(runs):
+        made_here = {out.name for n in topo.order if id(n) in run for out in n.outputs}
+        reads = {t.name for n in topo.order if id(n) in run for t in topo.inputs[id(n)]}
+        external.append(reads - made_here)
+        for name in reads - made_here:
+            if name in step_of and step_of[name] < index:
+                last_use[name] = max(last_use.get(name, -1), index)
     steps = []
-    for index, (stage, new) in enumerate(zip(stages, new_per_step, strict=True)):
-        targets = [activations[a] for a in stage.groups]
-        run = [n for n in topo.order if id(n) in new]
-        needed = [t for n in run for t in topo.inputs[id(n)]] + targets
+    for index, (stage, new, run_set) in enumerate(zip(stages, new_per_step, runs, strict=True)):
+        run = [n for n in topo.order if id(n) in run_set]
+        needed = [t for n in run for t in topo.inputs[id(n)]] + targets[index]
         folded = topo.ancestors(needed, set(), static=True)
-        run = [n for n in topo.order if id(n) in new or id(n) in folded]
-        inputs = sorted({t.name for n in run for t in topo.inputs[id(n)]
-                         if (t.name in step_of and step_of[t.name] < index) or t.name in topo.graph_inputs})
+        run = [n for n in topo.order if id(n) in run_set or id(n) in folded]
+        inputs = sorted(name for name in external[index]
+                        if (name in step_of and step_of[name] < index) or name in topo.graph_inputs)
         produced_here = [out.name for n in topo.order if id(n) in new for out in n.outputs]
         carry = [name for name in produced_here if last_use.get(name, -1) > index]
-        outputs = carry + [t.name for t in targets if t.name not in topo.graph_inputs and t.name not in carry]
+        outputs = carry + [t.name for t in targets[index] if t.name not in topo.graph_inputs and t.name not in carry]
         drops = [name for name, last in last_use.items() if last == index]
         steps.append(_Step(stage, run, inputs, outputs, carry, drops))
     return steps
@@ -278,6 +396,24 @@ def _step_model(graph: gs.Graph, step: _Step, overrides: Mapping[str, np.ndarray
     return model
 
 
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Exact equality, rejecting the usual mismatch (activations of different windows) cheaply."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.size and (a.flat[0] != b.flat[0] or a.flat[-1] != b.flat[-1]):
+        return False
+    return bool(np.array_equal(a, b))
+
+
+def _release_freed_memory() -> None:
+    """Asks glibc to return freed heap pages to the OS. Steps free hundreds of MB of per-batch arrays
+    that were interleaved with long-lived cached ones; without this, RSS keeps their high-water mark."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _session(model: onnx.ModelProto, threads: int | None):
     import onnxruntime as ort
 
@@ -285,6 +421,13 @@ def _session(model: onnx.ModelProto, threads: int | None):
     if threads:
         options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    # Runs alternate with torch work (Hessians, GPTQ) on the same cores: ORT's worker threads must not
+    # keep spinning after a run and steal those cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # ONNX Runtime hands outputs back as views of its own buffers; from the arena, one cached output
+    # would pin the whole arena of a finished step (measured: +0.5-1 GB at 128 x 512 tokens). Without
+    # the arena every output buffer is its own allocation, freed with the array.
+    options.enable_cpu_mem_arena = False
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -297,6 +440,7 @@ def run_sequential(
     threads: int | None = None,
     hessian_dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    rematerialize: bool = True,
     show_progress: bool = False,
 ) -> SequentialReport:
     """Runs calibration data stage by stage, handing each stage's Hessians to ``quantize_stage``.
@@ -314,6 +458,8 @@ def run_sequential(
         threads: ONNX Runtime intra-op threads (default: ORT's choice).
         hessian_dtype: accumulator dtype of the Hessians.
         device: where Hessians are accumulated (default CUDA when present).
+        rematerialize: recompute a stage input in the step that reads it again when that keeps fewer
+            bytes between steps than storing it (more compute, less memory; see ``_rematerialize``).
         show_progress: draw a progress bar over stages.
 
     Returns:
@@ -331,21 +477,26 @@ def run_sequential(
     by_key = {gemm_key(g): g for g in gemms}
     stages = plan_stages(graph, gemms)
     activations = {g.activation.name: g.activation for g in gemms}
-    steps = _plan_steps(topo, stages, activations)
+    shapes = None
+    if rematerialize:
+        unshaped = any(not _known(t.shape) for n in topo.order for t in n.outputs)
+        shapes = _inferred_shapes(graph, topo) if unshaped else {}
+    steps = _plan_steps(topo, stages, activations, shapes)
     report.stages = len(stages)
-    gemm_step = {}
+    gemm_step = {}  # the last step that runs each node (a recomputed GEMM runs in two)
     for index, step in enumerate(steps):
         for node in step.nodes:
-            gemm_step.setdefault(id(node), index)
+            gemm_step[id(node)] = index
 
     cache: dict[str, list[np.ndarray | None]] = {}
     overrides: dict[str, np.ndarray] = {}
     override_owner: dict[str, int] = {}
     cached_bytes = 0
+    references: dict[int, int] = {}  # id(array) -> cache slots holding it (deduplicated side tensors)
     for index, step in enumerate(tqdm(steps, desc="GPTQ stages", unit="stage", disable=not show_progress,
                                       leave=False)):
         stage = step.stage
-        hessians = {name: HessianAccumulator(by_key[keys[0]].k, dtype=hessian_dtype, device=device)
+        hessians = {name: HessianAccumulator(_input_channels(by_key[keys[0]]), dtype=hessian_dtype, device=device)
                     for name, keys in stage.groups.items()}
         session, batches = None, 0
         produced: dict[str, list[np.ndarray | None]] = {name: [] for name in step.carry}
@@ -386,12 +537,21 @@ def run_sequential(
                 accumulator.add_batch(x)
             report.seconds["hessian"] += time.perf_counter() - start
             for name in step.carry:
-                produced[name].append(outputs[name])
-                cached_bytes += outputs[name].nbytes
+                value = outputs[name]
+                first = produced[name][0] if produced[name] else None
+                if first is not None and _same(first, value):
+                    value = first  # side tensors (masks, RoPE tables) repeat across batches: keep one copy
+                else:
+                    cached_bytes += value.nbytes
+                references[id(value)] = references.get(id(value), 0) + 1
+                produced[name].append(value)
             for name in step.drops:
                 stored = cache.get(name)
                 if stored is not None and b < len(stored) and stored[b] is not None:
-                    cached_bytes -= stored[b].nbytes
+                    references[id(stored[b])] -= 1
+                    if references[id(stored[b])] == 0:
+                        del references[id(stored[b])]
+                        cached_bytes -= stored[b].nbytes
                     stored[b] = None
             report.peak_cache_bytes = max(report.peak_cache_bytes, cached_bytes)
         if report.batches and batches != report.batches:
@@ -405,12 +565,14 @@ def run_sequential(
             overrides.pop(name, None)
             override_owner.pop(name)
         del session
+        _release_freed_memory()
 
         start = time.perf_counter()
         hs = {name: accumulator.finalize() for name, accumulator in hessians.items()}
         del hessians
         replaced = quantize_stage(stage, hs)
         del hs
+        _release_freed_memory()
         report.seconds["quantize"] += time.perf_counter() - start
         for key, weight in replaced.items():
             gemm = by_key[key]

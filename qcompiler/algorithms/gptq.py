@@ -33,6 +33,7 @@ scales are taken when its first column is reached, from the already-updated W (t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -56,41 +57,81 @@ def default_device() -> torch.device:
 class HessianAccumulator:
     """Streams H = 2/n Σ_t x_t x_tᵀ over batches of activations, one K × K matrix in memory.
 
+    Each batch's Σ x xᵀ is added into a float32 partial sum (on CPU with BLAS ``ssyrk``, which forms
+    only the upper triangle: half the flops of a GEMM; else ``addmm``); every ``flush_every`` batches
+    the partial sum is added into the ``dtype`` accumulator, so float32 never sums more than
+    ``flush_every`` batches.
+
     Args:
         k: input channels (the activation's last axis).
-        dtype: accumulator dtype. float64 (default) keeps sums over many tokens exact enough; each
-            batch's product X_bᵀ X_b is formed in float32 (fast BLAS) and added in ``dtype``.
+        dtype: accumulator dtype (float64 default).
         device: where to accumulate (default: CUDA when present, else CPU).
+        flush_every: batches per float32 partial sum.
     """
 
-    def __init__(self, k: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None):
+    def __init__(self, k: int, *, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None,
+                 flush_every: int = 16):
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k = k
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else default_device()
+        self.flush_every = flush_every
+        self._syrk = _cpu_syrk() if self.device.type == "cpu" else None
         self._sum = torch.zeros(k, k, dtype=dtype, device=self.device)
+        self._partial = (np.zeros((k, k), np.float32, order="F") if self._syrk is not None
+                         else torch.zeros(k, k, dtype=torch.float32, device=self.device))
+        self._pending = 0
         self.count = 0
 
     def add_batch(self, x: np.ndarray | torch.Tensor) -> None:
         """Adds every row x_t of ``x`` [..., K] (tokens on all leading axes)."""
-        x = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
         if x.shape[-1] != self.k:
             raise ValueError(f"activation has {x.shape[-1]} channels, the Hessian expects {self.k}")
-        rows = x.reshape(-1, self.k).to(self.device, torch.float32)
-        if not torch.isfinite(rows).all():
-            raise ValueError("activation holds NaN/Inf; check the calibration data and model")
-        if self.dtype == torch.float32:
-            self._sum.addmm_(rows.T, rows)
+        if self._syrk is not None:
+            rows = np.ascontiguousarray(np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x,
+                                                  np.float32).reshape(-1, self.k))
+            # rowsᵀ is a Fortran-ordered [K, n] view: BLAS reads it without a copy (C += A Aᵀ).
+            self._partial = self._syrk(1.0, rows.T, beta=1.0, c=self._partial, trans=0, lower=0, overwrite_c=1)
         else:
-            self._sum += (rows.T @ rows).to(self.dtype)
+            x = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+            rows = x.reshape(-1, self.k).to(self.device, torch.float32)
+            self._partial.addmm_(rows.T, rows)
         self.count += rows.shape[0]
+        self._pending += 1
+        if self._pending >= self.flush_every:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._syrk is not None:
+            self._sum += torch.from_numpy(self._partial)
+            self._partial[...] = 0.0
+        else:
+            self._sum += self._partial
+            self._partial.zero_()
+        self._pending = 0
 
     def finalize(self) -> torch.Tensor:
-        """H = 2/n Σ x xᵀ (in ``dtype``); raises if no rows were added."""
+        """H = 2/n Σ x xᵀ (in ``dtype``); raises if no rows were added or an activation held NaN/Inf."""
         if self.count == 0:
             raise ValueError("no activations were added to the Hessian")
-        return self._sum * (2.0 / self.count)
+        self._flush()
+        total = self._sum
+        if self._syrk is not None:  # only the upper triangle was accumulated
+            upper = torch.triu(total)
+            total = upper + upper.T - torch.diag(upper.diagonal())
+        if not bool(torch.isfinite(total).all()):  # a NaN/Inf anywhere in X reaches the sum
+            raise ValueError("activation holds NaN/Inf; check the calibration data and model")
+        return total * (2.0 / self.count)
+
+
+def _cpu_syrk():
+    """scipy's BLAS ssyrk, or None when scipy is not installed (then torch's addmm is used)."""
+    try:
+        from scipy.linalg import blas
+    except ImportError:
+        return None
+    return blas.ssyrk
 
 
 @dataclass
@@ -117,16 +158,37 @@ class GPTQResult:
     damp: float
 
 
+@contextlib.contextmanager
+def _single_thread_on_cpu(device: torch.device):
+    """The column loop is thousands of tiny ops: on CPU, intra-op threads only add barrier waits, and
+    when another process shares the cores a preempted worker thread stalls every op (measured 15-25x
+    slower on 2 busy cores). One thread is as fast on an idle machine and robust on a busy one."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """U with H_damped⁻¹ = Uᵀ U, H_damped = H + damp · mean(diag H) · I; retries with 10× damping."""
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     mean_diag = float(H.diagonal().mean())
     for attempt in range(_MAX_DAMP_RETRIES):
         used = damp * 10.0 ** attempt
-        L, info = torch.linalg.cholesky_ex(H + used * mean_diag * eye)
+        damped = H.clone()
+        damped.diagonal().add_(used * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped  # K x K float64 temporaries add up (19 MB each at K = 1536): keep few alive
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0:
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
                 if attempt:
                     logger.warning("Hessian not positive definite with damp=%g; used damp=%g", damp, used)
                 return U, used
@@ -165,8 +227,14 @@ def gptq_quantize(W: torch.Tensor | np.ndarray, H: torch.Tensor | np.ndarray, *,
         GPTQResult with codes, scales, zeros and the dequantized Q, on the CPU.
     """
     device = torch.device(device) if device is not None else default_device()
+    with _single_thread_on_cpu(device):
+        return _gptq(W, H, bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
+                     damp=damp, block_size=block_size, device=device, dtype=dtype, scale_dtype=scale_dtype)
+
+
+def _gptq(W, H, *, bits, group_size, symmetric, act_order, damp, block_size, device, dtype, scale_dtype) -> GPTQResult:
     W = torch.as_tensor(W).to(device=device, dtype=dtype).clone()
-    H = torch.as_tensor(H).to(device=device, dtype=torch.float64).clone()
+    H = torch.as_tensor(H).to(device=device, dtype=torch.float64)  # may be the caller's: never edit in place
     n_rows, k = W.shape
     if H.shape != (k, k):
         raise ValueError(f"H must be [{k}, {k}] for W of shape {tuple(W.shape)}, got {tuple(H.shape)}")
@@ -178,7 +246,9 @@ def gptq_quantize(W: torch.Tensor | np.ndarray, H: torch.Tensor | np.ndarray, *,
     static = act_order or group_size is None
 
     dead = H.diagonal() == 0
-    H[dead, dead] = 1.0
+    if bool(dead.any()):
+        H = H.clone()
+        H[dead, dead] = 1.0
 
     scales = torch.zeros(n_rows, n_groups, dtype=dtype, device=device)
     zeros = None if symmetric else torch.zeros(n_rows, n_groups, dtype=dtype, device=device)
@@ -192,7 +262,7 @@ def gptq_quantize(W: torch.Tensor | np.ndarray, H: torch.Tensor | np.ndarray, *,
     if act_order:
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)
         W = W[:, perm]
-        H = H[perm][:, perm]
+        H = H.index_select(0, perm).index_select(1, perm)
         group_of = group_of[perm.cpu()]
 
     U, used_damp = _upper_cholesky_of_inverse(H, damp)

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from qcompiler.algorithms.int8 import fake_quant_int8, fake_quant_per_token, quantize_weight_per_channel, symmetric_scale
+from qcompiler.algorithms.int8 import (
+    fake_quant_int8,
+    fake_quant_per_token,
+    quantize_weight_per_channel,
+    symmetric_scale,
+)
 
 __all__ = ["smoothing_factors", "smoothed_gemm_error"]
 

@@ -1,0 +1,189 @@
+"""OutlierSplit: LLM.int8()'s mixed-precision decomposition (Dettmers et al. 2022) as a static rewrite.
+
+A few input channels of some GEMMs carry activations far larger than the rest (|x_j| > 6 in many
+tokens); one int8 scale for the whole row then wastes almost all levels on them. LLM.int8() computes
+those columns in float and the rest in int8. Here the outlier columns are chosen once, from
+calibration statistics, and the GEMM is rewritten with operators TensorRT parses:
+
+    X W = Σ_j X_j W_j = X[..., I] · W[I, :] + X[..., O] · W[O, :]        (I inliers, O outliers; exact)
+
+        X ─┬─ Gather(axis=-1, I) ── X_I ── MatMul/Gemm(W[I, :] (+ bias)) ─────────────┐
+           └─ Gather(axis=-1, O) ── X_O ── MatMul(W[O, :])  "<name>/outliers::keep_float" ── Add ── Y
+
+The inlier GEMM keeps the node's name, attributes and bias, so InsertQDQ (run after this pass)
+quantizes it W8A8; the outlier MatMul's name ends with ``KEEP_FLOAT_SUFFIX`` so every quantization
+pass leaves it in float. The rewrite is exact up to fp32 summation order.
+
+Outlier columns of an activation X: channels j with outlier_fraction_j = #{tokens: |x_j| > threshold}
+/ #tokens >= ``min_token_fraction`` (and at least one such token), at most ``max_float_fraction`` · K
+of them (the most frequent first, ties by max|x_j|). All GEMMs reading X share one split (one pair of
+Gathers). A GEMM whose input has no outlier column is left alone and reported.
+
+Statistics: ``context.stats[X]`` must have been collected with ``outlier_threshold == threshold``.
+For each new inlier tensor X_I the pass adds statistics to ``context.stats`` so that static ranges
+can be taken for it: its per-channel max|x| (hence its max range) and outlier counts are exact
+slices of X's; its histogram is X's whole histogram and min/max are X's clipped to ±max|X_I|, so a
+percentile range of X_I is an upper bound (at most max|X_I|), not exact.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qcompiler.calibration import CalibrationStats, TensorStats
+from qcompiler.config import OutlierSplitConfig
+from qcompiler.errors import CalibrationDataError
+from qcompiler.graph import KEEP_FLOAT_SUFFIX, WeightedGemm, weighted_gemms
+from qcompiler.pass_manager import PassContext, PassResult
+
+__all__ = ["OutlierSplit", "outlier_columns", "inlier_stats"]
+
+logger = logging.getLogger(__name__)
+
+
+def _k(gemm: WeightedGemm) -> int:
+    # From the shape, without loading the weight.
+    return gemm.weight.shape[1] if gemm.transposed else gemm.weight.shape[0]
+
+
+def outlier_columns(stats: TensorStats, config: OutlierSplitConfig) -> np.ndarray:
+    """Sorted indices of the channels to keep in float (see module docstring); may be empty."""
+    fraction = stats.outlier_fraction()
+    k = fraction.size
+    candidates = np.nonzero((stats.outlier_tokens > 0) & (fraction >= config.min_token_fraction))[0]
+    limit = int(np.floor(config.max_float_fraction * k))
+    if candidates.size > limit:
+        # Most frequent outliers first; np.lexsort sorts by its last key first.
+        order = np.lexsort((-stats.channel_absmax[candidates], -fraction[candidates]))
+        candidates = candidates[order[:limit]]
+    return np.sort(candidates)
+
+
+def inlier_stats(stats: TensorStats, inliers: np.ndarray) -> TensorStats:
+    """Statistics of X[..., inliers] derivable from X's (exact per-channel parts; see module docstring)."""
+    absmax = stats.channel_absmax[inliers].copy()
+    bound = float(absmax.max()) if absmax.size else 0.0
+    return TensorStats(channel_absmax=absmax, min=max(stats.min, -bound), max=min(stats.max, bound),
+                       histogram=stats.histogram.copy(), outlier_tokens=stats.outlier_tokens[inliers].copy(),
+                       tokens=stats.tokens, outlier_threshold=stats.outlier_threshold)
+
+
+class OutlierSplit:
+    """Splits calibrated outlier input columns of weighted GEMMs off into a float MatMul.
+
+    Args:
+        config: threshold, minimum token fraction, maximum fraction of columns kept in float.
+        quantize_lm_head: also split the GEMM producing a graph output (only useful when the W8A8
+            pass quantizes the LM head too).
+        min_gemm_dim: GEMMs with K or N below this are not split (W8A8 leaves them in float anyway).
+    """
+
+    name = "outlier_split"
+    exact = True
+
+    def __init__(self, config: OutlierSplitConfig | None = None, *, quantize_lm_head: bool = False,
+                 min_gemm_dim: int = 16):
+        self.config = config if config is not None else OutlierSplitConfig()
+        self.quantize_lm_head = quantize_lm_head
+        self.min_gemm_dim = min_gemm_dim
+
+    def _skip_reason(self, gemm: WeightedGemm, context: PassContext) -> str | None:
+        name = gemm.node.name or gemm.node.outputs[0].name
+        k, n = _k(gemm), gemm.weight.shape[0 if gemm.transposed else 1]
+        if name.endswith(KEEP_FLOAT_SUFFIX):
+            return "already kept in float"
+        if context.is_excluded(name):
+            return "excluded by name"
+        if k < self.min_gemm_dim or n < self.min_gemm_dim:
+            return f"tiny GEMM (K={k}, N={n} < {self.min_gemm_dim})"
+        if gemm.produces_graph_output and not self.quantize_lm_head:
+            return "produces a graph output (LM head), which W8A8 leaves in float"
+        return None
+
+    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
+        stats: CalibrationStats | None = context.stats
+        if stats is None:
+            raise ValueError("OutlierSplit needs calibration statistics of the GEMM inputs")
+        result = PassResult(changed=False)
+        splits: dict[str, tuple[gs.Variable, gs.Variable, np.ndarray, np.ndarray]] = {}
+        total_float = 0
+        for gemm in weighted_gemms(graph):
+            name = gemm.node.name or gemm.node.outputs[0].name
+            reason = self._skip_reason(gemm, context)
+            x = gemm.activation
+            x_stats = stats.get(x.name)
+            if reason is None and x_stats is None:
+                reason = f"no calibration statistics for its input {x.name}"
+            elif reason is None and x_stats.channel_absmax.size != _k(gemm):
+                reason = (f"statistics of {x.name} have {x_stats.channel_absmax.size} channels, "
+                          f"the GEMM has K={_k(gemm)}")
+            if reason is not None:
+                result.not_fired.append((name, reason))
+                continue
+            if not np.isclose(x_stats.outlier_threshold, self.config.threshold):
+                raise CalibrationDataError(
+                    f"statistics of {x.name} count outliers above {x_stats.outlier_threshold:g}, the recipe's "
+                    f"threshold is {self.config.threshold:g}; collect statistics with the recipe's threshold")
+            if x.name not in splits:
+                outliers = outlier_columns(x_stats, self.config)
+                inliers = np.setdiff1d(np.arange(x_stats.channel_absmax.size), outliers)
+                splits[x.name] = self._gathers(graph, x, inliers, outliers) + (inliers, outliers)
+                if outliers.size and inliers.size:
+                    stats.tensors[splits[x.name][0].name] = inlier_stats(x_stats, inliers)
+            x_in, x_out, inliers, outliers = splits[x.name]
+            if outliers.size == 0:
+                result.not_fired.append((name, f"no outlier column (|x| > {self.config.threshold:g} in >= "
+                                               f"{self.config.min_token_fraction:g} of tokens)"))
+                continue
+            if inliers.size == 0:
+                result.not_fired.append((name, "every column is an outlier; nothing left to quantize"))
+                continue
+            self._split(graph, gemm, x_in, x_out, inliers, outliers)
+            total_float += outliers.size
+            result.changed = True
+            fraction = x_stats.outlier_fraction()[outliers]
+            result.details.append({"node": name, "activation": x.name, "k": int(inliers.size + outliers.size),
+                                   "float_columns": int(outliers.size), "columns": outliers.tolist()[:32],
+                                   "max_outlier_fraction": float(fraction.max())})
+        # Gathers of activations that ended up unused are removed by the pass manager's cleanup.
+        result.summary = (f"split {len(result.details)} GEMMs; {total_float} input columns kept in float "
+                          f"(|x| > {self.config.threshold:g}); {len(result.not_fired)} not split")
+        return result
+
+    @staticmethod
+    def _gathers(graph: gs.Graph, x: gs.Variable, inliers: np.ndarray, outliers: np.ndarray
+                 ) -> tuple[gs.Variable, gs.Variable]:
+        pieces = []
+        for label, index in (("inliers", inliers), ("outliers", outliers)):
+            if index.size == 0 or (label == "inliers" and outliers.size == 0):
+                pieces.append(None)
+                continue
+            shape = list(x.shape[:-1]) + [int(index.size)] if x.shape else None
+            out = gs.Variable(f"{x.name}/{label}", dtype=x.dtype, shape=shape)
+            graph.nodes.append(gs.Node("Gather", f"{x.name}/gather_{label}", attrs={"axis": -1},
+                                       inputs=[x, gs.Constant(f"{x.name}/{label}_index", index.astype(np.int64))],
+                                       outputs=[out]))
+            pieces.append(out)
+        return pieces[0], pieces[1]
+
+    @staticmethod
+    def _split(graph: gs.Graph, gemm: WeightedGemm, x_in: gs.Variable, x_out: gs.Variable,
+               inliers: np.ndarray, outliers: np.ndarray) -> None:
+        node = gemm.node
+        name = node.name or node.outputs[0].name
+        w_kn = gemm.weight_kn
+        w_in = w_kn[inliers]
+        y = node.outputs[0]
+        y_in = gs.Variable(f"{y.name}/inliers", dtype=y.dtype, shape=y.shape)
+        y_out = gs.Variable(f"{y.name}/outliers", dtype=y.dtype, shape=y.shape)
+        node.inputs[0] = x_in
+        node.inputs[1] = gs.Constant(f"{name}/weight_inliers", np.ascontiguousarray(w_in.T if gemm.transposed else w_in))
+        node.outputs[0] = y_in
+        graph.nodes.append(gs.Node("MatMul", f"{name}/outliers{KEEP_FLOAT_SUFFIX}",
+                                   inputs=[x_out, gs.Constant(f"{name}/weight_outliers",
+                                                              np.ascontiguousarray(w_kn[outliers]))],
+                                   outputs=[y_out]))
+        graph.nodes.append(gs.Node("Add", f"{name}/merge_outliers", inputs=[y_in, y_out], outputs=[y]))
