@@ -105,6 +105,7 @@ def test_onnxruntime_target_is_exact(kind, hkv):
 @pytest.mark.parametrize("hkv", [HQ, 2])
 def test_plugin_target_causal_constant_mask(hkv):
     torch = pytest.importorskip("torch")
+    pytest.importorskip("triton", reason="the reference lives beside the Triton kernel")
     from qcompiler.plugins.flash_attention import flash_attention_reference
 
     model = _graph("llama", hkv, const_causal=True)
