@@ -177,6 +177,10 @@ def main(argv=None) -> int:
                 f"{r['peak_mb']:.0f} | {r['peak_mb'] / fp32_mb:.2f}x |")
         lines.append(line)
         print(line, flush=True)
+    for (kind, n), r in results.items():
+        if r["summary"]:
+            lines.append(f"- {kind} at {n} windows: {r['summary']}")
+            print(lines[-1])
     if ("ort", args.ort_windows) in results:
         ratio = results["ort", args.ort_windows]["seconds"] / results["ours", args.ort_windows]["seconds"]
         lines += ["", f"speed-up over ORT GPTQ at {args.ort_windows} windows: {ratio:.1f}x"]
