@@ -76,42 +76,40 @@ def worker_ours(args) -> dict:
             "summary": result.summary}
 
 
-def worker_ort(args) -> dict:
-    import onnx
-    from onnxruntime.quantization.calibrate import CalibrationDataReader
+def ort_gptq(model, windows, *, group_size: int, act_order: bool):
+    """ONNX Runtime's GPTQ (what ``MatMulNBitsQuantizer`` with ``GPTQWeightOnlyQuantConfig`` runs) on the
+    token ``windows`` [n, seq], 4-bit symmetric, damp 0.01, block 128, LM head left in float; returns
+    (quantized ModelProto, number of GEMMs it quantized). ``model`` is consumed."""
     from onnxruntime.quantization.neural_compressor import gptq_quantize
 
-    ids = _windows(args)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.rows = iter(range(ids.shape[0]))
-
-        def get_next(self):
-            row = next(self.rows, None)
-            return None if row is None else {"input_ids": ids[row:row + 1]}
-
     def dataloader():
-        for feed in Reader():
-            yield feed, None
+        for row in windows:
+            yield {"input_ids": row[None, :].astype("int64")}, None
 
-    model = onnx.load(args.model)
-    loaded = _rss_mb()
-    # What MatMulNBitsQuantizer(..., algo_config=GPTQWeightOnlyQuantConfig(...)).process() does, with the
-    # LM head marked "fp32" (its GPTQ path ignores nodes_to_exclude) so both sides quantize the same GEMMs.
+    # The LM head is marked "fp32": ORT's GPTQ path ignores nodes_to_exclude.
     head = _lm_head_names(model)
-    weight_config = {}
     initializers = {t.name for t in model.graph.initializer}
+    weight_config = {}
     for node in model.graph.node:
         if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in initializers:
             weight_config[node.name] = "fp32" if node.name in head else {
-                "bits": 4, "group_size": args.group_size, "scheme": "sym"}
+                "bits": 4, "group_size": group_size, "scheme": "sym"}
+    quantized = gptq_quantize(model=model, dataloader=dataloader(), weight_config=weight_config, percdamp=0.01,
+                              blocksize=128, actorder=act_order, mse=False, perchannel=True, n_samples=-1,
+                              accuracy_level=4)
+    return quantized.model, sum(1 for v in weight_config.values() if v != "fp32")
+
+
+def worker_ort(args) -> dict:
+    import onnx
+
+    ids = _windows(args)
+    model = onnx.load(args.model)
+    loaded = _rss_mb()
     start = time.perf_counter()
-    gptq_quantize(model=model, dataloader=dataloader(), weight_config=weight_config, percdamp=0.01, blocksize=128,
-                  actorder=args.act_order, mse=False, perchannel=True, n_samples=-1, accuracy_level=4)
+    _, gemms = ort_gptq(model, ids, group_size=args.group_size, act_order=args.act_order)
     seconds = time.perf_counter() - start
-    quantized = sum(1 for v in weight_config.values() if v != "fp32")
-    return {"seconds": seconds, "peak_mb": _peak_mb(), "loaded_mb": loaded, "gemms": quantized, "summary": ""}
+    return {"seconds": seconds, "peak_mb": _peak_mb(), "loaded_mb": loaded, "gemms": gemms, "summary": ""}
 
 
 def _run_worker(kind: str, args, n: int) -> dict:

@@ -24,6 +24,38 @@ from qcompiler.models.smollm2 import cached_smollm2
 DATA = Path(__file__).resolve().parent.parent / "data"
 
 
+ORT_GPTQ = "ort-gptq"
+
+
+def _ort_gptq_row(args, variant: str, model: Path, tokenizer: Path, calib_text: Path, label: str) -> None:
+    """ONNX Runtime's own GPTQ on the same model, calibration text, window length and group size."""
+    import onnx
+    from bench_gptq import ort_gptq
+
+    from qcompiler.evaluation import lm_feeds, perplexity
+    from qcompiler.graph import save_model
+    from qcompiler.tokenization import load_tokenizer, text_windows
+
+    n = args.ort_calib_windows or args.calib_windows
+    tok = load_tokenizer(tokenizer)
+    original = onnx.load(str(model))
+    windows = text_windows(calib_text, tok, args.seq_len, max_windows=n)
+    eval_feeds = lm_feeds(original, text_windows(DATA / "austen_heldout.txt", tok, args.seq_len,
+                                                 max_windows=args.eval_windows))
+    start = time.perf_counter()
+    quantized, _ = ort_gptq(original, windows, group_size=args.group_size, act_order=False)
+    seconds = time.perf_counter() - start
+    path = args.work / f"{model.stem}.ort-gptq-{n}.onnx"
+    save_model(quantized, path)
+    del quantized
+    ppl, ppl_fp32 = perplexity(path, eval_feeds, threads=2), perplexity(model, eval_feeds, threads=2)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with args.out.open("a") as out:
+        out.write(f"| {variant} | {label}, {n} calibration windows | {ppl:.3f} | {100 * (ppl / ppl_fp32 - 1):+.2f}% | "
+                  f"{seconds:.0f} | {peak:.0f} |\n")
+    print(f"{variant} {label}: ppl {ppl:.3f} (fp32 {ppl_fp32:.3f}), {seconds:.0f}s", flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("work"))
@@ -34,13 +66,16 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", default=["original", "rescaled"])
     parser.add_argument("--out", type=Path, default=Path("weight_only_results.md"))
     parser.add_argument("--runs", nargs="+", type=int, help="indices of the runs to do (default: all)")
+    parser.add_argument("--ort-calib-windows", type=int, default=None,
+                        help="calibration windows for ONNX Runtime's GPTQ (default --calib-windows; it takes hours at 128)")
     args = parser.parse_args(argv)
     rtn = WeightOnlyConfig(bits=4, group_size=args.group_size)
     gptq = GPTQConfig(bits=4, group_size=args.group_size)
     runs = [("w4a16-rtn", Recipe("w4a16-rtn", weight_only=rtn), None),
             ("w4a16-gptq act-order off", Recipe("gptq-noact", gptq=dataclasses.replace(gptq, act_order=False)), "sotu"),
             ("w4a16-gptq act-order on", Recipe("gptq-act", gptq=gptq), "sotu"),
-            ("w4a16-gptq act-order on, Austen calibration", Recipe("gptq-act-austen", gptq=gptq), "austen")]
+            ("w4a16-gptq act-order on, Austen calibration", Recipe("gptq-act-austen", gptq=gptq), "austen"),
+            ("ONNX Runtime GPTQ (matmul_nbits_quantizer defaults: act-order off)", ORT_GPTQ, "sotu")]
     runs = [run for i, run in enumerate(runs) if args.runs is None or i in args.runs]
     texts = {"sotu": DATA / "sotu_calibration.txt", "austen": DATA / "austen_calibration.txt"}
     with args.out.open("a") as out:
@@ -50,6 +85,9 @@ def main(argv=None) -> None:
     for variant in args.models:
         model, tokenizer = cached_smollm2(args.work / "smollm2", rescale_seed=0 if variant == "rescaled" else None)
         for run_index, (label, recipe, calib) in enumerate(runs):
+            if recipe is ORT_GPTQ:
+                _ort_gptq_row(args, variant, model, tokenizer, texts[calib], label)
+                continue
             data = qcompiler.DataOptions(calib_text=texts.get(calib, texts["sotu"]), tokenizer=tokenizer,
                                          seq_len=args.seq_len, num_samples=args.calib_windows)
             evaluate = qcompiler.EvalOptions(eval_text=DATA / "austen_heldout.txt", eval_windows=args.eval_windows,

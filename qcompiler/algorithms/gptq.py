@@ -175,20 +175,24 @@ def _single_thread_on_cpu(device: torch.device):
 
 
 def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
-    """U with H_damped⁻¹ = Uᵀ U, H_damped = H + damp · mean(diag H) · I; retries with 10× damping."""
+    """U with H_damped⁻¹ = Uᵀ U, H_damped = H + damp · mean(diag H) · I; retries with 10× damping.
+
+    With J the order-reversing permutation, J H J = L Lᵀ (lower Cholesky) gives
+    H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J), and J L⁻¹ J is upper triangular with a positive diagonal: it is U.
+    One factorisation and one triangular inverse, instead of factorise, invert, factorise again.
+    """
     mean_diag = float(H.diagonal().mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(_MAX_DAMP_RETRIES):
         used = damp * 10.0 ** attempt
-        damped = H.clone()
-        damped.diagonal().add_(used * mean_diag)
-        L, info = torch.linalg.cholesky_ex(damped)
-        del damped  # K x K float64 temporaries add up (19 MB each at K = 1536): keep few alive
+        reversed_damped = H.flip(0, 1)
+        reversed_damped.diagonal().add_(used * mean_diag)
+        L, info = torch.linalg.cholesky_ex(reversed_damped)
+        del reversed_damped  # K x K float64 temporaries add up (19 MB each at K = 1536): keep few alive
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(L)
+            U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
             del L
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if int(info) == 0 and bool(torch.isfinite(U).all()):
+            if bool(torch.isfinite(U).all()):
                 if attempt:
                     logger.warning("Hessian not positive definite with damp=%g; used damp=%g", damp, used)
                 return U, used
@@ -227,9 +231,8 @@ def gptq_quantize(W: torch.Tensor | np.ndarray, H: torch.Tensor | np.ndarray, *,
         GPTQResult with codes, scales, zeros and the dequantized Q, on the CPU.
     """
     device = torch.device(device) if device is not None else default_device()
-    with _single_thread_on_cpu(device):
-        return _gptq(W, H, bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
-                     damp=damp, block_size=block_size, device=device, dtype=dtype, scale_dtype=scale_dtype)
+    return _gptq(W, H, bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
+                 damp=damp, block_size=block_size, device=device, dtype=dtype, scale_dtype=scale_dtype)
 
 
 def _gptq(W, H, *, bits, group_size, symmetric, act_order, damp, block_size, device, dtype, scale_dtype) -> GPTQResult:
@@ -275,41 +278,46 @@ def _gptq(W, H, *, bits, group_size, symmetric, act_order, damp, block_size, dev
         if step != block_size:
             logger.debug("GPTQ block size %d -> %d (multiple of group size %d)", block_size, step, group_size)
 
+    # Columns of W are rows here ([K, N], contiguous), so every per-column op reads contiguous memory.
+    WT = W.T.contiguous()
+    del W
+    scales_t = scales.T.contiguous()  # [G, N]; dynamic groups fill their row when they start
+    zeros_t = None if zeros is None else zeros.T.contiguous()
     group_of = group_of.tolist()
-    codes = torch.zeros(n_rows, k, dtype=torch.int16, device=device)
-    Q = torch.zeros_like(W)
-    loss = torch.zeros((), dtype=torch.float64, device=device)
+    codes_t = torch.empty(k, n_rows, dtype=dtype, device=device)
+    QT = torch.empty_like(WT)
+    inverse_diag = (1.0 / U.diagonal()).tolist()
+    loss = 0.0
     for i1 in range(0, k, step):
         i2 = min(i1 + step, k)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1, C1, Q1 = WT[i1:i2], codes_t[i1:i2], QT[i1:i2]
+        E1 = torch.empty_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            g = group_of[j]
-            if not static and j % group_size == 0:
-                s, z = _qparams_torch(W1[:, i:i + group_size], bits, symmetric, scale_dtype)
-                scales[:, g] = s
-                if zeros is not None:
-                    zeros[:, g] = z
-            w = W1[:, i]
-            s = scales[:, g]
-            c = torch.round(w / s)
-            if zeros is not None:
-                c = (c + zeros[:, g]).clamp_(qmin, qmax)
-                q = s * (c - zeros[:, g])
-            else:
-                c = c.clamp_(qmin, qmax)
-                q = s * c
-            codes[:, j] = c.to(torch.int16)
-            Q[:, j] = q
-            d = U1[i, i]
-            err = (w - q) / d
-            loss += (err.double() ** 2).sum() / 2
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        with _single_thread_on_cpu(device):
+            for i in range(i2 - i1):
+                j = i1 + i
+                g = group_of[j]
+                if not static and j % group_size == 0:
+                    s, z = _qparams_torch(W1[i:i + group_size].T, bits, symmetric, scale_dtype)
+                    scales_t[g] = s
+                    if zeros_t is not None:
+                        zeros_t[g] = z
+                w, c, q, e = W1[i], C1[i], Q1[i], E1[i]
+                torch.div(w, scales_t[g], out=c).round_()
+                if zeros_t is not None:
+                    c.add_(zeros_t[g]).clamp_(qmin, qmax)
+                    torch.sub(c, zeros_t[g], out=q).mul_(scales_t[g])
+                else:
+                    c.clamp_(qmin, qmax)
+                    torch.mul(c, scales_t[g], out=q)
+                torch.sub(w, q, out=e).mul_(inverse_diag[j])
+                W1[i + 1:].addr_(U1[i, i + 1:], e, alpha=-1.0)
+        loss += float((E1.double() ** 2).sum()) / 2
+        WT[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)
 
+    Q, codes = QT.T.contiguous(), codes_t.T.to(torch.int16).contiguous()
+    scales = scales_t.T
+    zeros = None if zeros_t is None else zeros_t.T
     if perm is not None:
         inverse = torch.argsort(perm)
         Q = Q[:, inverse]
