@@ -24,11 +24,16 @@ DIMS = [64, 128]
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 SWEEP = [AttnConfig(128, 64, 8, 3), AttnConfig(128, 128, 8, 3), AttnConfig(128, 64, 4, 3),
-         AttnConfig(64, 64, 4, 3), AttnConfig(128, 128, 8, 2), AttnConfig(128, 64, 8, 4), AttnConfig(128, 32, 4, 3)]
+         AttnConfig(64, 64, 4, 3), AttnConfig(128, 128, 8, 2), AttnConfig(128, 64, 8, 4), AttnConfig(128, 32, 4, 3),
+         AttnConfig(128, 64, 8, 2), AttnConfig(64, 128, 4, 2), AttnConfig(64, 64, 4, 2)]
 
 
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def _desc(cfg):
+    return f"{cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
 
 
 def main(argv=None):
@@ -44,6 +49,7 @@ def main(argv=None):
     lines = [f"# Attention forward (fp16) vs SDPA backends on {torch.cuda.get_device_name()}", "", head,
              "|" + "---|" * (head.count("|") - 1)]
     print("\n".join(lines), flush=True)
+    detail = ["", "## Every timed tactic (--sweep)", "", "| d | s | causal | config | µs | TFLOPS |", "|---|---|---|---|---|---|"]
     for d, s, causal in itertools.product([int(x) for x in args.dims.split(",")],
                                           [int(x) for x in args.seqs.split(",")], (False, True)):
         B, H = max(1, 16384 // s), 2048 // d
@@ -65,6 +71,7 @@ def main(argv=None):
                 except Exception as err:
                     print(f"  skip {cfg}: {type(err).__name__}", file=sys.stderr)
                     continue
+                detail.append(f"| {d} | {s} | {int(causal)} | {_desc(cfg)} | {t:.0f} | {flops / t / 1e6:.0f} |")
                 if best is None or t < best[0]:
                     best = (t, cfg)
             t, cfg = best
@@ -74,12 +81,12 @@ def main(argv=None):
         row = (f"| {d} | {s} | {int(causal)} | {t:.0f} | {flops / t / 1e6:.0f} | "
                + " | ".join(f"{flops / times[n] / 1e6:.0f}" for n in BACKENDS) + " | "
                + " | ".join(f"{times[n] / t:.2f}x" for n in BACKENDS)
-               + f" | {cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages} |")
+               + f" | {_desc(cfg)} |")
         lines.append(row)
         print(row, flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+            f.write("\n".join(lines + (detail if args.sweep else [])) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ weight; a wrong one is marked BAD and never chosen. Kernels are compiled first b
 processes (Triton's on-disk cache).
 
     python benchmarks/bench_int4_gemm.py [--ms 1,4,16] [--shapes 11008:4096] [--jobs 12] [--before old.py]
-        [--sweep] [--out results.md]
+        [--sweep] [--profile-once] [--out results.md]
 """
 
 # ruff: noqa: B023  (each lambda is timed inside the iteration that defines it)
@@ -67,8 +67,11 @@ def tactics_for(M):
 def sweep_configs(M):
     """Extra candidates for ``--sweep`` (see benchmarks/gpu_notes.md for why each is there)."""
     if M <= 16:
-        for bn, (bk, ks), st in itertools.product((16, 32, 64), ((256, 2), (512, 4), (1024, 8)), (3, 4)):
-            yield C(16, bn, bk, ks, st, SPLIT_X=True, KSPLIT=ks)
+        # N tile (x re-read from L2 per weight byte), K step and pipeline depth (bytes in flight), one
+        # warp per K-slice; the S3-1 sweep in gpu_notes.md.
+        for bn, (bk, ks), st in itertools.product((16, 32, 64), ((256, 4), (512, 4), (1024, 8)), (3, 4, 6)):
+            if (st - 1) * (16 * bk * 2 + bn * bk // 2) <= 200 * 1024:  # x + weight buffers fit shared memory
+                yield C(16, bn, bk, ks, st, SPLIT_X=True, KSPLIT=ks)
         if M <= 4:
             yield C(1, 32, 256, 4, 4, DOT=False)
     elif M <= 128:
@@ -163,6 +166,8 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=0, help="compile in this many processes first (0: no)")
     ap.add_argument("--compile-only", action="store_true", help="with --jobs: fill the kernel cache and stop")
     ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--profile-once", action="store_true",
+                    help="run each table tactic once per point, untimed (for a profiler such as ncu), and stop")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     ms = [int(m) for m in args.ms.split(",")]
@@ -176,6 +181,16 @@ def main(argv=None):
         precompile({(N, K): [(M, c) for M in ms for c in [c for _, c in candidates(M, args.sweep)] + extras(M)]
                     for N, K in shapes}, args.jobs, args.before)
     if args.compile_only:
+        return
+    if args.profile_once:
+        for (N, K), M in itertools.product(shapes, ms):
+            _, b, s = _weights(N, K)
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            for name, cfg in candidates(M, False):
+                if name != "m64":
+                    print(f"# launch: M={M} N={N} K={K} {name} {fit_int4_config(cfg, K, BLOCK).describe()}", flush=True)
+                    int4_gemm(x, b, s, block_size=BLOCK, config=cfg)
+                    torch.cuda.synchronize()
         return
     dev = torch.cuda.get_device_name()
     lines = [f"# INT4 GEMM (g{BLOCK}, sym) vs torch fp16 on {dev}", "",

@@ -162,10 +162,10 @@ def _int4_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # Clamp out-of-range rows to row 0 instead of masking: full tiles load unmasked (16-byte, pipelined).
-    # At M = 1 this makes 15 padding rows of x read row 0's addresses, the suspected reason the same
-    # kernel runs 1.6-1.9x slower at M = 1 than at M = 16 (unmeasured fix: mask; gpu_notes.md).
-    rm = tl.where(mask_m, offs_m, 0)
+    # Rows of x past M are masked, not clamped to row 0: a masked row is zero-filled by cp.async without
+    # a memory request (the load stays 16 bytes wide: the mask is constant along k). Clamping made the
+    # 15 padding rows at M = 1 re-read row 0's lines, and that kernel ran 1.6-1.9x slower at M = 1
+    # than at M = 16 (gpu_notes.md). Weight rows past N are clamped (their outputs are not stored).
     rn = tl.where(mask_n, offs_n, 0)
     k_end = K if EVEN_K else 2 * stride_bn  # padded row: k in [K, 2*stride_bn) meets x == 0
 
@@ -191,7 +191,8 @@ def _int4_gemm_kernel(
         offs_s = tl.arange(0, KSPLIT)
         kx = offs_s[:, None, None] * SUB + tl.arange(0, SUB)[None, None, :]
         kb = offs_s[:, None, None] * SUBH + tl.arange(0, SUBH)[None, None, :]
-        x_ptrs = X + rm[None, :, None] * stride_xm + kx
+        x_ptrs = X + offs_m[None, :, None] * stride_xm + kx
+        xmask = mask_m[None, :, None]
         b_ptrs = B + rn[None, :, None] * stride_bn + kb
         g0 = (offs_s * SUB) // QBLOCK
         s0, z0 = _scale_zero(S, ZP, rn[None, :], stride_sn, stride_zn, g0[:, None], (g0 < N_BLOCKS)[:, None],
@@ -202,10 +203,10 @@ def _int4_gemm_kernel(
             s1, z1 = _scale_zero(S, ZP, rn[None, :], stride_sn, stride_zn, g1[:, None], (g1 < N_BLOCKS)[:, None],
                                  DT, HAS_ZP, MAGIC_V)
             if EVEN_K:
-                x = tl.load(x_ptrs + k0)
+                x = tl.load(x_ptrs + k0, mask=xmask, other=0.0)
                 p = tl.load(b_ptrs + k0 // 2)
             else:
-                x = tl.load(x_ptrs + k0, mask=(k0 + kx) < K, other=0.0)
+                x = tl.load(x_ptrs + k0, mask=xmask & ((k0 + kx) < K), other=0.0)
                 p = tl.load(b_ptrs + k0 // 2, mask=(k0 // 2 + kb) < stride_bn, other=0)
             lo, hi = _dequant(p, z0[:, :, None], s0[:, :, None], DT, False, USE_ASM)
             if SPLIT_X:
@@ -224,7 +225,8 @@ def _int4_gemm_kernel(
         SCALE_IN: tl.constexpr = not (SCALE_AFTER and DOT)  # fold the scale into the dequantized weight
         offs_k = tl.arange(0, BLOCK_K)
         offs_j = tl.arange(0, SUBH)  # byte index inside a tile
-        x_ptrs = X + rm[:, None] * stride_xm + offs_k[None, :]
+        x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
+        xmask = mask_m[:, None]
         b_ptrs = B + rn[:, None] * stride_bn + offs_j[None, :]
         g0 = rn * 0
         s0, z0 = _scale_zero(S, ZP, rn, stride_sn, stride_zn, g0, g0 < N_BLOCKS, DT, HAS_ZP, MAGIC_V)
@@ -236,10 +238,10 @@ def _int4_gemm_kernel(
             g1 = (k0 + BLOCK_K) // QBLOCK
             s1, z1 = _scale_zero(S, ZP, rn, stride_sn, stride_zn, g1, g1 < N_BLOCKS, DT, HAS_ZP, MAGIC_V)
             if EVEN_K:
-                x = tl.load(x_ptrs + k0)
+                x = tl.load(x_ptrs + k0, mask=xmask, other=0.0)
                 p = tl.load(b_ptrs + k0 // 2)
             else:
-                x = tl.load(x_ptrs + k0, mask=(k0 + offs_k)[None, :] < K, other=0.0)
+                x = tl.load(x_ptrs + k0, mask=xmask & ((k0 + offs_k)[None, :] < K), other=0.0)
                 # Mask on the byte index against the padded row length: constant over 16 contiguous
                 # bytes, so the load stays 16 bytes wide (a mask on 2*j < K gave 1-byte loads).
                 p = tl.load(b_ptrs + k0 // 2, mask=(k0 // 2 + offs_j)[None, :] < stride_bn, other=0)
@@ -340,13 +342,11 @@ DEQUANT_MIN_M = 1024
 def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig:
     """Heuristic tactic of the fused kernel by M and weight shape (the torch wrapper's choice).
 
-    Fitted to the H100 measurements in benchmarks/results/int4_gemm_h100.md (it picks the fastest
-    table tactic at every measured point with M < 1024); TensorRT times every tactic instead.
+    Fitted to the H100 measurements in benchmarks/gpu_notes.md (M <= 16: session 3, after padding rows
+    were masked; larger M: the second pass's run 2); TensorRT times every tactic instead.
     """
     small_n = N <= 4096
-    if M <= 4:
-        name = "m16_k8" if small_n and K <= 4096 else "m16_n64"
-    elif M <= 16:
+    if M <= 16:
         name = "m16" if small_n else "m16_n32"
     elif M <= 64:
         name = "m16_n64" if small_n else "m64"

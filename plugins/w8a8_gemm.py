@@ -77,18 +77,22 @@ class W8A8Config:
     num_stages: int
 
 
+# Triton 3.6 waits for every int8 wgmma before the next K step (``wgmma.wait_group 0`` in the PTX,
+# where fp16 dots get ``wait_group 1``), so a lone program per SM leaves the tensor cores idle while
+# it waits, loads and syncs. 128x128x128 tiles in 3 stages (96 KB of shared memory) let two programs
+# share an SM and fill each other's gaps: 1.51-1.77x fp16 at M = 1024 against 1.13-1.64x for the
+# previous 128x256 / 4-stage tactics (benchmarks/gpu_notes.md, session 3).
 W8A8_TACTICS: dict[str, W8A8Config] = {
     "small": W8A8Config(64, 128, 128, 8, 4, 4),
-    "mid": W8A8Config(128, 128, 128, 8, 8, 4),
-    "large": W8A8Config(128, 256, 128, 8, 8, 3),
+    "mid": W8A8Config(128, 128, 128, 8, 8, 3),
+    "large": W8A8Config(128, 128, 128, 8, 4, 3),
 }
 
 
-def pick_w8a8_config(M: int, N: int, K: int) -> W8A8Config:
-    if M <= 64:
+def pick_w8a8_config(M: int, N: int, K: int, num_sms: int = 132) -> W8A8Config:
+    """The torch wrapper's tactic: 64-row tiles while 128x128 tiles would not cover the SMs once."""
+    if M <= 64 or triton.cdiv(M, 128) * triton.cdiv(N, 128) < num_sms:
         return W8A8_TACTICS["small"]
-    if M * N <= 1024 * 4096:
-        return W8A8_TACTICS["mid"]
     return W8A8_TACTICS["large"]
 
 
@@ -123,7 +127,8 @@ def w8a8_gemm(a: torch.Tensor, b: torch.Tensor, row_scale: torch.Tensor, col_sca
     for name, t in (("A", a), ("B", b), ("row_scale", row_scale), ("col_scale", col_scale), ("bias", bias)):
         if t is not None and (t.device != a.device or t.stride(-1) != 1):
             raise ValueError(f"W8A8Gemm: {name} must be on {a.device} with a contiguous last dimension")
-    cfg = config or pick_w8a8_config(M, N, K)
+    num_sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 132
+    cfg = config or pick_w8a8_config(M, N, K, num_sms)
     y = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0:
         return y

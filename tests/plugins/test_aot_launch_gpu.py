@@ -14,6 +14,7 @@ pytest.importorskip("cupy")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from qcompiler.plugins.int4_gemm import INT4_TACTICS  # noqa: E402 - after the importorskips
+from qcompiler.plugins.w8a8_gemm import W8A8_TACTICS  # noqa: E402
 
 DT = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -58,7 +59,7 @@ def test_int4_plugin(tactic, case):
 
 
 @pytest.mark.parametrize("tactic,has_bias,out", [(t, b, o) for t, (b, o) in itertools.product(
-    ["small", "mid", "large"], [(True, "float16"), (False, "bfloat16")])])
+    list(W8A8_TACTICS), [(True, "float16"), (False, "bfloat16")])])
 def test_w8a8_plugin(tactic, has_bias, out):
     from qcompiler.plugins import aot, launch
     from qcompiler.plugins.w8a8_gemm import w8a8_gemm_reference
