@@ -56,7 +56,7 @@ def tactics_for(M):
     """Tactics of the table worth timing at this M (the others lose by construction)."""
     names = {"m16", "m16_n32", "m16_n64", "m16_k8", "m64"} if M <= 16 else set()
     if M <= 4:
-        names.add("gemv")
+        names |= {"gemv", "gemv_n4"}
     if 16 < M <= 64:
         names |= {"m16_n32", "m16_n64", "m64", "m256"}
     if M > 64:
@@ -66,14 +66,18 @@ def tactics_for(M):
 
 def sweep_configs(M):
     """Extra candidates for ``--sweep`` (see benchmarks/gpu_notes.md for why each is there)."""
-    if M <= 16:
+    if 4 < M <= 16:
         # N tile (x re-read from L2 per weight byte), K step and pipeline depth (bytes in flight), one
         # warp per K-slice; the S3-1 sweep in gpu_notes.md.
         for bn, (bk, ks), st in itertools.product((16, 32, 64), ((256, 4), (512, 4), (1024, 8)), (3, 4, 6)):
             if (st - 1) * (16 * bk * 2 + bn * bk // 2) <= 200 * 1024:  # x + weight buffers fit shared memory
                 yield C(16, bn, bk, ks, st, SPLIT_X=True, KSPLIT=ks)
-        if M <= 4:
-            yield C(1, 32, 256, 4, 4, DOT=False)
+    elif M <= 4:
+        # CUDA-core GEMV (session 4): rows per program, K per step, warps; BLOCK_M covers M or is 1.
+        for bm in sorted({1, 1 << (M - 1).bit_length()}):
+            for bn, bk, w in ((4, 1024, 4), (8, 512, 2), (16, 512, 2), (16, 1024, 4), (8, 2048, 8),
+                              (16, 2048, 8), (32, 1024, 4), (8, 2048, 4), (16, 1024, 2)):
+                yield C(bm, bn, bk, w, 1, DOT=False)
     elif M <= 128:
         yield C(64, 64, 128, 4, 4, SCALE_AFTER=True)
         yield C(32, 64, 128, 4, 4, SCALE_AFTER=True)

@@ -21,7 +21,11 @@ Three code paths, chosen per tactic (:class:`Int4GemmConfig`):
   by that group's scale, so the weights are never rounded; slices are summed once at the end.
 * 2-D tile (M >= 64): the scale is multiplied into the dequantized weight in the same PTX block
   (``SCALE_AFTER`` instead scales the fp32 partial per group); wgmma takes it from shared memory.
-* ``DOT=False``: CUDA-core FMAs, one program per row (a slower M <= 4 alternative).
+* ``DOT=False`` (GEMV, M = 1): CUDA-core FMAs; packed weights go from global loads straight into
+  registers, with no shared memory anywhere in the K loop and no padding of M to 16 (see
+  ``_gemv_step`` for the one thread mapping every tensor shares); BLOCK_M in (1, 2, 4) rows of x
+  share each dequantized weight. It is issue bound (~5 instructions per weight): it wins at M = 1
+  and loses to the tensor-core path from M = 4 on (gpu_notes.md, session 4).
 
 Scales are tiny 2-byte gathers that Triton does not pipeline: they are prefetched into L2 when a
 program starts and loaded one tile ahead (see the kernel). The grid is ``(cdiv(N, BLOCK_N),
@@ -129,6 +133,67 @@ def _prefetch_l2(ptrs, mask):
 
 
 @triton.jit
+def _gemv_row(acc, w, X, m, M, k0, K, stride_xm, BLOCK_K: tl.constexpr, MASKED: tl.constexpr):
+    """acc[n, c] += sum_{k in chunk c} x[m, k] * w[n, k] for one row m of x (w: [BLOCK_N, BLOCK_K // 8, 8])."""
+    kx = k0 + tl.arange(0, BLOCK_K)
+    mask = (kx < K) & (m < M) if MASKED else (kx >= 0) & (m < M)
+    x = tl.load(X + m * stride_xm + kx, mask=mask, other=0.0).to(tl.float32)
+    return acc + tl.sum(w * tl.reshape(x, (1, BLOCK_K // 8, 8)), axis=2)
+
+
+@triton.jit
+def _gemv_step(acc0, acc1, acc2, acc3, X, B, S, ZP, m0, M, rn, k0, K, stride_xm, stride_bn, stride_sn, stride_zn,
+               QBLOCK: tl.constexpr, N_BLOCKS: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_K: tl.constexpr, MASKED: tl.constexpr, MAGIC_V: tl.constexpr, USE_ASM: tl.constexpr):
+    """One K step of the CUDA-core path for up to 4 rows of x: acc_m[n, c] += sum_k x[m, k] * w[n, k].
+
+    Layout (the point of this path): every tensor of the step gets, from Triton's own coalescing, one
+    and the same thread mapping, so nothing goes through shared memory. A thread owns 8-weight chunks
+    (4 packed bytes); the 32 lanes take consecutive chunks, the warps consecutive 256-weight pieces of
+    K (BLOCK_K == 256 * num_warps), and every thread holds all BLOCK_N rows of its chunk. x comes as
+    8 fp16 (one 16-byte load) per chunk, shared by the rows; the scales one per chunk (contiguity 1);
+    the weight bytes are capped at 4-byte vectors (max_contiguous) to match x. A 16-byte weight vector
+    would need 32 x values per thread, which Triton's coalescing never assigns (16-byte cap), and the
+    conversions it inserted instead (shared memory, ~10 barriers per step) made an earlier version
+    latency bound at ~1 TB/s (gpu_notes.md, session 4).
+    """
+    DT = X.dtype.element_ty
+    NCH: tl.constexpr = BLOCK_K // 8
+    kb = k0 // 2 + tl.max_contiguous(tl.arange(0, BLOCK_K // 2), 4)[None, :]  # byte in the row
+    if MASKED:
+        p = tl.load(B + rn[:, None] * stride_bn + kb, mask=kb < stride_bn, other=0)
+    else:
+        p = tl.load(B + rn[:, None] * stride_bn + kb)
+    p = tl.reshape(p, (p.shape[0], NCH, 4))
+    g = (k0 + tl.arange(0, NCH) * 8) // QBLOCK
+    # Gathered as [chunk, row] and transposed: Triton's coalescing puts lanes along the first of two
+    # equally (non-)contiguous dimensions, so [row, chunk] got lanes along rows and a shared-memory
+    # conversion per step; transposed, it is the weights' mapping.
+    s, z = _scale_zero(S, ZP, rn[None, :], stride_sn, stride_zn, g[:, None], (g < N_BLOCKS)[:, None], DT, HAS_ZP,
+                       MAGIC_V)
+    s = tl.trans(s)
+    z = tl.trans(z)
+    # The scale goes into the 16-bit weight (as in the dequantize-then-cuBLAS path).
+    lo, hi = _dequant(p, z[:, :, None], s[:, :, None], DT, True, USE_ASM)
+    w = tl.reshape(tl.join(lo, hi), (p.shape[0], NCH, 8)).to(tl.float32)  # [n, c, j, 2] -> [n, c, 2j + t]
+    acc0 = _gemv_row(acc0, w, X, m0, M, k0, K, stride_xm, BLOCK_K, MASKED)
+    if BLOCK_M > 1:
+        acc1 = _gemv_row(acc1, w, X, m0 + 1, M, k0, K, stride_xm, BLOCK_K, MASKED)
+    if BLOCK_M > 2:
+        acc2 = _gemv_row(acc2, w, X, m0 + 2, M, k0, K, stride_xm, BLOCK_K, MASKED)
+        acc3 = _gemv_row(acc3, w, X, m0 + 3, M, k0, K, stride_xm, BLOCK_K, MASKED)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _gemv_store(acc, Y, BIAS, m, M, offs_n, mask_n, stride_ym, HAS_BIAS: tl.constexpr):
+    out = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        out += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(Y + m * stride_ym + offs_n, out.to(Y.dtype.element_ty), mask=mask_n & (m < M))
+
+
+@triton.jit
 def _int4_gemm_kernel(
     X, B, S, ZP, BIAS,  # inputs (TensorRT AOT order: inputs, scalars, outputs)
     M, N, K, stride_xm, stride_bn, stride_sn, stride_zn, stride_ym,  # scalars
@@ -140,7 +205,7 @@ def _int4_gemm_kernel(
     SPLIT_X: tl.constexpr,  # dot even-k / odd-k halves separately instead of re-interleaving the nibbles
     SCALE_AFTER: tl.constexpr,  # integer weights, scale the fp32 partial product per quant group
     KSPLIT: tl.constexpr,  # > 1: the tile is KSPLIT K-slices stacked in a batched dot (one warp each)
-    DOT: tl.constexpr,  # tensor cores (tl.dot); False: CUDA-core FMA path (BLOCK_M == 1)
+    DOT: tl.constexpr,  # tensor cores (tl.dot); False: CUDA-core GEMV path (BLOCK_M 1, 2 or 4)
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks, loop over K (padding bytes never read)
     MAGIC_V: tl.constexpr,  # 1024.0 (fp16) or 128.0 (bf16): see _NIB
@@ -181,6 +246,30 @@ def _int4_gemm_kernel(
         _prefetch_l2(S + rn[:, None] * stride_sn + offs_g[None, :], offs_g[None, :] < N_BLOCKS)
         if HAS_ZP:
             _prefetch_l2(ZP + rn[:, None] * stride_zn + offs_g[None, :], offs_g[None, :] < (N_BLOCKS + 1) // 2)
+    if not DOT:
+        # GEMV (M <= 4): CUDA-core FMAs on weights loaded straight into registers; no shared memory and
+        # no tensor-core padding of M to 16. Full K steps run unmasked, the ragged last one masked.
+        m0 = pid_m * BLOCK_M
+        acc0 = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+        acc1 = acc0
+        acc2 = acc0
+        acc3 = acc0
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K or k0 + BLOCK_K <= K:  # uniform branch
+                acc0, acc1, acc2, acc3 = _gemv_step(acc0, acc1, acc2, acc3, X, B, S, ZP, m0, M, rn, k0, K, stride_xm,
+                                                    stride_bn, stride_sn, stride_zn, QBLOCK, N_BLOCKS, HAS_ZP,
+                                                    BLOCK_M, BLOCK_K, False, MAGIC_V, USE_ASM)
+            else:
+                acc0, acc1, acc2, acc3 = _gemv_step(acc0, acc1, acc2, acc3, X, B, S, ZP, m0, M, rn, k0, K, stride_xm,
+                                                    stride_bn, stride_sn, stride_zn, QBLOCK, N_BLOCKS, HAS_ZP,
+                                                    BLOCK_M, BLOCK_K, True, MAGIC_V, USE_ASM)
+        _gemv_store(acc0, Y, BIAS, m0, M, offs_n, mask_n, stride_ym, HAS_BIAS)
+        if BLOCK_M > 1:
+            _gemv_store(acc1, Y, BIAS, m0 + 1, M, offs_n, mask_n, stride_ym, HAS_BIAS)
+        if BLOCK_M > 2:
+            _gemv_store(acc2, Y, BIAS, m0 + 2, M, offs_n, mask_n, stride_ym, HAS_BIAS)
+            _gemv_store(acc3, Y, BIAS, m0 + 3, M, offs_n, mask_n, stride_ym, HAS_BIAS)
+        return
     if KSPLIT > 1:
         # Small M: BLOCK_M x BLOCK_N is too small an output to spread over warps without every warp
         # redoing the whole dequantization, so the warps split K instead. Slice s of a tile covers
@@ -222,7 +311,7 @@ def _int4_gemm_kernel(
     else:
         # One quant group per tile (fit_int4_config keeps BLOCK_K <= block_size here).
         SUBH: tl.constexpr = BLOCK_K // 2
-        SCALE_IN: tl.constexpr = not (SCALE_AFTER and DOT)  # fold the scale into the dequantized weight
+        SCALE_IN: tl.constexpr = not SCALE_AFTER  # fold the scale into the dequantized weight
         offs_k = tl.arange(0, BLOCK_K)
         offs_j = tl.arange(0, SUBH)  # byte index inside a tile
         x_ptrs = X + offs_m[:, None] * stride_xm + offs_k[None, :]
@@ -230,10 +319,7 @@ def _int4_gemm_kernel(
         b_ptrs = B + rn[:, None] * stride_bn + offs_j[None, :]
         g0 = rn * 0
         s0, z0 = _scale_zero(S, ZP, rn, stride_sn, stride_zn, g0, g0 < N_BLOCKS, DT, HAS_ZP, MAGIC_V)
-        if DOT:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        else:
-            acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # per-element partials, summed at the end
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, k_end, BLOCK_K):
             g1 = (k0 + BLOCK_K) // QBLOCK
             s1, z1 = _scale_zero(S, ZP, rn, stride_sn, stride_zn, g1, g1 < N_BLOCKS, DT, HAS_ZP, MAGIC_V)
@@ -246,26 +332,20 @@ def _int4_gemm_kernel(
                 # bytes, so the load stays 16 bytes wide (a mask on 2*j < K gave 1-byte loads).
                 p = tl.load(b_ptrs + k0 // 2, mask=(k0 // 2 + offs_j)[None, :] < stride_bn, other=0)
             lo, hi = _dequant(p, z0[:, None], s0[:, None], DT, SCALE_IN, USE_ASM)
-            if DOT:
-                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if SCALE_AFTER else acc
-                if SPLIT_X:
-                    # The sum over k is order-free: pair even-k weights with even-k activations.
-                    xe, xo = tl.split(tl.reshape(x, (BLOCK_M, SUBH, 2)))
-                    part = tl.dot(xe, tl.trans(lo), part)
-                    part = tl.dot(xo, tl.trans(hi), part)
-                else:
-                    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # [n, j, 2] -> [n, 2j + t]
-                    part = tl.dot(x, tl.trans(w), part)
-                if SCALE_AFTER:
-                    acc += part * s0.to(tl.float32)[None, :]
-                else:
-                    acc = part
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if SCALE_AFTER else acc
+            if SPLIT_X:
+                # The sum over k is order-free: pair even-k weights with even-k activations.
+                xe, xo = tl.split(tl.reshape(x, (BLOCK_M, SUBH, 2)))
+                part = tl.dot(xe, tl.trans(lo), part)
+                part = tl.dot(xo, tl.trans(hi), part)
             else:
-                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(tl.float32)
-                acc2 += w * x.to(tl.float32)  # x is [1, BLOCK_K]
+                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # [n, j, 2] -> [n, 2j + t]
+                part = tl.dot(x, tl.trans(w), part)
+            if SCALE_AFTER:
+                acc += part * s0.to(tl.float32)[None, :]
+            else:
+                acc = part
             s0, z0 = s1, z1
-        if not DOT:
-            acc = tl.sum(acc2, axis=1)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -281,9 +361,10 @@ class Int4GemmConfig:
         num_warps, num_stages: Triton launch / software-pipelining depth.
         SPLIT_X: tensor-core path: two dots (even k, odd k) instead of re-interleaving the nibbles.
         SCALE_AFTER: integer weights into the dot, scale applied to the fp32 partial per group
-            (always on for KSPLIT > 1 and for the CUDA-core path).
+            (always on for KSPLIT > 1; the CUDA-core path folds the scale into the weight instead).
         KSPLIT: > 1 splits each K tile into KSPLIT slices, one per warp, in a batched dot (small M).
-        DOT: False selects the CUDA-core path (fp32 FMA into per-element partials), BLOCK_M must be 1.
+        DOT: False selects the CUDA-core GEMV path (fp32 partials per 8-weight chunk), BLOCK_M 1, 2 or 4;
+            BLOCK_K == 256 * num_warps keeps every tensor of a step in one thread mapping (_gemv_step).
         GROUP_M: grouped program order (1: plain row-major order of tiles).
         PREFETCH_SCALES: prefetch the program's scale (and zero-point) rows into L2 at the start.
     """
@@ -307,8 +388,8 @@ class Int4GemmConfig:
             raise ValueError(f"KSPLIT must be a power of two with BLOCK_K / KSPLIT >= 16, got {self.KSPLIT}")
         if self.DOT and (self.BLOCK_M < 16 or self.BLOCK_N < 16):
             raise ValueError("the tensor-core path needs BLOCK_M, BLOCK_N >= 16")
-        if not self.DOT and (self.BLOCK_M != 1 or self.KSPLIT != 1):
-            raise ValueError("the CUDA-core path takes BLOCK_M == 1 and KSPLIT == 1")
+        if not self.DOT and (self.BLOCK_M not in (1, 2, 4) or self.KSPLIT != 1 or self.BLOCK_K < 32):
+            raise ValueError("the CUDA-core path takes BLOCK_M in (1, 2, 4), KSPLIT == 1, BLOCK_K >= 32")
 
     def describe(self) -> str:
         flags = "".join(f" {n}" for n, on in (("splitx", self.SPLIT_X), ("scale_after", self.SCALE_AFTER),
@@ -326,7 +407,8 @@ INT4_TACTICS: dict[str, Int4GemmConfig] = {
     "m16_n32": Int4GemmConfig(16, 32, 512, 4, 3, SPLIT_X=True, KSPLIT=4),
     "m16_n64": Int4GemmConfig(16, 64, 512, 4, 3, SPLIT_X=True, KSPLIT=4),
     "m16_k8": Int4GemmConfig(16, 32, 1024, 8, 3, SPLIT_X=True, KSPLIT=8),
-    "gemv": Int4GemmConfig(1, 16, 512, 4, 4, DOT=False),
+    "gemv": Int4GemmConfig(1, 8, 1024, 4, 1, DOT=False),
+    "gemv_n4": Int4GemmConfig(1, 4, 1024, 4, 1, DOT=False),
     "m64": Int4GemmConfig(64, 64, 128, 4, 4),
     "m256": Int4GemmConfig(128, 128, 64, 8, 4, GROUP_M=8),
     "large": Int4GemmConfig(256, 128, 64, 8, 3, SPLIT_X=True, GROUP_M=8),
@@ -342,11 +424,13 @@ DEQUANT_MIN_M = 1024
 def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig:
     """Heuristic tactic of the fused kernel by M and weight shape (the torch wrapper's choice).
 
-    Fitted to the H100 measurements in benchmarks/gpu_notes.md (M <= 16: session 3, after padding rows
-    were masked; larger M: the second pass's run 2); TensorRT times every tactic instead.
+    Fitted to the H100 measurements in benchmarks/gpu_notes.md (M = 1: session 4; M <= 16: session 3,
+    after padding rows were masked; larger M: the second pass's run 2); TensorRT times every tactic instead.
     """
     small_n = N <= 4096
-    if M <= 16:
+    if M == 1:  # the GEMV won or tied every M = 1 point of the session-4 sweep
+        name = "gemv"
+    elif M <= 16:
         name = "m16" if small_n else "m16_n32"
     elif M <= 64:
         name = "m16_n64" if small_n else "m64"
@@ -370,6 +454,8 @@ def fit_int4_config(cfg: Int4GemmConfig, K: int, block_size: int) -> Int4GemmCon
     bk = cfg.BLOCK_K
     if n_blocks > 1 and block_size % bk != 0 and bk % block_size != 0:
         raise ValueError(f"block_size {block_size} must be a power of two (or K for per-channel)")
+    if not cfg.DOT:  # 8-weight chunks never straddle a group (>= 16); the K tail is one masked step
+        return replace(cfg, BLOCK_K=min(bk, max(32, triton.next_power_of_2(K))))
     bk = min(bk, max(16, triton.next_power_of_2(K)))
     if n_blocks > 1:
         bk = min(bk, cfg.KSPLIT * block_size)
