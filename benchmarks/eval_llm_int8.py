@@ -8,7 +8,7 @@ with fp32 activations (MatMulNBits, accuracy_level 1): the part of the error no 
 can remove.
 
     python benchmarks/eval_llm_int8.py [--work work] [--calib-windows 32] [--eval-windows 16]
-        [--variants 6:0.001 6:0 4:0 3:0 none weights]
+        [--variants 6:0.001 6:0 4:0 3:0 6:0:1 none weights]   (threshold:min_token_fraction[:max_float_fraction])
 """
 
 from __future__ import annotations
@@ -33,10 +33,12 @@ def _recipe(variant: str) -> tuple[str, Recipe]:
     if variant == "weights":
         return "int8 weights only (fp32 activations)", Recipe(
             "w8-weights-only", weight_only=WeightOnlyConfig(bits=8, group_size=None, accuracy_level=1))
-    threshold, fraction = (float(v) for v in variant.split(":"))
-    split = dataclasses.replace(base.outlier_split, threshold=threshold, min_token_fraction=fraction)
-    return (f"llm-int8, \\|x\\| > {threshold:g} in >= {fraction:g} of tokens",
-            dataclasses.replace(base, name=f"llm-int8-t{threshold:g}-f{fraction:g}", outlier_split=split))
+    threshold, fraction, *cap = (float(v) for v in variant.split(":"))
+    cap = cap[0] if cap else base.outlier_split.max_float_fraction
+    split = dataclasses.replace(base.outlier_split, threshold=threshold, min_token_fraction=fraction,
+                                max_float_fraction=cap)
+    return (f"llm-int8, \\|x\\| > {threshold:g} in >= {fraction:g} of tokens, <= {cap:g} of K in float",
+            dataclasses.replace(base, name=f"llm-int8-t{threshold:g}-f{fraction:g}-c{cap:g}", outlier_split=split))
 
 
 def main(argv=None) -> None:
@@ -45,7 +47,7 @@ def main(argv=None) -> None:
     parser.add_argument("--calib-windows", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--variants", nargs="+", default=["6:0.001", "6:0", "4:0", "3:0", "none", "weights"])
+    parser.add_argument("--variants", nargs="+", default=["6:0.001", "6:0", "4:0", "3:0", "6:0:1", "none", "weights"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     model, tokenizer = cached_smollm2(args.work / "smollm2")
