@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from qcompiler.algorithms.gptq import HessianAccumulator, gptq_quantize
+from qcompiler.algorithms.gptq import HessianAccumulator, _upper_cholesky_of_inverse, gptq_quantize
 from qcompiler.algorithms.weight_quant import code_range, compute_qparams, group_index, num_groups, quantize_rtn
 
 
@@ -145,6 +145,17 @@ def test_damping_is_raised_when_hessian_is_indefinite(caplog):
         got = gptq_quantize(torch.ones(3, 2), H, bits=4, group_size=None, act_order=False, device="cpu")
     assert got.damp >= 1.0 and "not positive definite" in caplog.text
     assert torch.isfinite(got.Q).all()
+
+
+def test_upper_factor_of_the_damped_inverse():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 12)) @ rng.normal(size=(12, 12))  # correlated inputs
+    H = torch.from_numpy(2.0 * x.T @ x / 200)
+    U, used = _upper_cholesky_of_inverse(H, 0.01)
+    damped = H + used * H.diagonal().mean() * torch.eye(12, dtype=H.dtype)
+    assert used == 0.01
+    assert torch.equal(U, torch.triu(U)) and bool((U.diagonal() > 0).all())
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(damped), rtol=1e-9, atol=1e-12)
 
 
 def test_bad_inputs_raise():
