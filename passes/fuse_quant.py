@@ -119,7 +119,6 @@ class FuseQuant:
                 continue
             info = np.iinfo(zero.dtype)
             q = np.rint(x / _broadcast(scale, x.ndim, axis)) + _broadcast(zero, x.ndim, axis).astype(np.float64)
-            out = node.outputs[0]
             folded = gs.Constant(f"{node.inputs[0].name}_{zero.dtype.name}", np.clip(q, info.min, info.max).astype(zero.dtype))
             _bypass(node, folded)
             count += 1
