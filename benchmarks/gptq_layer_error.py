@@ -19,18 +19,11 @@ import torch
 from onnx import numpy_helper
 
 from qcompiler.algorithms.gptq import gptq_quantize
-from qcompiler.algorithms.weight_quant import code_range, compute_qparams, group_index
+from qcompiler.algorithms.weight_quant import quantize_rtn
 from qcompiler.calibration import collect_activation_samples, iterate_feeds
 from qcompiler.tokenization import load_tokenizer, text_windows
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-
-
-def rtn(w_nk: np.ndarray, bits: int, group_size: int | None) -> np.ndarray:
-    scales, _ = compute_qparams(w_nk.T, bits, group_size, True)  # [G, N]
-    s = scales[group_index(w_nk.shape[1], group_size)].T.astype(np.float64)  # [N, K]
-    lo, hi = code_range(bits, True)
-    return np.clip(np.round(w_nk / s), lo, hi) * s
 
 
 def output_error(w: np.ndarray, q: np.ndarray, x: np.ndarray) -> float:
@@ -70,7 +63,7 @@ def main(argv=None) -> None:
         x_held = held_out[activation].astype(np.float64)
         for bits in args.bits:
             group = None if bits == 8 else 128
-            q = rtn(w, bits, group)
+            q = quantize_rtn(w.T, bits, group, True).dequantize().T.astype(np.float64)
             x_sotu = calibration["SOTU"][activation].astype(np.float64)
             print(f"| {short} | {bits} | RTN | - | {output_error(w, q, x_sotu):.3e} (SOTU) | {output_error(w, q, x_held):.3e} |")
             for domain, acts in calibration.items():

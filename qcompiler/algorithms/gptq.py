@@ -253,13 +253,14 @@ def _gptq(W, H, *, bits, group_size, symmetric, act_order, damp, block_size, dev
         H = H.clone()
         H[dead, dead] = 1.0
 
-    scales = torch.zeros(n_rows, n_groups, dtype=dtype, device=device)
-    zeros = None if symmetric else torch.zeros(n_rows, n_groups, dtype=dtype, device=device)
+    # Scales and zero points as [G, N] (compute_qparams' layout): row g is what column j of group g reads.
+    scales_t = torch.zeros(n_groups, n_rows, dtype=dtype, device=device)
+    zeros_t = None if symmetric else torch.zeros(n_groups, n_rows, dtype=dtype, device=device)
     if static:
         s, z = compute_qparams(W.T.double().cpu().numpy(), bits, group_size, symmetric, scale_dtype)
-        scales.copy_(torch.from_numpy(s.T.astype(np.float64)))
-        if zeros is not None:
-            zeros.copy_(torch.from_numpy(z.T.astype(np.float64)))
+        scales_t.copy_(torch.from_numpy(s.astype(np.float64)))
+        if zeros_t is not None:
+            zeros_t.copy_(torch.from_numpy(z.astype(np.float64)))
 
     perm = None
     if act_order:
@@ -281,8 +282,6 @@ def _gptq(W, H, *, bits, group_size, symmetric, act_order, damp, block_size, dev
     # Columns of W are rows here ([K, N], contiguous), so every per-column op reads contiguous memory.
     WT = W.T.contiguous()
     del W
-    scales_t = scales.T.contiguous()  # [G, N]; dynamic groups fill their row when they start
-    zeros_t = None if zeros is None else zeros.T.contiguous()
     group_of = group_of.tolist()
     codes_t = torch.empty(k, n_rows, dtype=dtype, device=device)
     QT = torch.empty_like(WT)
@@ -316,16 +315,14 @@ def _gptq(W, H, *, bits, group_size, symmetric, act_order, damp, block_size, dev
         WT[i2:].addmm_(U[i1:i2, i2:].T, E1, alpha=-1.0)
 
     Q, codes = QT.T.contiguous(), codes_t.T.to(torch.int16).contiguous()
-    scales = scales_t.T
-    zeros = None if zeros_t is None else zeros_t.T
     if perm is not None:
         inverse = torch.argsort(perm)
         Q = Q[:, inverse]
         codes = codes[:, inverse]
     return GPTQResult(
         codes=codes.cpu(),
-        scales=scales.cpu(),
-        zeros=None if zeros is None else zeros.cpu(),
+        scales=scales_t.T.cpu(),
+        zeros=None if zeros_t is None else zeros_t.T.cpu(),
         Q=Q.cpu().to(torch.float32),
         perm=None if perm is None else perm.cpu(),
         loss=float(loss),
