@@ -148,6 +148,17 @@ def test_column_selection_rules():
     assert sub.channel_absmax.tolist() == [1.0, 1.0, 10.0] and sub.max == 10.0 and sub.outlier_tokens.tolist() == [0, 0, 500]
 
 
+def test_llm_int8_recipe_keeps_a_column_one_token_pushed_past_the_threshold():
+    from qcompiler.recipes import BUILTIN_RECIPES
+
+    stats = TensorStats.empty(40, 64, 6.0)
+    x = np.ones((5000, 40), np.float32)
+    x[:2, 3] = 7.0  # 0.04% of tokens: under the default 0.1% floor, kept by LLM.int8()'s any-token rule
+    stats.update(x)
+    assert outlier_columns(stats, OutlierSplitConfig()).tolist() == []
+    assert outlier_columns(stats, BUILTIN_RECIPES["llm-int8"].outlier_split).tolist() == [3]
+
+
 def test_does_not_fire_without_outliers_or_on_excluded_nodes():
     rng = np.random.default_rng(4)
     model = outlier_model(rng)
