@@ -10,14 +10,19 @@ an older int4_gemm.py). µs, TFLOPS and effective weight bandwidth (packed bytes
 
 Timing: each callable is captured in a CUDA graph and ``triton.testing.do_bench`` (median) replays
 it, clearing L2 (a 256 MB write) before every repetition, so weights stream from HBM in every column
-and host launch overhead (Python, Triton's launcher) is out of every column alike. Every point is
+and host launch overhead (Python, Triton's launcher) is out of every column alike. A single replay
+still pays the graph's own launch on the GPU (~4-5 µs, which ncu does not count), a large share of
+a 10-20 µs GEMV; so with ``--stream R`` the fp16 and the chosen INT4 kernel are also timed as R
+back-to-back calls in one graph, each call on its own copy of the weights (so no call finds its
+weights in L2), divided by R: the per-GEMM time inside a decode
+step, where an engine runs one layer's GEMMs after another. Every point is
 timed in two passes and the faster median kept; the GPU is kept busy for 0.5 s before each shape so
 its clocks are up. Each tactic's output is checked against the fp16 product of the dequantized
 weight; a wrong one is marked BAD and never chosen. Kernels are compiled first by ``--jobs`` worker
 processes (Triton's on-disk cache).
 
     python benchmarks/bench_int4_gemm.py [--ms 1,4,16] [--shapes 11008:4096] [--jobs 12] [--before old.py]
-        [--sweep] [--profile-once] [--out results.md]
+        [--sweep] [--profile-once] [--stream 8] [--out results.md]
 """
 
 # ruff: noqa: B023  (each lambda is timed inside the iteration that defines it)
@@ -157,6 +162,19 @@ def bench(fn, warmup=25, rep=100):
     return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") * 1e3
 
 
+def bench_stream(make_fns, copies, warmup=10, rep=50):
+    """µs per call of ``copies`` calls replayed back to back in one CUDA graph (L2 cleared before each replay)."""
+    fns = make_fns(copies)
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") * 1e3 / copies
+
+
 def rel_err(y, ref):
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -170,6 +188,9 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=0, help="compile in this many processes first (0: no)")
     ap.add_argument("--compile-only", action="store_true", help="with --jobs: fill the kernel cache and stop")
     ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--stream", type=int, default=0, metavar="R",
+                    help="also time fp16 and the chosen INT4 tactic as R back-to-back calls on R weight copies "
+                         "(M <= 64 only; 0: off)")
     ap.add_argument("--profile-once", action="store_true",
                     help="run each table tactic once per point, untimed (for a profiler such as ncu), and stop")
     ap.add_argument("--out", default=None)
@@ -202,8 +223,8 @@ def main(argv=None):
              "default (int4_gemm with config=None: pick_int4_config's tactic, or dq+cuBLAS from M >= "
              f"{DEQUANT_MIN_M}); dq+cuBLAS = dequantize to fp16 then cuBLAS (torch path only); before = previous kernel.", "",
              "| M | N | K | fp16 µs | int4 µs | speedup | int4 TFLOPS | int4 weight TB/s | tactic | pick µs | pick x "
-             "| dq+cuBLAS µs | dq x | before µs | before x | rel err |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dq+cuBLAS µs | dq x | before µs | before x | rel err | stream fp16 µs | stream int4 µs | stream x |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     detail = ["", "## Every timed tactic", "", "| M | N | K | tactic | config | µs | speedup | rel err |",
               "|---|---|---|---|---|---|---|---|"]
@@ -259,9 +280,19 @@ def main(argv=None):
                 return ("-", "-") if not math.isfinite(t) else (f"{t:.1f}", f"{t16 / t:.2f}x")
 
             dq, bf = col(times.get("dq", math.nan)), col(times.get("before", math.nan))
+            stream = ("-", "-", "-")
+            if args.stream and M <= 64:
+                best_cfg = next(c for n, c, _ in runs if n == best)
+                copies = [(w16.clone(), b.clone(), s.clone()) for _ in range(args.stream)]
+                s16 = bench_stream(lambda r: [lambda w=c[0]: torch.nn.functional.linear(x, w) for c in copies[:r]],
+                                   args.stream)
+                s4 = bench_stream(lambda r: [lambda c=c: int4_gemm(x, c[1], c[2], block_size=BLOCK, config=best_cfg)
+                                             for c in copies[:r]], args.stream)
+                del copies
+                stream = (f"{s16:.1f}", f"{s4:.1f}", f"{s16 / s4:.2f}x")
             row = (f"| {M} | {N} | {K} | {t16:.1f} | {t4:.1f} | {t16 / t4:.2f}x | {2 * M * N * K / t4 / 1e6:.1f} | "
                    f"{wbytes / t4 / 1e6:.2f} | {best} | {col(tp)[0]} | {col(tp)[1]} | {dq[0]} | {dq[1]} | "
-                   f"{bf[0]} | {bf[1]} | {errs[best]:.1e} |")
+                   f"{bf[0]} | {bf[1]} | {errs[best]:.1e} | {' | '.join(stream)} |")
             lines.append(row)
             print(row, flush=True)
             if args.out:  # rewritten after every point, so a run cut short keeps what it measured
