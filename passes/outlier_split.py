@@ -15,9 +15,11 @@ quantizes it W8A8; the outlier MatMul's name ends with ``KEEP_FLOAT_SUFFIX`` so 
 pass leaves it in float. The rewrite is exact up to fp32 summation order.
 
 Outlier columns of an activation X: channels j with outlier_fraction_j = #{tokens: |x_j| > threshold}
-/ #tokens >= ``min_token_fraction`` (and at least one such token), at most ``max_float_fraction`` · K
-of them (the most frequent first, ties by max|x_j|). All GEMMs reading X share one split (one pair of
-Gathers). A GEMM whose input has no outlier column is left alone and reported.
+/ #tokens >= ``min_token_fraction`` (and at least one such token), or, with a relative threshold k,
+channels where |x_tj| > k · rms(x_t) in >= ``relative_min_token_fraction`` of tokens; at most
+``max_float_fraction`` · K of them (the most frequent first, by the larger of the two fractions, ties
+by max|x_j|). All GEMMs reading X share one split (one pair of Gathers). A GEMM whose input has no
+outlier column is left alone and reported.
 
 Statistics: ``context.stats[X]`` must have been collected with ``outlier_threshold == threshold``.
 For each new inlier tensor X_I the pass adds statistics to ``context.stats`` so that static ranges
@@ -53,7 +55,12 @@ def outlier_columns(stats: TensorStats, config: OutlierSplitConfig) -> np.ndarra
     """Sorted indices of the channels to keep in float (see module docstring); may be empty."""
     fraction = stats.outlier_fraction()
     k = fraction.size
-    candidates = np.nonzero((stats.outlier_tokens > 0) & (fraction >= config.min_token_fraction))[0]
+    chosen = (stats.outlier_tokens > 0) & (fraction >= config.min_token_fraction)
+    if config.relative_threshold is not None:
+        relative = stats.relative_outlier_fraction()
+        chosen |= (stats.relative_outlier_tokens > 0) & (relative >= config.relative_min_token_fraction)
+        fraction = np.maximum(fraction, relative)
+    candidates = np.nonzero(chosen)[0]
     limit = int(np.floor(config.max_float_fraction * k))
     if candidates.size > limit:
         # Most frequent outliers first; np.lexsort sorts by its last key first.
@@ -66,9 +73,12 @@ def inlier_stats(stats: TensorStats, inliers: np.ndarray) -> TensorStats:
     """Statistics of X[..., inliers] derivable from X's (exact per-channel parts; see module docstring)."""
     absmax = stats.channel_absmax[inliers].copy()
     bound = float(absmax.max()) if absmax.size else 0.0
+    relative = stats.relative_outlier_tokens
     return TensorStats(channel_absmax=absmax, min=max(stats.min, -bound), max=min(stats.max, bound),
                        histogram=stats.histogram.copy(), outlier_tokens=stats.outlier_tokens[inliers].copy(),
-                       tokens=stats.tokens, outlier_threshold=stats.outlier_threshold)
+                       tokens=stats.tokens, outlier_threshold=stats.outlier_threshold,
+                       relative_outlier_tokens=None if relative is None else relative[inliers].copy(),
+                       relative_threshold=stats.relative_threshold)
 
 
 class OutlierSplit:
@@ -127,6 +137,12 @@ class OutlierSplit:
                 raise CalibrationDataError(
                     f"statistics of {x.name} count outliers above {x_stats.outlier_threshold:g}, the recipe's "
                     f"threshold is {self.config.threshold:g}; collect statistics with the recipe's threshold")
+            wanted = self.config.relative_threshold
+            if wanted is not None and (x_stats.relative_threshold is None
+                                       or not np.isclose(x_stats.relative_threshold, wanted)):
+                raise CalibrationDataError(
+                    f"statistics of {x.name} count no outliers relative to the token RMS at {wanted:g}x; "
+                    f"collect statistics with the recipe's relative_threshold")
             if x.name not in splits:
                 outliers = outlier_columns(x_stats, self.config)
                 inliers = np.setdiff1d(np.arange(x_stats.channel_absmax.size), outliers)
@@ -135,8 +151,7 @@ class OutlierSplit:
                     stats.tensors[splits[x.name][0].name] = inlier_stats(x_stats, inliers)
             x_in, x_out, inliers, outliers = splits[x.name]
             if outliers.size == 0:
-                result.not_fired.append((name, f"no outlier column (|x| > {self.config.threshold:g} in >= "
-                                               f"{self.config.min_token_fraction:g} of tokens)"))
+                result.not_fired.append((name, f"no outlier column ({self._rule()})"))
                 continue
             if inliers.size == 0:
                 result.not_fired.append((name, "every column is an outlier; nothing left to quantize"))
@@ -150,8 +165,15 @@ class OutlierSplit:
                                    "max_outlier_fraction": float(fraction.max())})
         # Gathers of activations that ended up unused are removed by the pass manager's cleanup.
         result.summary = (f"split {len(result.details)} GEMMs; {total_float} input columns kept in float "
-                          f"(|x| > {self.config.threshold:g}); {len(result.not_fired)} not split")
+                          f"({self._rule()}); {len(result.not_fired)} not split")
         return result
+
+    def _rule(self) -> str:
+        c = self.config
+        rule = f"|x| > {c.threshold:g} in >= {c.min_token_fraction:g} of tokens"
+        if c.relative_threshold is not None:
+            rule += f", or |x| > {c.relative_threshold:g} rms(token) in >= {c.relative_min_token_fraction:g}"
+        return rule
 
     @staticmethod
     def _gathers(graph: gs.Graph, x: gs.Variable, inliers: np.ndarray, outliers: np.ndarray

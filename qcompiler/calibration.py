@@ -10,6 +10,8 @@ Statistics per tensor (channel = last axis, token = every other position):
   * ``min`` / ``max`` over everything                 (asymmetric ranges)
   * ``histogram`` of |x| in fixed log-spaced bins     (percentile ranges; fixed bins merge exactly)
   * ``outlier_tokens`` per-channel count of tokens with |x_j| > threshold (LLM.int8() split)
+  * ``relative_outlier_tokens`` per-channel count of tokens t with |x_tj| > k · rms(x_t), when a
+    relative threshold k is given (scale-free outlier features)
   * ``tokens`` number of tokens seen
 They are saved to / loaded from ``.npz`` keyed ``<tensor>::<field>``.
 """
@@ -55,11 +57,15 @@ class TensorStats:
     outlier_tokens: np.ndarray
     tokens: int
     outlier_threshold: float
+    relative_outlier_tokens: np.ndarray | None = None
+    relative_threshold: float | None = None
 
     @classmethod
-    def empty(cls, channels: int, bins: int, outlier_threshold: float) -> TensorStats:
+    def empty(cls, channels: int, bins: int, outlier_threshold: float,
+              relative_threshold: float | None = None) -> TensorStats:
+        relative = np.zeros(channels, np.int64) if relative_threshold is not None else None
         return cls(np.zeros(channels, np.float32), np.inf, -np.inf, np.zeros(bins, np.int64),
-                   np.zeros(channels, np.int64), 0, outlier_threshold)
+                   np.zeros(channels, np.int64), 0, outlier_threshold, relative, relative_threshold)
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32)
@@ -71,6 +77,9 @@ class TensorStats:
         self.min = min(self.min, float(rows.min()))
         self.max = max(self.max, float(rows.max()))
         self.outlier_tokens += (absx > self.outlier_threshold).sum(axis=0)
+        if self.relative_threshold is not None:
+            rms = np.sqrt(np.mean(np.square(rows, dtype=np.float64), axis=1, keepdims=True))
+            self.relative_outlier_tokens += (absx > self.relative_threshold * rms).sum(axis=0)
         self.tokens += rows.shape[0]
         bins = self.histogram.size
         lo, hi = HISTOGRAM_RANGE
@@ -95,6 +104,12 @@ class TensorStats:
         """Per channel, the fraction of tokens with |x_j| > outlier_threshold."""
         return self.outlier_tokens / max(self.tokens, 1)
 
+    def relative_outlier_fraction(self) -> np.ndarray | None:
+        """Per channel, the fraction of tokens t with |x_tj| > relative_threshold · rms(x_t) (None: not counted)."""
+        if self.relative_outlier_tokens is None:
+            return None
+        return self.relative_outlier_tokens / max(self.tokens, 1)
+
 
 @dataclass
 class CalibrationStats:
@@ -118,7 +133,10 @@ class CalibrationStats:
             arrays[f"{name}::minmax"] = np.array([s.min, s.max], np.float64)
             arrays[f"{name}::histogram"] = s.histogram
             arrays[f"{name}::outlier_tokens"] = s.outlier_tokens
-            arrays[f"{name}::tokens"] = np.array([s.tokens, s.outlier_threshold], np.float64)
+            relative = np.nan if s.relative_threshold is None else s.relative_threshold
+            arrays[f"{name}::tokens"] = np.array([s.tokens, s.outlier_threshold, relative], np.float64)
+            if s.relative_outlier_tokens is not None:
+                arrays[f"{name}::relative_outlier_tokens"] = s.relative_outlier_tokens
         np.savez_compressed(path, **arrays)
 
     @classmethod
@@ -133,10 +151,13 @@ class CalibrationStats:
             for name in names:
                 minmax = data[f"{name}::minmax"]
                 tokens = data[f"{name}::tokens"]
+                relative = float(tokens[2]) if tokens.size > 2 and np.isfinite(tokens[2]) else None
                 stats.tensors[name] = TensorStats(
                     data[f"{name}::channel_absmax"].astype(np.float32), float(minmax[0]), float(minmax[1]),
                     data[f"{name}::histogram"].astype(np.int64), data[f"{name}::outlier_tokens"].astype(np.int64),
-                    int(tokens[0]), float(tokens[1]))
+                    int(tokens[0]), float(tokens[1]),
+                    data[f"{name}::relative_outlier_tokens"].astype(np.int64) if relative is not None else None,
+                    relative)
         except KeyError as err:
             raise CalibrationDataError(f"{path} is not a qcompiler statistics file (missing {err})") from None
         return stats
@@ -241,7 +262,8 @@ def _session(model: onnx.ModelProto, extra_outputs: Sequence[str], threads: int 
 
 def collect_stats(model: onnx.ModelProto, tensor_names: Sequence[str],
                   feeds: Callable[[], Iterator[dict[str, np.ndarray]]], *, bins: int = 2048,
-                  outlier_threshold: float = 6.0, show_progress: bool = False) -> CalibrationStats:
+                  outlier_threshold: float = 6.0, relative_outlier_threshold: float | None = None,
+                  show_progress: bool = False) -> CalibrationStats:
     """Runs every calibration batch and accumulates statistics of ``tensor_names``.
 
     Memory holds one batch's activations of the requested tensors at a time.
@@ -263,7 +285,7 @@ def collect_stats(model: onnx.ModelProto, tensor_names: Sequence[str],
         for name, value in zip(names, values, strict=True):
             if name not in stats.tensors:
                 channels = value.shape[-1] if value.ndim else 1
-                stats.tensors[name] = TensorStats.empty(channels, bins, outlier_threshold)
+                stats.tensors[name] = TensorStats.empty(channels, bins, outlier_threshold, relative_outlier_threshold)
             stats.tensors[name].update(value)
     return stats
 

@@ -178,17 +178,30 @@ class OutlierSplitConfig:
     """LLM.int8() mixed-precision decomposition as a static rewrite.
 
     A column j of a GEMM's input stays in float when |x_j| > threshold in at least
-    ``min_token_fraction`` of calibration tokens; at most ``max_float_fraction`` of K columns are kept.
+    ``min_token_fraction`` of calibration tokens, or, with ``relative_threshold`` set, when
+    |x_j| > relative_threshold · rms(x_t) (the token's root mean square over its K values) in at least
+    ``relative_min_token_fraction`` of tokens; at most ``max_float_fraction`` of K columns are kept.
+
+    The absolute rule is LLM.int8()'s (6.0, tuned on OPT's LayerNorm outputs). Where a model's GEMM
+    inputs live on another scale (RMSNorm outputs of ~1, as in Llama-style models), a few channels can
+    still carry each token's int8 scale at 8-12x the token's RMS without ever reaching 6; the relative
+    rule catches those systematic outlier features whatever the scale.
     """
 
     threshold: float = 6.0
     min_token_fraction: float = 0.001
     max_float_fraction: float = 0.1
+    relative_threshold: float | None = None
+    relative_min_token_fraction: float = 0.01
 
     def __post_init__(self):
         _check(self.threshold > 0, "outlier_split.threshold must be > 0")
         _check(0.0 <= self.min_token_fraction <= 1.0, "outlier_split.min_token_fraction must be in [0, 1]")
         _check(0.0 < self.max_float_fraction <= 1.0, "outlier_split.max_float_fraction must be in (0, 1]")
+        _check(self.relative_threshold is None or self.relative_threshold > 1.0,
+               "outlier_split.relative_threshold must be > 1 (a multiple of the token's RMS) or null")
+        _check(0.0 <= self.relative_min_token_fraction <= 1.0,
+               "outlier_split.relative_min_token_fraction must be in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -81,18 +81,19 @@ def build_passes(recipe: Recipe, backend: str = "onnxruntime", *, have_stats: bo
 
     passes: list[GraphPass] = []
     threshold = recipe.outlier_split.threshold if recipe.outlier_split else 6.0
+    relative = recipe.outlier_split.relative_threshold if recipe.outlier_split else None
     bins = recipe.calibration.histogram_bins
     needs_ranges = recipe.smoothquant or recipe.outlier_split or (
         recipe.w8a8 and recipe.w8a8.activation == ActivationScheme.PER_TENSOR_STATIC)
     if needs_ranges and not have_stats:
-        passes.append(Calibrate(threshold, bins))
+        passes.append(Calibrate(threshold, bins, relative))
     if recipe.smoothquant:
         from qcompiler.passes.smoothquant import SmoothQuant
 
         activation = recipe.w8a8.activation if recipe.w8a8 else ActivationScheme.PER_TOKEN_DYNAMIC
         passes.append(SmoothQuant(recipe.smoothquant, activation))
         if recipe.outlier_split or (recipe.w8a8 and recipe.w8a8.activation == ActivationScheme.PER_TENSOR_STATIC):
-            passes.append(Calibrate(threshold, bins))  # smoothing changed the activations
+            passes.append(Calibrate(threshold, bins, relative))  # smoothing changed the activations
     if recipe.outlier_split:
         from qcompiler.passes.outlier_split import OutlierSplit
 

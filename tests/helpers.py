@@ -18,9 +18,11 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], optimize: bool
     return session.run(None, feeds)
 
 
-def gemm_input_stats(model: onnx.ModelProto, arrays: dict[str, np.ndarray], threshold: float = 6.0) -> CalibrationStats:
+def gemm_input_stats(model: onnx.ModelProto, arrays: dict[str, np.ndarray], threshold: float = 6.0,
+                     relative_threshold: float | None = None) -> CalibrationStats:
     names = [g.activation.name for g in weighted_gemms(import_graph(model))]
-    return collect_stats(model, names, iterate_feeds(arrays, batch=1), outlier_threshold=threshold)
+    return collect_stats(model, names, iterate_feeds(arrays, batch=1), outlier_threshold=threshold,
+                         relative_outlier_threshold=relative_threshold)
 
 
 def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:

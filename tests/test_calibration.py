@@ -19,9 +19,24 @@ def test_streaming_statistics_match_one_shot():
     np.testing.assert_array_equal(streamed.channel_absmax, np.abs(flat).max(axis=0))
     assert streamed.min == flat.min() and streamed.max == flat.max() and streamed.tokens == 400
     np.testing.assert_array_equal(streamed.outlier_tokens, (np.abs(flat) > 2.0).sum(axis=0))
+    assert streamed.relative_outlier_fraction() is None
     exact = np.percentile(np.abs(flat), 99.0)
     assert exact <= streamed.percentile_absmax(99.0) <= exact * 1.02  # log bins: 1.8% wide at 2048 bins
     assert streamed.percentile_absmax(100.0) == pytest.approx(np.abs(flat).max())
+
+
+def test_relative_outlier_counts_use_each_tokens_rms():
+    rng = np.random.default_rng(2)
+    x = rng.standard_t(df=3, size=(20, 8, 16)).astype(np.float32)
+    x[:, :, 5] *= 10
+    streamed = TensorStats.empty(16, 64, outlier_threshold=6.0, relative_threshold=3.0)
+    for batch in x:
+        streamed.update(batch)
+    flat = x.reshape(-1, 16).astype(np.float64)
+    rms = np.sqrt((flat ** 2).mean(axis=1, keepdims=True))
+    expected = (np.abs(flat) > 3.0 * rms).sum(axis=0)
+    np.testing.assert_array_equal(streamed.relative_outlier_tokens, expected)
+    assert expected[5] > 0.3 * len(flat) and expected.sum() - expected[5] < expected[5]
 
 
 def test_collect_stats_through_onnxruntime_and_save_load(tmp_path):
@@ -36,6 +51,12 @@ def test_collect_stats_through_onnxruntime_and_save_load(tmp_path):
     loaded = CalibrationStats.load(tmp_path / "stats.npz")
     np.testing.assert_array_equal(loaded["h"].histogram, stats["h"].histogram)
     assert loaded["h"].outlier_threshold == stats["h"].outlier_threshold
+    assert loaded["h"].relative_threshold is None and loaded["h"].relative_outlier_tokens is None
+    relative = collect_stats(model, ["h"], iterate_feeds(arrays, batch=7), relative_outlier_threshold=2.5)
+    relative.save(tmp_path / "relative.npz")
+    loaded = CalibrationStats.load(tmp_path / "relative.npz")
+    assert loaded["h"].relative_threshold == 2.5
+    np.testing.assert_array_equal(loaded["h"].relative_outlier_tokens, relative["h"].relative_outlier_tokens)
 
 
 def test_folder_of_npz_is_concatenated(tmp_path):

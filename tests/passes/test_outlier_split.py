@@ -48,7 +48,8 @@ def activations(rng, rows, k=48, scale=20.0):
 def split(model, arrays, config=None, **kwargs):
     config = config or OutlierSplitConfig()
     graph = import_graph(model)
-    ctx = PassContext(stats=gemm_input_stats(model, arrays, threshold=config.threshold), **kwargs)
+    ctx = PassContext(stats=gemm_input_stats(model, arrays, threshold=config.threshold,
+                                             relative_threshold=config.relative_threshold), **kwargs)
     result = OutlierSplit(config).run(graph, ctx)
     graph.cleanup().toposort()
     out = export_graph(graph)
@@ -157,6 +158,40 @@ def test_llm_int8_recipe_keeps_a_column_one_token_pushed_past_the_threshold():
     stats.update(x)
     assert outlier_columns(stats, OutlierSplitConfig()).tolist() == []
     assert outlier_columns(stats, BUILTIN_RECIPES["llm-int8"].outlier_split).tolist() == [3]
+
+
+def test_relative_rule_catches_outlier_features_below_the_absolute_threshold():
+    """RMSNorm-scale inputs: three channels at ~12x the token RMS, never near |x| = 6."""
+    rng = np.random.default_rng(6)
+    model = outlier_model(rng)
+    x = 0.1 * activations(rng, 256, scale=12.0)
+    assert np.abs(x).max() < 6.0
+    absolute_only = OutlierSplitConfig(min_token_fraction=0.0)
+    _, result, _ = split(model, {"x": x}, absolute_only)
+    assert not result.changed
+    relative = OutlierSplitConfig(min_token_fraction=0.0, relative_threshold=6.0, relative_min_token_fraction=0.01)
+    out, result, ctx = split(model, {"x": x}, relative)
+    assert {d["node"] for d in result.details} == {"fc1", "fc2"}
+    assert all(d["columns"] == list(OUTLIERS) for d in result.details)
+    ref = run_ort(model, {"x": x})
+    np.testing.assert_allclose(run_ort(out, {"x": x})[0], ref[0], rtol=1e-5, atol=1e-5)
+    # Per-token W8A8 on the inliers only beats per-token W8A8 on the whole row.
+    w8a8 = W8A8Config(activation=ActivationScheme.PER_TOKEN_DYNAMIC)
+    quantized = []
+    for source, context in ((out, ctx), (model, PassContext(stats=gemm_input_stats(model, {"x": x})))):
+        graph = import_graph(source)
+        InsertQDQ(w8a8).run(graph, context)
+        quantized.append(export_graph(graph.cleanup().toposort()))
+    with_split, without = (sqnr_db(ref[0], run_ort(q, {"x": x})[0]) for q in quantized)
+    assert with_split > without + 6.0, (with_split, without)
+
+
+def test_relative_statistics_must_have_been_collected():
+    rng = np.random.default_rng(7)
+    model = outlier_model(rng)
+    stats = gemm_input_stats(model, {"x": activations(rng, 16)})
+    with pytest.raises(CalibrationDataError, match="relative"):
+        OutlierSplit(OutlierSplitConfig(relative_threshold=6.0)).run(import_graph(model), PassContext(stats=stats))
 
 
 def test_does_not_fire_without_outliers_or_on_excluded_nodes():
