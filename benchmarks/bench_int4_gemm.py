@@ -4,7 +4,8 @@ For M in {1, 4, 16, 64, 256, 1024, 4096} x (N, K) in {(4096, 4096), (11008, 4096
 (28672, 8192)} it times, in one run: torch fp16; every tactic of ``INT4_TACTICS`` that suits the M
 range (the table reports the fastest, which is what TensorRT's autotuner keeps for the plugin, and
 the torch wrapper's default: ``pick_int4_config``'s tactic, or from ``DEQUANT_MIN_M`` on the
-two-kernel path); for M >= 256 the two-kernel path (dequantize to fp16, then cuBLAS); optionally
+two-kernel path); for M >= 256 the two-kernel path (dequantize to fp16, then cuBLAS); with
+``--sweep`` the candidates of ``sweep_configs`` (fastest in its own columns); optionally
 the previous kernel (``--before FILE``, a copy of
 an older int4_gemm.py). µs, TFLOPS and effective weight bandwidth (packed bytes + scales / time).
 
@@ -65,7 +66,7 @@ def tactics_for(M):
     if 16 < M <= 64:
         names |= {"m16_n32", "m16_n64", "m64", "m256"}
     if M > 64:
-        names |= {"m256", "large"} | ({"m64"} if M <= 256 else set())
+        names |= {"m256", "large", "swap_128x64_w4", "swap_256x128"} | ({"m64", "swap_64x64"} if M <= 256 else set())
     return [n for n in INT4_TACTICS if n in names]
 
 
@@ -92,6 +93,13 @@ def sweep_configs(M):
                                          (256, 128, 64, 8, 4, True), (128, 256, 64, 8, 3, True),
                                          (128, 128, 128, 8, 3, False), (64, 128, 64, 4, 4, False)]:
             yield C(bm, bn, bk, w, st, SPLIT_X=split, GROUP_M=8)
+        # Session 5: the swap-AB tactics' tiles without the swap (is the gain the swap or the tile?), and
+        # the swap-AB variants that lost in the first table (same tile as m256; register-direct scale_after).
+        yield C(128, 64, 64, 4, 4, GROUP_M=8)
+        yield C(256, 128, 64, 8, 3, GROUP_M=8)
+        yield C(128, 128, 64, 8, 4, GROUP_M=8, SWAP_AB=True)
+        yield C(128, 128, 64, 8, 4, GROUP_M=8, SWAP_AB=True, SCALE_AFTER=True)
+        yield C(256, 64, 64, 4, 3, GROUP_M=8, SWAP_AB=True)
 
 
 def candidates(M, sweep):
@@ -221,10 +229,12 @@ def main(argv=None):
     lines = [f"# INT4 GEMM (g{BLOCK}, sym) vs torch fp16 on {dev}", "",
              "int4 = fastest tactic of INT4_TACTICS (what TensorRT's autotuner keeps); pick = the torch wrapper's "
              "default (int4_gemm with config=None: pick_int4_config's tactic, or dq+cuBLAS from M >= "
-             f"{DEQUANT_MIN_M}); dq+cuBLAS = dequantize to fp16 then cuBLAS (torch path only); before = previous kernel.", "",
+             f"{DEQUANT_MIN_M}); dq+cuBLAS = dequantize to fp16 then cuBLAS (torch path only); before = previous kernel; "
+             "sweep = fastest --sweep candidate outside INT4_TACTICS.", "",
              "| M | N | K | fp16 µs | int4 µs | speedup | int4 TFLOPS | int4 weight TB/s | tactic | pick µs | pick x "
-             "| dq+cuBLAS µs | dq x | before µs | before x | rel err | stream fp16 µs | stream int4 µs | stream x |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dq+cuBLAS µs | dq x | before µs | before x | rel err | stream fp16 µs | stream int4 µs | stream x "
+             "| sweep µs | sweep x | sweep config |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     detail = ["", "## Every timed tactic", "", "| M | N | K | tactic | config | µs | speedup | rel err |",
               "|---|---|---|---|---|---|---|---|"]
@@ -261,7 +271,9 @@ def main(argv=None):
                         continue
                     times[name] = min(times.get(name, math.inf), t)
             t16 = times["fp16"]
-            ok = {n: t for n, t in times.items() if n not in ("fp16", "dq", "before") and errs[n] < 5e-3}
+            good = {n: t for n, t in times.items() if n not in ("fp16", "dq", "before") and errs[n] < 5e-3}
+            ok = {n: t for n, t in good.items() if n in INT4_TACTICS}
+            extra = {n: t for n, t in good.items() if n not in INT4_TACTICS}
             for name, cfg, _ in runs[1:]:
                 if name in times:
                     desc = fit_int4_config(cfg, K, BLOCK).describe() if cfg else name
@@ -280,6 +292,8 @@ def main(argv=None):
                 return ("-", "-") if not math.isfinite(t) else (f"{t:.1f}", f"{t16 / t:.2f}x")
 
             dq, bf = col(times.get("dq", math.nan)), col(times.get("before", math.nan))
+            sw_name = min(extra, key=extra.get) if extra else "-"
+            sw = col(extra.get(sw_name, math.nan))
             stream = ("-", "-", "-")
             if args.stream and M <= 64:
                 best_cfg = next(c for n, c, _ in runs if n == best)
@@ -292,7 +306,7 @@ def main(argv=None):
                 stream = (f"{s16:.1f}", f"{s4:.1f}", f"{s16 / s4:.2f}x")
             row = (f"| {M} | {N} | {K} | {t16:.1f} | {t4:.1f} | {t16 / t4:.2f}x | {2 * M * N * K / t4 / 1e6:.1f} | "
                    f"{wbytes / t4 / 1e6:.2f} | {best} | {col(tp)[0]} | {col(tp)[1]} | {dq[0]} | {dq[1]} | "
-                   f"{bf[0]} | {bf[1]} | {errs[best]:.1e} | {' | '.join(stream)} |")
+                   f"{bf[0]} | {bf[1]} | {errs[best]:.1e} | {' | '.join(stream)} | {sw[0]} | {sw[1]} | {sw_name} |")
             lines.append(row)
             print(row, flush=True)
             if args.out:  # rewritten after every point, so a run cut short keeps what it measured

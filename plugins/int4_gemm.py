@@ -21,6 +21,11 @@ Three code paths, chosen per tactic (:class:`Int4GemmConfig`):
   by that group's scale, so the weights are never rounded; slices are summed once at the end.
 * 2-D tile (M >= 64): the scale is multiplied into the dequantized weight in the same PTX block
   (``SCALE_AFTER`` instead scales the fp32 partial per group); wgmma takes it from shared memory.
+  ``SWAP_AB`` computes the tile of Y^T = W . X^T instead, so the dequantized weight is wgmma's A
+  operand, read from registers (no store + async-proxy fence + CTA barrier before the MMA); Triton
+  3.6 still converts it to the operand layout through a warp-local shared-memory round trip, and
+  ptxas serializes the register-operand wgmmas (C7515). It won by 0-8% at 256x128 tiles and is kept
+  where it measured faster (gpu_notes.md, session 5).
 * ``DOT=False`` (GEMV, M = 1): CUDA-core FMAs; packed weights go from global loads straight into
   registers, with no shared memory anywhere in the K loop and no padding of M to 16 (see
   ``_gemv_step`` for the one thread mapping every tensor shares); BLOCK_M in (1, 2, 4) rows of x
@@ -211,6 +216,7 @@ def _int4_gemm_kernel(
     MAGIC_V: tl.constexpr,  # 1024.0 (fp16) or 128.0 (bf16): see _NIB
     USE_ASM: tl.constexpr,  # False only under Triton's CPU interpreter
     PREFETCH_SCALES: tl.constexpr,  # L2 prefetch of the program's scale rows (inline PTX, so not interpreted)
+    SWAP_AB: tl.constexpr,  # 2-D tile: accumulate Y^T = W . X^T (dequantized W is wgmma's register A)
 ):
     DT = X.dtype.element_ty
     # Grouped program order over the (N tiles, M tiles) grid: consecutive programs share weight tiles.
@@ -319,7 +325,10 @@ def _int4_gemm_kernel(
         b_ptrs = B + rn[:, None] * stride_bn + offs_j[None, :]
         g0 = rn * 0
         s0, z0 = _scale_zero(S, ZP, rn, stride_sn, stride_zn, g0, g0 < N_BLOCKS, DT, HAS_ZP, MAGIC_V)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SWAP_AB:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # Y^T tile
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, k_end, BLOCK_K):
             g1 = (k0 + BLOCK_K) // QBLOCK
             s1, z1 = _scale_zero(S, ZP, rn, stride_sn, stride_zn, g1, g1 < N_BLOCKS, DT, HAS_ZP, MAGIC_V)
@@ -332,8 +341,17 @@ def _int4_gemm_kernel(
                 # bytes, so the load stays 16 bytes wide (a mask on 2*j < K gave 1-byte loads).
                 p = tl.load(b_ptrs + k0 // 2, mask=(k0 // 2 + offs_j)[None, :] < stride_bn, other=0)
             lo, hi = _dequant(p, z0[:, None], s0[:, None], DT, SCALE_IN, USE_ASM)
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if SCALE_AFTER else acc
-            if SPLIT_X:
+            if SWAP_AB:
+                part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32) if SCALE_AFTER else acc
+            else:
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if SCALE_AFTER else acc
+            if SWAP_AB:
+                # The dequantized tile is wgmma's A operand, which Hopper reads from registers (as in
+                # attention's P @ V): no shared-memory store, fence and barrier between the
+                # dequantization and the MMA. x^T is the B operand, from shared memory.
+                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # [n, j, 2] -> [n, 2j + t]
+                part = tl.dot(w, tl.trans(x), part)
+            elif SPLIT_X:
                 # The sum over k is order-free: pair even-k weights with even-k activations.
                 xe, xo = tl.split(tl.reshape(x, (BLOCK_M, SUBH, 2)))
                 part = tl.dot(xe, tl.trans(lo), part)
@@ -342,10 +360,12 @@ def _int4_gemm_kernel(
                 w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))  # [n, j, 2] -> [n, 2j + t]
                 part = tl.dot(x, tl.trans(w), part)
             if SCALE_AFTER:
-                acc += part * s0.to(tl.float32)[None, :]
+                acc += part * (s0.to(tl.float32)[:, None] if SWAP_AB else s0.to(tl.float32)[None, :])
             else:
                 acc = part
             s0, z0 = s1, z1
+        if SWAP_AB:
+            acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y_ptrs = Y + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -367,6 +387,9 @@ class Int4GemmConfig:
             BLOCK_K == 256 * num_warps keeps every tensor of a step in one thread mapping (_gemv_step).
         GROUP_M: grouped program order (1: plain row-major order of tiles).
         PREFETCH_SCALES: prefetch the program's scale (and zero-point) rows into L2 at the start.
+        SWAP_AB: 2-D tile path only: compute the tile of Y^T = W . X^T, so the dequantized weight is
+            wgmma's A operand taken from registers and x^T its B operand from shared memory (the
+            accumulator is transposed in the epilogue). Excludes SPLIT_X.
     """
 
     BLOCK_M: int
@@ -380,6 +403,7 @@ class Int4GemmConfig:
     DOT: bool = True
     GROUP_M: int = 1
     PREFETCH_SCALES: bool = True
+    SWAP_AB: bool = False
 
     def __post_init__(self):
         if self.BLOCK_K < 16 or self.BLOCK_K & (self.BLOCK_K - 1):
@@ -390,10 +414,13 @@ class Int4GemmConfig:
             raise ValueError("the tensor-core path needs BLOCK_M, BLOCK_N >= 16")
         if not self.DOT and (self.BLOCK_M not in (1, 2, 4) or self.KSPLIT != 1 or self.BLOCK_K < 32):
             raise ValueError("the CUDA-core path takes BLOCK_M in (1, 2, 4), KSPLIT == 1, BLOCK_K >= 32")
+        if self.SWAP_AB and (not self.DOT or self.KSPLIT != 1 or self.SPLIT_X):
+            raise ValueError("SWAP_AB is a 2-D tile option: DOT, KSPLIT == 1 and no SPLIT_X")
 
     def describe(self) -> str:
         flags = "".join(f" {n}" for n, on in (("splitx", self.SPLIT_X), ("scale_after", self.SCALE_AFTER),
-                                              (f"ksplit{self.KSPLIT}", self.KSPLIT > 1), ("fma", not self.DOT)) if on)
+                                              (f"ksplit{self.KSPLIT}", self.KSPLIT > 1), ("fma", not self.DOT),
+                                              ("swapab", self.SWAP_AB)) if on)
         g = f" g{self.GROUP_M}" if self.GROUP_M > 1 else ""
         g += "" if self.PREFETCH_SCALES else " nopf"
         return f"{self.BLOCK_M}x{self.BLOCK_N}x{self.BLOCK_K} w{self.num_warps} s{self.num_stages}{g}{flags}"
@@ -412,6 +439,11 @@ INT4_TACTICS: dict[str, Int4GemmConfig] = {
     "m64": Int4GemmConfig(64, 64, 128, 4, 4),
     "m256": Int4GemmConfig(128, 128, 64, 8, 4, GROUP_M=8),
     "large": Int4GemmConfig(256, 128, 64, 8, 3, SPLIT_X=True, GROUP_M=8),
+    # Swap-AB (session 5): the tile of Y^T = W . X^T, BLOCK_M tokens (wgmma's N) x BLOCK_N weight rows (its
+    # register A operand). Each won at least one M >= 256 point of the session-5 table, by 3-14%.
+    "swap_64x64": Int4GemmConfig(64, 64, 128, 4, 4, SWAP_AB=True),
+    "swap_128x64_w4": Int4GemmConfig(128, 64, 64, 4, 4, GROUP_M=8, SWAP_AB=True),
+    "swap_256x128": Int4GemmConfig(256, 128, 64, 8, 3, GROUP_M=8, SWAP_AB=True),
 }
 
 
@@ -425,7 +457,8 @@ def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig:
     """Heuristic tactic of the fused kernel by M and weight shape (the torch wrapper's choice).
 
     Fitted to the H100 measurements in benchmarks/gpu_notes.md (M = 1: session 4; M <= 16: session 3,
-    after padding rows were masked; larger M: the second pass's run 2); TensorRT times every tactic instead.
+    after padding rows were masked; M <= 64: the second pass's run 2; M >= 256: session 5); TensorRT
+    times every tactic instead.
     """
     small_n = N <= 4096
     if M == 1:  # the GEMV won or tied every M = 1 point of the session-4 sweep
@@ -434,10 +467,10 @@ def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig:
         name = "m16" if small_n else "m16_n32"
     elif M <= 64:
         name = "m16_n64" if small_n else "m64"
-    elif M < DEQUANT_MIN_M:
-        name = "m64" if small_n else ("large" if N * K >= 1 << 27 else "m256")
-    else:
-        name = "large"
+    elif M < DEQUANT_MIN_M:  # session 5 (M = 256): swap-AB won or tied on all four shapes
+        name = "swap_64x64" if small_n else ("swap_256x128" if N * K >= 1 << 27 else "swap_128x64_w4")
+    else:  # beat "large" at 5 of 6 M >= 1024 points (session 5); the wrapper takes dq+cuBLAS there
+        name = "swap_256x128"
     return fit_int4_config(INT4_TACTICS[name], K, block_size)
 
 
@@ -481,7 +514,7 @@ def kernel_constexprs(cfg: Int4GemmConfig, K: int, block_size: int, dtype: torch
                 BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_X=cfg.SPLIT_X,
                 SCALE_AFTER=cfg.SCALE_AFTER, KSPLIT=cfg.KSPLIT, DOT=cfg.DOT, GROUP_M=cfg.GROUP_M,
                 EVEN_K=K % cfg.BLOCK_K == 0, MAGIC_V=MAGIC[dtype], USE_ASM=True,
-                PREFETCH_SCALES=cfg.PREFETCH_SCALES)
+                PREFETCH_SCALES=cfg.PREFETCH_SCALES, SWAP_AB=cfg.SWAP_AB)
 
 
 def _check(x, b, scales, zero_points, bias, block_size):

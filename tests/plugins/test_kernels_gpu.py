@@ -55,7 +55,8 @@ def _int4_extra_configs():
 
     extra = [C(16, 16, 512, 4, 4, KSPLIT=4), C(16, 32, 128, 4, 4, SPLIT_X=True, SCALE_AFTER=True),
              C(128, 128, 64, 8, 3, SPLIT_X=True, GROUP_M=8, PREFETCH_SCALES=False),
-             C(4, 4, 1024, 4, 1, DOT=False), C(2, 8, 512, 2, 1, DOT=False)]  # GEMV with several rows of x
+             C(4, 4, 1024, 4, 1, DOT=False), C(2, 8, 512, 2, 1, DOT=False),  # GEMV with several rows of x
+             C(128, 128, 64, 8, 4, GROUP_M=8, SWAP_AB=True, SCALE_AFTER=True)]  # swap-AB, per-group fp32 scale
     return list(INT4_TACTICS.values()) + extra
 
 
