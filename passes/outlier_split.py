@@ -58,6 +58,8 @@ def outlier_columns(stats: TensorStats, config: OutlierSplitConfig) -> np.ndarra
     chosen = (stats.outlier_tokens > 0) & (fraction >= config.min_token_fraction)
     if config.relative_threshold is not None:
         relative = stats.relative_outlier_fraction()
+        if relative is None:
+            raise CalibrationDataError("the relative outlier rule needs statistics collected with a relative threshold")
         chosen |= (stats.relative_outlier_tokens > 0) & (relative >= config.relative_min_token_fraction)
         fraction = np.maximum(fraction, relative)
     candidates = np.nonzero(chosen)[0]

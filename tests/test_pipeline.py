@@ -7,6 +7,7 @@ import pytest
 import qcompiler
 from qcompiler.calibration import CalibrationStats, iterate_feeds
 from qcompiler.config import Recipe, SmoothQuantConfig
+from qcompiler.errors import CalibrationDataError
 from qcompiler.graph import export_graph, import_graph
 from qcompiler.pass_manager import PassContext
 from qcompiler.passes.smoothquant import SmoothQuant
@@ -93,3 +94,23 @@ def test_recipe_yaml_round_trip(tmp_path):
         assert qcompiler.load_recipe(path) == recipe
     custom = Recipe("mine", smoothquant=SmoothQuantConfig(alpha=0.65), w8a8=qcompiler.W8A8Config())
     assert Recipe.from_dict(custom.to_dict()) == custom
+
+
+def test_llm_int8_splits_by_the_relative_counts_it_collects(models, tmp_path):
+    path = tmp_path / "llama.onnx"
+    onnx.save(models["llama"], str(path))
+    calib, stats = tmp_path / "calib.npz", tmp_path / "stats.npz"
+    np.savez(calib, **_arrays("llama", np.random.default_rng(4), count=8))
+    result = qcompiler.compile(path, tmp_path / "int8.onnx", "llm-int8",
+                               data=qcompiler.DataOptions(calib=calib, save_stats=stats))
+    split = next(r.result for r in result.records if r.name == "outlier_split")
+    assert split.changed and "rms" in split.summary
+    wanted = qcompiler.BUILTIN_RECIPES["llm-int8"].outlier_split.relative_threshold
+    assert {s.relative_threshold for s in CalibrationStats.load(stats).tensors.values()} == {wanted}
+    # Statistics saved by a recipe that did not count relative outliers are refused, not silently used.
+    qcompiler.compile(path, tmp_path / "naive.onnx", "w8a8-naive",
+                      data=qcompiler.DataOptions(calib=calib, save_stats=tmp_path / "plain.npz"))
+    with pytest.raises(CalibrationDataError, match="relative"):
+        qcompiler.compile(path, tmp_path / "again.onnx", "llm-int8",
+                          data=qcompiler.DataOptions(stats=tmp_path / "plain.npz"))
+    assert not (tmp_path / "again.onnx").exists()

@@ -152,12 +152,15 @@ def test_column_selection_rules():
 def test_llm_int8_recipe_keeps_a_column_one_token_pushed_past_the_threshold():
     from qcompiler.recipes import BUILTIN_RECIPES
 
-    stats = TensorStats.empty(40, 64, 6.0)
+    recipe = BUILTIN_RECIPES["llm-int8"].outlier_split
+    stats = TensorStats.empty(40, 64, 6.0, recipe.relative_threshold)
     x = np.ones((5000, 40), np.float32)
     x[:2, 3] = 7.0  # 0.04% of tokens: under the default 0.1% floor, kept by LLM.int8()'s any-token rule
     stats.update(x)
     assert outlier_columns(stats, OutlierSplitConfig()).tolist() == []
-    assert outlier_columns(stats, BUILTIN_RECIPES["llm-int8"].outlier_split).tolist() == [3]
+    assert outlier_columns(stats, recipe).tolist() == [3]
+    with pytest.raises(CalibrationDataError, match="relative"):
+        outlier_columns(TensorStats.empty(40, 64, 6.0), recipe)
 
 
 def test_relative_rule_catches_outlier_features_below_the_absolute_threshold():
