@@ -62,3 +62,23 @@ def test_w8a8_smoothquant_perplexity_close_to_fp32_and_beats_naive(smollm2, tmp_
         ppl[recipe] = result.evaluation.perplexity_compiled
     assert ppl["w8a8-smoothquant"] < ppl["fp32"] * 1.03, ppl
     assert ppl["w8a8-naive"] > ppl["w8a8-smoothquant"] * 1.2, ppl
+
+
+def test_llm_int8_relative_rule_beats_the_absolute_threshold_alone(smollm2, tmp_path):
+    """On RMSNorm outputs of ~1 the |x| > 6 rule misses the channels that set each token's int8 scale."""
+    import dataclasses
+
+    model_path, tokenizer = smollm2
+    data = qcompiler.DataOptions(calib_text=DATA / "sotu_calibration.txt", tokenizer=tokenizer, seq_len=256, num_samples=8)
+    evaluate = qcompiler.EvalOptions(eval_text=DATA / "austen_heldout.txt", eval_windows=4, layer_report=False,
+                                     latency_repeats=1, threads=2)
+    recipe = qcompiler.BUILTIN_RECIPES["llm-int8"]
+    absolute_only = dataclasses.replace(recipe, name="llm-int8-absolute",
+                                        outlier_split=dataclasses.replace(recipe.outlier_split, relative_threshold=None))
+    increase = {}
+    for variant in (recipe, absolute_only):
+        ev = qcompiler.compile(model_path, tmp_path / f"{variant.name}.onnx", variant, data=data,
+                               evaluate=evaluate).evaluation
+        increase[variant.name] = ev.perplexity_compiled / ev.perplexity_original - 1
+    assert increase["llm-int8"] < 0.6 * increase["llm-int8-absolute"], increase
+    assert increase["llm-int8"] < 0.01, increase
