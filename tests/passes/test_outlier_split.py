@@ -11,7 +11,7 @@ from qcompiler.errors import CalibrationDataError
 from qcompiler.graph import KEEP_FLOAT_SUFFIX, export_graph, import_graph
 from qcompiler.pass_manager import PassContext
 from qcompiler.passes.insert_qdq import InsertQDQ
-from qcompiler.passes.outlier_split import OutlierSplit, inlier_stats, outlier_columns
+from qcompiler.passes.outlier_split import OutlierSplit, masked_stats, outlier_columns
 from tests.helpers import gemm_input_stats, run_ort, sqnr_db
 
 OUTLIERS = (3, 17, 40)
@@ -57,7 +57,7 @@ def split(model, arrays, config=None, **kwargs):
     return out, result, ctx
 
 
-def test_structure_only_gather_matmul_add():
+def test_structure_only_mul_gather_matmul_add():
     rng = np.random.default_rng(0)
     model = outlier_model(rng)
     out, result, _ = split(model, {"x": activations(rng, 64)})
@@ -67,18 +67,23 @@ def test_structure_only_gather_matmul_add():
     nodes = {n.name: n for n in out.graph.node}
     made_by = {o: n for n in out.graph.node for o in n.output}
     inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
-    assert {n.op_type for n in out.graph.node} - {n.op_type for n in model.graph.node} == {"Gather", "Add"}
+    assert {n.op_type for n in out.graph.node} - {n.op_type for n in model.graph.node} == {"Mul", "Gather", "Add"}
     for name in ("fc1", "fc2"):
-        gather_in = made_by[nodes[name].input[0]]
-        assert gather_in.op_type == "Gather" and gather_in.input[0] == "x"
-        assert helper.get_attribute_value(gather_in.attribute[0]) == -1
-        assert sorted(set(range(48)) - set(inits[gather_in.input[1]].tolist())) == list(OUTLIERS)
+        mask = made_by[nodes[name].input[0]]
+        assert mask.op_type == "Mul" and mask.input[0] == "x"
+        assert np.flatnonzero(inits[mask.input[1]] == 0).tolist() == list(OUTLIERS)
+        assert set(np.unique(inits[mask.input[1]]).tolist()) == {0.0, 1.0}
+        weight = inits[nodes[name].input[1]]
+        rows = weight if name == "fc1" else weight.T  # fc2 is a Gemm with transB
+        assert not rows[list(OUTLIERS)].any() and rows.shape[0] == 48
         float_mm = nodes[f"{name}/outliers{KEEP_FLOAT_SUFFIX}"]
         assert float_mm.op_type == "MatMul"
-        assert inits[made_by[float_mm.input[0]].input[1]].tolist() == list(OUTLIERS)
+        gather = made_by[float_mm.input[0]]
+        assert gather.op_type == "Gather" and helper.get_attribute_value(gather.attribute[0]) == -1
+        assert inits[gather.input[1]].tolist() == list(OUTLIERS)
         merge = next(n for n in out.graph.node if n.op_type == "Add" and float_mm.output[0] in n.input)
         assert merge.output[0] == {"fc1": "m1", "fc2": "m2"}[name]
-    # One pair of Gathers serves both consumers of x; the Gemm keeps its bias and transB.
+    # One mask and one Gather serve both consumers of x; the Gemm keeps its bias and transB.
     assert nodes["fc1"].input[0] == nodes["fc2"].input[0]
     assert nodes["fc2"].op_type == "Gemm" and nodes["fc2"].input[2] == "b2"
     assert nodes["fc3"].input[0] == "t"
@@ -126,8 +131,9 @@ def test_inlier_statistics_are_registered():
     out, _, ctx = split(model, {"x": x})
     inlier_name = next(n for n in out.graph.node if n.name == "fc1").input[0]
     derived = ctx.stats[inlier_name]
-    inliers = np.setdiff1d(np.arange(48), OUTLIERS)
-    np.testing.assert_allclose(derived.channel_absmax, np.abs(x[:, inliers]).max(axis=0), rtol=1e-6)
+    masked = x.copy()
+    masked[:, list(OUTLIERS)] = 0
+    np.testing.assert_allclose(derived.channel_absmax, np.abs(masked).max(axis=0), rtol=1e-6)
     assert derived.absmax < ctx.stats["x"].absmax / 5
     assert derived.percentile_absmax(99.0) <= derived.absmax
 
@@ -145,8 +151,9 @@ def test_column_selection_rules():
     # At most floor(fraction * K) columns, the most frequent first.
     assert outlier_columns(stats, OutlierSplitConfig(max_float_fraction=0.05)).tolist() == [2, 7]
     assert outlier_columns(stats, OutlierSplitConfig(max_float_fraction=0.02)).tolist() == []
-    sub = inlier_stats(stats, np.array([0, 1, 2]))
-    assert sub.channel_absmax.tolist() == [1.0, 1.0, 10.0] and sub.max == 10.0 and sub.outlier_tokens.tolist() == [0, 0, 500]
+    sub = masked_stats(stats, np.array([4, 7]))
+    assert sub.channel_absmax[[2, 4, 7]].tolist() == [10.0, 0.0, 0.0] and sub.max == 10.0
+    assert sub.outlier_tokens[[2, 4, 7]].tolist() == [500, 0, 0]
 
 
 def test_llm_int8_recipe_keeps_a_column_one_token_pushed_past_the_threshold():
