@@ -26,10 +26,11 @@ Outlier columns of an activation X: channels j with outlier_fraction_j = #{token
 / #tokens >= ``min_token_fraction`` (and at least one such token), or, with a relative threshold k,
 channels where |x_tj| > k · rms(x_t) in >= ``relative_min_token_fraction`` of tokens; at most
 ``max_float_fraction`` · K of them (the most frequent first, by the larger of the two fractions, ties
-by max|x_j|). All GEMMs reading X share one split (one pair of Gathers). A GEMM whose input has no
+by max|x_j|). All GEMMs reading X share one split (one mask, one Gather). A GEMM whose input has no
 outlier column is left alone and reported.
 
-Statistics: ``context.stats[X]`` must have been collected with ``outlier_threshold == threshold``.
+Statistics: ``context.stats[X]`` must have been collected with ``outlier_threshold == threshold``
+(and with the config's ``relative_threshold`` when it sets one).
 For each masked tensor X ⊙ m the pass adds statistics to ``context.stats`` so that static ranges
 can be taken for it: its per-channel max|x| (hence its max range) and outlier counts are exact (X's,
 zero on the masked channels); its histogram is X's whole histogram and min/max are X's clipped to
@@ -172,7 +173,7 @@ class OutlierSplit:
             if inliers.size == 0:
                 result.not_fired.append((name, "every column is an outlier; nothing left to quantize"))
                 continue
-            self._split(graph, gemm, x_in, x_out, inliers, outliers)
+            self._split(graph, gemm, x_in, x_out, outliers)
             total_float += outliers.size
             result.changed = True
             fraction = x_stats.outlier_fraction()[outliers]
@@ -211,7 +212,7 @@ class OutlierSplit:
 
     @staticmethod
     def _split(graph: gs.Graph, gemm: WeightedGemm, x_in: gs.Variable, x_out: gs.Variable,
-               inliers: np.ndarray, outliers: np.ndarray) -> None:
+               outliers: np.ndarray) -> None:
         node = gemm.node
         name = node.name or node.outputs[0].name
         w_kn = gemm.weight_kn
