@@ -60,10 +60,9 @@ def _k(gemm: WeightedGemm) -> int:
     return gemm.weight.shape[1] if gemm.transposed else gemm.weight.shape[0]
 
 
-def outlier_columns(stats: TensorStats, config: OutlierSplitConfig) -> np.ndarray:
-    """Sorted indices of the channels to keep in float (see module docstring); may be empty."""
+def _fractions(stats: TensorStats, config: OutlierSplitConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel: whether a rule selects it, and the larger of its two outlier token fractions."""
     fraction = stats.outlier_fraction()
-    k = fraction.size
     chosen = (stats.outlier_tokens > 0) & (fraction >= config.min_token_fraction)
     if config.relative_threshold is not None:
         relative = stats.relative_outlier_fraction()
@@ -71,6 +70,13 @@ def outlier_columns(stats: TensorStats, config: OutlierSplitConfig) -> np.ndarra
             raise CalibrationDataError("the relative outlier rule needs statistics collected with a relative threshold")
         chosen |= (stats.relative_outlier_tokens > 0) & (relative >= config.relative_min_token_fraction)
         fraction = np.maximum(fraction, relative)
+    return chosen, fraction
+
+
+def outlier_columns(stats: TensorStats, config: OutlierSplitConfig) -> np.ndarray:
+    """Sorted indices of the channels to keep in float (see module docstring); may be empty."""
+    chosen, fraction = _fractions(stats, config)
+    k = fraction.size
     candidates = np.nonzero(chosen)[0]
     limit = int(np.floor(config.max_float_fraction * k))
     if candidates.size > limit:
@@ -176,7 +182,7 @@ class OutlierSplit:
             self._split(graph, gemm, x_in, x_out, outliers)
             total_float += outliers.size
             result.changed = True
-            fraction = x_stats.outlier_fraction()[outliers]
+            fraction = _fractions(x_stats, self.config)[1][outliers]
             result.details.append({"node": name, "activation": x.name, "k": int(inliers.size + outliers.size),
                                    "float_columns": int(outliers.size), "columns": outliers.tolist()[:32],
                                    "max_outlier_fraction": float(fraction.max())})

@@ -23,12 +23,32 @@ def _fmt(value, digits=3) -> str:
     return str(value)
 
 
-def summary_markdown(result) -> str:
-    """Markdown tables: passes, output agreement, perplexity and latency, the worst layers."""
+def _float_columns_table(result) -> list[str]:
+    """Per split activation: the GEMMs reading it and how many of its K input columns stay in float."""
+    split = next((r.result for r in result.records if r.name == "outlier_split" and r.result.details), None)
+    if split is None:
+        return []
+    by_activation: dict[str, list[dict]] = {}
+    for detail in split.details:
+        by_activation.setdefault(detail["activation"], []).append(detail)
+    lines = ["", "Input columns kept in float by OutlierSplit (the rest go W8A8):", "",
+             "| activation | GEMMs | K | float columns | max outlier token fraction |", "|---|---|---|---|---|"]
+    for activation, details in by_activation.items():
+        first = details[0]
+        lines.append(f"| {activation} | {', '.join(d['node'] for d in details)} | {first['k']} | "
+                     f"{first['float_columns']} | {_fmt(first['max_outlier_fraction'], 4)} |")
+    return lines
+
+
+def summary_markdown(result, *, details: bool = False) -> str:
+    """Markdown tables: passes, output agreement, perplexity and latency, the worst layers; with
+    ``details``, also the float columns OutlierSplit kept per activation (one row per split tensor)."""
     lines = [f"## qcompile: recipe `{result.recipe.name}` -> `{result.output}`", "",
              "| # | pass | seconds | result |", "|---|---|---|---|"]
     for r in result.records:
         lines.append(f"| {r.index} | {r.name} | {r.seconds:.2f} | {r.result.summary or ('changed' if r.result.changed else 'no change')} |")
+    if details:
+        lines += _float_columns_table(result)
     ev = result.evaluation
     if ev is None:
         return "\n".join(lines) + "\n"
@@ -53,12 +73,13 @@ def summary_markdown(result) -> str:
 
 
 def write_report(result, path: str | Path) -> None:
-    """Writes ``.json`` (everything, incl. per-layer SQNR of all GEMMs) or Markdown (anything else)."""
+    """Writes ``.json`` (everything, incl. per-layer SQNR of all GEMMs) or Markdown (anything else,
+    with the per-activation float-column table of OutlierSplit)."""
     path = Path(path)
     try:
         if path.suffix.lower() == ".json":
             path.write_text(json.dumps(result.to_dict(), indent=2, default=str))
         else:
-            path.write_text(summary_markdown(result))
+            path.write_text(summary_markdown(result, details=True))
     except OSError as err:
         raise OutputPathError(f"cannot write report {path}: {err.strerror or err}") from None

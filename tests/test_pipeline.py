@@ -11,6 +11,7 @@ from qcompiler.errors import CalibrationDataError
 from qcompiler.graph import export_graph, import_graph
 from qcompiler.pass_manager import PassContext
 from qcompiler.passes.smoothquant import SmoothQuant
+from qcompiler.report import write_report
 from tests.helpers import gemm_input_stats, run_ort
 
 pytest.importorskip("torch")
@@ -105,6 +106,12 @@ def test_llm_int8_splits_by_the_relative_counts_it_collects(models, tmp_path):
                                data=qcompiler.DataOptions(calib=calib, save_stats=stats))
     split = next(r.result for r in result.records if r.name == "outlier_split")
     assert split.changed and "rms" in split.summary
+    # The Markdown report lists every split activation with its float columns.
+    write_report(result, tmp_path / "report.md")
+    report = (tmp_path / "report.md").read_text()
+    assert "Input columns kept in float" in report
+    for detail in split.details:
+        assert f"| {detail['activation']} |" in report and detail["node"] in report
     wanted = qcompiler.BUILTIN_RECIPES["llm-int8"].outlier_split.relative_threshold
     assert {s.relative_threshold for s in CalibrationStats.load(stats).tensors.values()} == {wanted}
     # Statistics saved by a recipe that did not count relative outliers are refused, not silently used.
