@@ -4,9 +4,8 @@ two reference points that bound it (per-token W8A8 with no split; int8 weights a
 Each row compiles the model with the `llm-int8` recipe and one OutlierSplit setting (absolute
 threshold and token fraction, optionally the relative rule k x token RMS), calibrating on State of
 the Union text and measuring perplexity on held-out Jane Austen; the table gives the float columns
-the split keeps. "weights only" is per-channel int8 weights
-with fp32 activations (MatMulNBits, accuracy_level 1): the part of the error no activation treatment
-can remove.
+the split keeps. "weights only" is per-channel int8 weights with fp32 activations (MatMulNBits,
+accuracy_level 1): the part of the error no activation treatment can remove.
 
     python benchmarks/eval_llm_int8.py [--work work] [--calib-windows 32] [--eval-windows 16]
         [--variants recipe 6:0 6:0.001 4:0 3:0 6:0:1 6:0:0.1:6:0.01 none weights]
@@ -68,12 +67,12 @@ def main(argv=None) -> None:
     model, tokenizer = cached_smollm2(args.work / "smollm2")
     lines = ["| setting | ppl | fp32 | vs fp32 | float columns | compile s |", "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
+    data = qcompiler.DataOptions(calib_text=DATA / "sotu_calibration.txt", tokenizer=tokenizer,
+                                 seq_len=args.seq_len, num_samples=args.calib_windows)
+    evaluate = qcompiler.EvalOptions(eval_text=DATA / "austen_heldout.txt", eval_windows=args.eval_windows,
+                                     layer_report=False, latency_repeats=1, threads=2)
     for variant in args.variants:
         label, recipe = _recipe(variant)
-        data = qcompiler.DataOptions(calib_text=DATA / "sotu_calibration.txt", tokenizer=tokenizer,
-                                     seq_len=args.seq_len, num_samples=args.calib_windows)
-        evaluate = qcompiler.EvalOptions(eval_text=DATA / "austen_heldout.txt", eval_windows=args.eval_windows,
-                                         layer_report=False, latency_repeats=1, threads=2)
         start = time.perf_counter()
         result = qcompiler.compile(model, args.work / f"{model.stem}.{recipe.name}.onnx", recipe, data=data,
                                    evaluate=evaluate)

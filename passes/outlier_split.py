@@ -141,7 +141,7 @@ class OutlierSplit:
         if stats is None:
             raise ValueError("OutlierSplit needs calibration statistics of the GEMM inputs")
         result = PassResult(changed=False)
-        splits: dict[str, tuple[gs.Variable, gs.Variable, np.ndarray, np.ndarray]] = {}
+        splits: dict[str, tuple[gs.Variable | None, gs.Variable | None, np.ndarray]] = {}
         total_float = 0
         for gemm in weighted_gemms(graph):
             name = gemm.node.name or gemm.node.outputs[0].name
@@ -168,22 +168,21 @@ class OutlierSplit:
                     f"collect statistics with the recipe's relative_threshold")
             if x.name not in splits:
                 outliers = outlier_columns(x_stats, self.config)
-                inliers = np.setdiff1d(np.arange(x_stats.channel_absmax.size), outliers)
-                splits[x.name] = self._split_input(graph, x, inliers, outliers, np.dtype(gemm.weight.dtype)) + (inliers, outliers)
-                if outliers.size and inliers.size:
+                splits[x.name] = self._split_input(graph, x, outliers, _k(gemm), np.dtype(gemm.weight.dtype)) + (outliers,)
+                if 0 < outliers.size < _k(gemm):
                     stats.tensors[splits[x.name][0].name] = masked_stats(x_stats, outliers)
-            x_in, x_out, inliers, outliers = splits[x.name]
+            x_in, x_out, outliers = splits[x.name]
             if outliers.size == 0:
                 result.not_fired.append((name, f"no outlier column ({self._rule()})"))
                 continue
-            if inliers.size == 0:
+            if outliers.size == _k(gemm):
                 result.not_fired.append((name, "every column is an outlier; nothing left to quantize"))
                 continue
             self._split(graph, gemm, x_in, x_out, outliers)
             total_float += outliers.size
             result.changed = True
             fraction = _fractions(x_stats, self.config)[1][outliers]
-            result.details.append({"node": name, "activation": x.name, "k": int(inliers.size + outliers.size),
+            result.details.append({"node": name, "activation": x.name, "k": _k(gemm),
                                    "float_columns": int(outliers.size), "columns": outliers.tolist()[:32],
                                    "max_outlier_fraction": float(fraction.max())})
         # Masks and Gathers of activations that ended up unused are removed by the pass manager's cleanup.
@@ -199,12 +198,12 @@ class OutlierSplit:
         return rule
 
     @staticmethod
-    def _split_input(graph: gs.Graph, x: gs.Variable, inliers: np.ndarray, outliers: np.ndarray,
+    def _split_input(graph: gs.Graph, x: gs.Variable, outliers: np.ndarray, k: int,
                      dtype: np.dtype) -> tuple[gs.Variable | None, gs.Variable | None]:
         """X ⊙ m (inlier mask, of the GEMM's dtype) and X[..., outliers]; None where there is nothing to split."""
-        if outliers.size == 0 or inliers.size == 0:
+        if outliers.size in (0, k):
             return None, None
-        mask = np.ones(inliers.size + outliers.size, dtype=dtype)
+        mask = np.ones(k, dtype=dtype)
         mask[outliers] = 0
         masked = gs.Variable(f"{x.name}/inliers", dtype=x.dtype, shape=x.shape)
         graph.nodes.append(gs.Node("Mul", f"{x.name}/mask_outliers",
