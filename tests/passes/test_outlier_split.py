@@ -224,3 +224,12 @@ def test_statistics_must_exist_and_match_the_threshold():
     stats = gemm_input_stats(model, {"x": activations(rng, 16)}, threshold=3.0)
     with pytest.raises(CalibrationDataError, match="threshold"):
         OutlierSplit(OutlierSplitConfig(threshold=6.0)).run(import_graph(model), PassContext(stats=stats))
+
+
+@pytest.mark.parametrize("fields", [{"relative_threshold": 1.0}, {"relative_threshold": -4.0},
+                                    {"relative_min_token_fraction": 1.5}])
+def test_bad_relative_rule_settings_are_refused(fields):
+    from qcompiler.config import RecipeError
+
+    with pytest.raises(RecipeError, match="relative"):
+        OutlierSplitConfig(**fields)
