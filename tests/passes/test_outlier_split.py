@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.calibration import TensorStats
-from qcompiler.config import ActivationScheme, OutlierSplitConfig, W8A8Config
+from qcompiler.config import ActivationScheme, OutlierSplitConfig, RecipeError, W8A8Config
 from qcompiler.errors import CalibrationDataError
 from qcompiler.graph import KEEP_FLOAT_SUFFIX, export_graph, import_graph
 from qcompiler.pass_manager import PassContext
@@ -229,7 +229,5 @@ def test_statistics_must_exist_and_match_the_threshold():
 @pytest.mark.parametrize("fields", [{"relative_threshold": 1.0}, {"relative_threshold": -4.0},
                                     {"relative_min_token_fraction": 1.5}])
 def test_bad_relative_rule_settings_are_refused(fields):
-    from qcompiler.config import RecipeError
-
     with pytest.raises(RecipeError, match="relative"):
         OutlierSplitConfig(**fields)
