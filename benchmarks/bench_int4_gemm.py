@@ -50,12 +50,14 @@ from qcompiler.plugins.int4_gemm import (
     int4_gemm_dequant_matmul,
     pick_int4_config,
 )
+from qcompiler.plugins.int4_gemm_mma import INT4_MMA_TACTICS, Int4MmaConfig
 from qcompiler.plugins.ops import pack_int4_matmulnbits
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)]
 MS = [1, 4, 16, 64, 256, 1024, 4096]
 BLOCK = 128
 C = Int4GemmConfig
+TACTICS = {**INT4_TACTICS, **INT4_MMA_TACTICS}  # what the plugin offers TensorRT: Triton and CUDA C++ tactics
 
 
 def tactics_for(M):
@@ -67,11 +69,25 @@ def tactics_for(M):
         names |= {"m16_n32", "m16_n64", "m64", "m256"}
     if M > 64:
         names |= {"m256", "large", "swap_128x64_w4", "swap_256x128"} | ({"m64", "swap_64x64"} if M <= 256 else set())
-    return [n for n in INT4_TACTICS if n in names]
+    if M <= 64:
+        names |= set(INT4_MMA_TACTICS)
+    return [n for n in TACTICS if n in names]
 
 
-def sweep_configs(M):
+def _describe(cfg, K):
+    return cfg.describe() if isinstance(cfg, Int4MmaConfig) else fit_int4_config(cfg, K, BLOCK).describe()
+
+
+def sweep_configs(M, mma_only=False):
     """Extra candidates for ``--sweep`` (see benchmarks/gpu_notes.md for why each is there)."""
+    if M <= 16:
+        # The CUDA C++ kernel: n8 tiles per warp x warps (along N x along K) x span buffers in flight.
+        # (Session 6 also swept the weights through 3-8 cp.async shared-memory stages: slower everywhere.)
+        for nt, (wn, wk), depth in itertools.product((1, 2, 4), ((1, 4), (1, 8), (1, 16), (2, 4), (4, 4)), (2, 3)):
+            if wn * wk * nt * 512 <= 48 * 1024:
+                yield Int4MmaConfig(nt, wn * wk, wn, depth)
+    if mma_only:
+        return
     if 4 < M <= 16:
         # N tile (x re-read from L2 per weight byte), K step and pipeline depth (bytes in flight), one
         # warp per K-slice; the S3-1 sweep in gpu_notes.md.
@@ -103,9 +119,9 @@ def sweep_configs(M):
 
 
 def candidates(M, sweep):
-    out = [(name, INT4_TACTICS[name]) for name in tactics_for(M)]
+    out = [(name, TACTICS[name]) for name in tactics_for(M)]
     if sweep:
-        out += [(cfg.describe(), cfg) for cfg in sweep_configs(M) if cfg not in INT4_TACTICS.values()]
+        out += [(cfg.describe(), cfg) for cfg in sweep_configs(M, sweep == "mma") if cfg not in TACTICS.values()]
     return out
 
 
@@ -191,7 +207,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=None, help="N:K,N:K")
-    ap.add_argument("--sweep", action="store_true", help="also time the extra candidates of sweep_configs")
+    ap.add_argument("--sweep", nargs="?", const="all", default=None, choices=["all", "mma"],
+                    help="also time the extra candidates of sweep_configs (mma: the CUDA C++ kernel's only)")
     ap.add_argument("--before", default=None, help="path of an older int4_gemm.py to time as 'before'")
     ap.add_argument("--jobs", type=int, default=0, help="compile in this many processes first (0: no)")
     ap.add_argument("--compile-only", action="store_true", help="with --jobs: fill the kernel cache and stop")
@@ -211,7 +228,9 @@ def main(argv=None):
         return (["dq"] if M >= 256 else []) + (["before"] if old else [])
 
     if args.jobs:
-        precompile({(N, K): [(M, c) for M in ms for c in [c for _, c in candidates(M, args.sweep)] + extras(M)]
+        # Triton only: the CUDA C++ tactics compile in-process in ~0.1 s (NVRTC).
+        precompile({(N, K): [(M, c) for M in ms for c in [c for _, c in candidates(M, args.sweep)
+                                                          if not isinstance(c, Int4MmaConfig)] + extras(M)]
                     for N, K in shapes}, args.jobs, args.before)
     if args.compile_only:
         return
@@ -221,13 +240,13 @@ def main(argv=None):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             for name, cfg in candidates(M, False):
                 if name != "m64":
-                    print(f"# launch: M={M} N={N} K={K} {name} {fit_int4_config(cfg, K, BLOCK).describe()}", flush=True)
+                    print(f"# launch: M={M} N={N} K={K} {name} {_describe(cfg, K)}", flush=True)
                     int4_gemm(x, b, s, block_size=BLOCK, config=cfg)
                     torch.cuda.synchronize()
         return
     dev = torch.cuda.get_device_name()
     lines = [f"# INT4 GEMM (g{BLOCK}, sym) vs torch fp16 on {dev}", "",
-             "int4 = fastest tactic of INT4_TACTICS (what TensorRT's autotuner keeps); pick = the torch wrapper's "
+             "int4 = fastest tactic of INT4_TACTICS + INT4_MMA_TACTICS (what TensorRT's autotuner keeps); pick = the torch wrapper's "
              "default (int4_gemm with config=None: pick_int4_config's tactic, or dq+cuBLAS from M >= "
              f"{DEQUANT_MIN_M}); dq+cuBLAS = dequantize to fp16 then cuBLAS (torch path only); before = previous kernel; "
              "sweep = fastest --sweep candidate outside INT4_TACTICS.", "",
@@ -272,11 +291,11 @@ def main(argv=None):
                     times[name] = min(times.get(name, math.inf), t)
             t16 = times["fp16"]
             good = {n: t for n, t in times.items() if n not in ("fp16", "dq", "before") and errs[n] < 5e-3}
-            ok = {n: t for n, t in good.items() if n in INT4_TACTICS}
-            extra = {n: t for n, t in good.items() if n not in INT4_TACTICS}
+            ok = {n: t for n, t in good.items() if n in TACTICS}
+            extra = {n: t for n, t in good.items() if n not in TACTICS}
             for name, cfg, _ in runs[1:]:
                 if name in times:
-                    desc = fit_int4_config(cfg, K, BLOCK).describe() if cfg else name
+                    desc = _describe(cfg, K) if cfg else name
                     detail.append(f"| {M} | {N} | {K} | {name} | {desc} | {times[name]:.1f} | {t16 / times[name]:.2f}x | "
                                   f"{errs[name]:.1e}{'' if errs[name] < 5e-3 else ' BAD'} |")
             if not ok:
@@ -285,7 +304,8 @@ def main(argv=None):
             t4 = ok[best]
             # The wrapper's default (config=None): the two-kernel path from DEQUANT_MIN_M on, else its tactic.
             pick = pick_int4_config(M, N, K, BLOCK)
-            pick_name = next((n for n, c in INT4_TACTICS.items() if fit_int4_config(c, K, BLOCK) == pick), None)
+            pick_name = next((n for n, c in TACTICS.items()
+                              if (c if isinstance(c, Int4MmaConfig) else fit_int4_config(c, K, BLOCK)) == pick), None)
             tp = times.get("dq", math.nan) if M >= DEQUANT_MIN_M else ok.get(pick_name, math.nan)
 
             def col(t):

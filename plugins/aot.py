@@ -30,7 +30,7 @@ from triton.backends.compiler import GPUTarget
 from .ops import FLASH_ATTENTION, INT4_GEMM, NORMS, QUANTIZE_PER_TOKEN, W8A8_GEMM
 
 __all__ = ["AotKernel", "Expr", "Int4GemmPlugin", "W8A8GemmPlugin", "QuantizePerTokenPlugin",
-           "FlashAttentionPlugin", "build", "compile_kernel", "tactics", "TARGET"]
+           "FlashAttentionPlugin", "build", "build_int4_mma", "compile_kernel", "tactics", "TARGET"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,9 @@ def tactics(config) -> list[str]:
     """Tactic names a configuration can be built with (TensorRT times each and keeps the fastest)."""
     if isinstance(config, Int4GemmPlugin):
         from .int4_gemm import INT4_TACTICS
-        return list(INT4_TACTICS)
+        from .int4_gemm_mma import INT4_MMA_TACTICS, supports
+        return list(INT4_TACTICS) + [name for name, cfg in INT4_MMA_TACTICS.items()
+                                     if supports(cfg, config.N, config.K, config.block_size)]
     if isinstance(config, W8A8GemmPlugin):
         from .w8a8_gemm import W8A8_TACTICS
         return list(W8A8_TACTICS)
@@ -211,9 +213,12 @@ def _build_int4(c: Int4GemmPlugin) -> AotKernel:
     import torch
 
     from .int4_gemm import INT4_TACTICS, _int4_gemm_kernel, fit_int4_config, kernel_constexprs
+    from .int4_gemm_mma import INT4_MMA_TACTICS
 
     if c.dtype not in ("float16", "bfloat16"):
         raise ValueError(f"Int4Gemm plugin: dtype must be float16/bfloat16, got {c.dtype}")
+    if c.tactic in INT4_MMA_TACTICS:
+        return build_int4_mma(c, INT4_MMA_TACTICS[c.tactic])
     cfg = fit_int4_config(INT4_TACTICS[c.tactic], c.K, c.block_size)
     nb = -(-c.K // c.block_size)
     dt = _DTYPES[c.dtype]
@@ -231,6 +236,23 @@ def _build_int4(c: Int4GemmPlugin) -> AotKernel:
               "BIAS": ("in", "bias"), "Y": ("out", "Y"), **{k: ("i32", Expr.of(v)) for k, v in scalars.items()}}
     grid = (Expr(math.ceil(c.N / cfg.BLOCK_N)), Expr(1, (("M", cfg.BLOCK_M),)), 1)
     return _finish(kernel, _int4_gemm_kernel, constexprs, params, grid)
+
+
+def build_int4_mma(c: Int4GemmPlugin, cfg) -> AotKernel:
+    """The hand-written CUDA C++ kernel (int4_gemm_mma.py) for ``cfg`` (an Int4MmaConfig), compiled by
+    NVRTC; no scratch parameters. ``c.tactic`` is not read, so sweeps can build configs outside the table."""
+    from .int4_gemm_mma import PTX_ISA, kernel_source, launch_geometry
+    from .nvrtc import compile_to_ptx
+
+    if c.dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"Int4Gemm plugin: dtype must be float16/bfloat16, got {c.dtype}")
+    name, source = kernel_source(cfg, c.dtype, c.N, c.K, c.block_size, c.has_zero_points, c.has_bias)
+    ptx = compile_to_ptx(source, name + ".cu", ptx_version=PTX_ISA)
+    params = [("X", "in", "X"), ("B", "in", "B"), ("S", "in", "scales")]
+    params += [("ZP", "in", "zero_points")] * c.has_zero_points + [("BIAS", "in", "bias")] * c.has_bias
+    params += [("M", "i32", Expr.of("M")), ("Y", "out", "Y")]
+    grid_x, rows_m = launch_geometry(cfg, c.N)
+    return AotKernel(name, ptx, cfg.WARPS, 0, tuple(params), (Expr(grid_x), Expr(1, (("M", rows_m),)), Expr(1)))
 
 
 def _build_w8a8(c: W8A8GemmPlugin) -> AotKernel:

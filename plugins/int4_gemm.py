@@ -46,10 +46,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
+
+from .int4_gemm_mma import INT4_MMA_TACTICS, Int4MmaConfig, supports
 
 __all__ = ["Int4GemmConfig", "int4_gemm", "int4_gemm_reference", "int4_gemm_dequant_matmul", "dequantize_int4",
            "dequantize_int4_gpu", "pick_int4_config", "fit_int4_config", "INT4_TACTICS", "DEQUANT_MIN_M"]
@@ -453,18 +456,38 @@ INT4_TACTICS: dict[str, Int4GemmConfig] = {
 DEQUANT_MIN_M = 1024
 
 
-def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig:
-    """Heuristic tactic of the fused kernel by M and weight shape (the torch wrapper's choice).
+@lru_cache(maxsize=1)
+def _mma_available() -> bool:
+    """The CUDA C++ tactics need NVRTC (to compile) and CuPy (to launch the PTX)."""
+    import importlib.util
 
-    Fitted to the H100 measurements in benchmarks/gpu_notes.md (M = 1: session 4; M <= 16: session 3,
-    after padding rows were masked; M <= 64: the second pass's run 2; M >= 256: session 5); TensorRT
-    times every tactic instead.
+    from .nvrtc import NvrtcError, nvrtc_version
+
+    try:
+        nvrtc_version()
+    except NvrtcError:
+        return False
+    return importlib.util.find_spec("cupy") is not None
+
+
+def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig | Int4MmaConfig:
+    """Heuristic tactic by M and weight shape (the torch wrapper's choice).
+
+    Fitted to the H100 measurements in benchmarks/gpu_notes.md (M <= 16: session 6, the CUDA C++ kernel
+    where it won, else sessions 3-4; M <= 64: the second pass's run 2; M >= 256: session 5); TensorRT
+    times every tactic instead. M = 5..8 takes the M = 4 choice: the CUDA C++ kernel runs the same
+    single-row-of-fragments path for every M <= 8 (not timed separately).
     """
     small_n = N <= 4096
-    if M == 1:  # the GEMV won or tied every M = 1 point of the session-4 sweep
-        name = "gemv"
-    elif M <= 16:
-        name = "m16" if small_n else "m16_n32"
+    if M <= 16:
+        if M <= 8 or small_n:
+            mma = INT4_MMA_TACTICS["mma_n32_w16" if small_n else "mma_n32_w4"]
+            if supports(mma, N, K, block_size) and _mma_available():
+                return mma
+        if M == 1:  # the GEMV won or tied every M = 1 point of the session-4 sweep
+            name = "gemv"
+        else:
+            name = "m16" if small_n else "m16_n32"
     elif M <= 64:
         name = "m16_n64" if small_n else "m64"
     elif M < DEQUANT_MIN_M:  # session 5 (M = 256): swap-AB won or tied on all four shapes
@@ -543,7 +566,8 @@ def _check(x, b, scales, zero_points, bias, block_size):
 
 
 def int4_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None = None,
-              bias: torch.Tensor | None = None, *, block_size: int, config: Int4GemmConfig | None = None
+              bias: torch.Tensor | None = None, *, block_size: int,
+              config: Int4GemmConfig | Int4MmaConfig | None = None
               ) -> torch.Tensor:
     """``X @ dequant(B)^T (+ bias)`` with B in the MatMulNBits INT4 layout.
 
@@ -554,7 +578,8 @@ def int4_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_point
         zero_points: optional uint8 [N, ceil(n_blocks / 2)], two 4-bit zero points per byte.
         bias: optional [N].
         block_size: quant block along K (16..256, power of two; or K rounded up for per-channel).
-        config: launch tactic of the fused kernel. When None: for M >= ``DEQUANT_MIN_M`` the
+        config: launch tactic: an Int4GemmConfig of the Triton kernel, or an Int4MmaConfig of the CUDA
+            C++ kernel (int4_gemm_mma.py, launched from its plugin PTX through CuPy). When None: for M >= ``DEQUANT_MIN_M`` the
             two-kernel path :func:`int4_gemm_dequant_matmul` (faster there, measured), otherwise the
             fused kernel with :func:`pick_int4_config`'s tactic.
 
@@ -562,9 +587,13 @@ def int4_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_point
         [M, N] tensor of x's dtype.
     """
     M, N, K = _check(x, b, scales, zero_points, bias, block_size)
+    if isinstance(config, Int4MmaConfig):
+        return _int4_gemm_mma(x, b, scales, zero_points, bias, block_size, config)
     if config is None and M >= DEQUANT_MIN_M:
         return int4_gemm_dequant_matmul(x, b, scales, zero_points, bias, block_size=block_size)
     cfg = fit_int4_config(config, K, block_size) if config else pick_int4_config(M, N, K, block_size)
+    if isinstance(cfg, Int4MmaConfig):
+        return _int4_gemm_mma(x, b, scales, zero_points, bias, block_size, cfg)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y
@@ -578,6 +607,30 @@ def int4_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_point
            "USE_ASM": not _INTERPRET, "PREFETCH_SCALES": cfg.PREFETCH_SCALES and not _INTERPRET},
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return y
+
+
+@lru_cache(maxsize=256)
+def _mma_kernel(dtype: str, N: int, K: int, block_size: int, has_zp: bool, has_bias: bool, cfg: Int4MmaConfig):
+    from .aot import Int4GemmPlugin, build_int4_mma
+
+    return build_int4_mma(Int4GemmPlugin(dtype, N, K, block_size, has_zp, has_bias), cfg)
+
+
+def _int4_gemm_mma(x, b, scales, zero_points, bias, block_size: int, cfg: Int4MmaConfig) -> torch.Tensor:
+    """The CUDA C++ tactic (int4_gemm_mma.py): the plugin's own PTX, launched as the plugin would be."""
+    from .launch import launch
+
+    M, K = x.shape
+    N = b.shape[0]
+    if not supports(cfg, N, K, block_size):
+        raise ValueError(f"Int4Gemm: {cfg.describe()} does not take N={N}, K={K}, block_size={block_size}")
+    kernel = _mma_kernel(str(x.dtype).removeprefix("torch."), N, K, block_size, zero_points is not None,
+                         bias is not None, cfg)
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    tensors = {"X": x.contiguous(), "B": b, "scales": scales.to(x.dtype).contiguous(), "zero_points": zero_points,
+               "bias": None if bias is None else bias.to(x.dtype).contiguous(), "Y": y}
+    launch(kernel, tensors, {"M": M})
     return y
 
 

@@ -33,7 +33,11 @@ _REGISTERED = False
 def TACTIC_NAMES(op_type: str) -> list[str]:  # noqa: N802 - a table by op, kept callable so Triton loads lazily
     from . import aot
 
-    dummy = {"Int4Gemm": aot.Int4GemmPlugin("float16", 16, 16, 16), "W8A8Gemm": aot.W8A8GemmPlugin("float16", 16, 16),
+    if op_type == "Int4Gemm":  # every tactic; autotune offers those aot.tactics allows for the weight's shape
+        from .int4_gemm import INT4_TACTICS
+        from .int4_gemm_mma import INT4_MMA_TACTICS
+        return list(INT4_TACTICS) + list(INT4_MMA_TACTICS)
+    dummy = {"W8A8Gemm": aot.W8A8GemmPlugin("float16", 16, 16),
              "FlashAttention": aot.FlashAttentionPlugin("float16", 1, 1, 64)}.get(op_type)
     return aot.tactics(dummy) if dummy else ["default"]
 
@@ -95,8 +99,10 @@ def register_plugins() -> None:
         return out_desc(shape, X.dtype)
 
     @trtp.autotune("qcompiler::Int4Gemm")
-    def _int4_tune(X, B, scales, zero_points, bias, outputs):
-        tactics = list(range(1, len(TACTIC_NAMES("Int4Gemm")) + 1))
+    def _int4_tune(X, B, scales, zero_points, bias, K: int, N: int, block_size: int, bits: int, outputs):
+        names = TACTIC_NAMES("Int4Gemm")
+        offered = aot.tactics(aot.Int4GemmPlugin("float16", N, K, block_size, True, True))
+        tactics = [names.index(name) + 1 for name in offered]
         return [trtp.AutoTuneCombination("FP16|BF16, UINT8, FP16|BF16, UINT8, FP16|BF16, FP16|BF16", "LINEAR", tactics)]
 
     @trtp.aot_impl("qcompiler::Int4Gemm")

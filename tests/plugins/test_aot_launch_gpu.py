@@ -14,6 +14,7 @@ pytest.importorskip("cupy")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from qcompiler.plugins.int4_gemm import INT4_TACTICS  # noqa: E402 - after the importorskips
+from qcompiler.plugins.int4_gemm_mma import INT4_MMA_TACTICS  # noqa: E402
 from qcompiler.plugins.w8a8_gemm import W8A8_TACTICS  # noqa: E402
 
 DT = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -33,7 +34,7 @@ def _poison(shape, dtype):
 INT4_CASES = [("float16", 1000, 32, True, True), ("bfloat16", 4096, 128, False, False), ("float16", 777, 784, False, True)]
 
 
-@pytest.mark.parametrize("tactic", list(INT4_TACTICS))
+@pytest.mark.parametrize("tactic", list(INT4_TACTICS) + list(INT4_MMA_TACTICS))
 @pytest.mark.parametrize("case", INT4_CASES, ids=lambda c: f"{c[0]}-K{c[1]}-g{c[2]}-zp{int(c[3])}-b{int(c[4])}")
 def test_int4_plugin(tactic, case):
     from qcompiler.plugins import aot, launch
@@ -43,6 +44,8 @@ def test_int4_plugin(tactic, case):
     dtype, K, bs, zp, has_bias = case
     N = 300
     cfg = aot.Int4GemmPlugin(dtype, N, K, bs, zp, has_bias, tactic)
+    if tactic not in aot.tactics(cfg):
+        pytest.skip(f"{tactic} is not offered for K={K}, block_size={bs} (CUDA C++ kernel: block_size % 32, K % 8)")
     kern = aot.build(cfg)
     torch.manual_seed(K + N)
     b, s, z = pack_int4_matmulnbits(torch.randn(N, K, device="cuda") * 0.05, bs, symmetric=not zp, scale_dtype=DT[dtype])

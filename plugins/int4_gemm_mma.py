@@ -1,0 +1,502 @@
+"""INT4 weight-only GEMM for small M, hand-written in CUDA C++: register-direct ``mma.sync`` operands.
+
+Why not Triton: at M <= 16 the weight stream is the whole cost, and the Triton tactics spend it on
+moving operands (gpu_notes.md, sessions 3-4): the tensor-core tactics pass x and the dequantized
+weight through shared memory (ldmatrix, a CTA barrier per K step, 16 rows of x for one real row),
+and the CUDA-core GEMV issues ~5 instructions per weight. Here every thread loads its own packed
+weights with 16-byte loads and feeds them, dequantized, straight into the B registers of
+``mma.sync.m16n8k16``: no shared memory in the K loop, no barrier, ~2 instructions per weight.
+
+The trick that makes the register path possible without re-laying out the weights: a dot product
+may visit K in any order as long as both operands agree. The fragment of ``m16n8k16`` gives lane
+``(g, t)`` (g = lane / 4, t = lane % 4) the B elements ``k in {2t, 2t+1, 2t+8, 2t+9}`` of column g.
+Lane t of a quad reads the 16 packed bytes of chunk ``4s + t`` (32 consecutive k) of weight row g,
+and its 8-nibble words become the pairs (k0, k4), (k1, k5), (k2, k6), (k3, k7) (one mask each under
+the exponent of 1024.0 / 128.0, as in int4_gemm.py, so ``q - zp`` is exact). Each word thus makes
+two MMAs' B fragments, and the A fragment (x rows g and g + 8) is x at exactly the same k, which the
+lane also loads itself (64 contiguous bytes per row) and pairs with one ``prmt`` per register.
+
+Launch geometry: a CTA owns ``8 * NT`` weight rows (NT n8 tiles) and one 16-row tile of x; its
+``WARPS`` warps take interleaved 128-wide K spans, each warp's fp32 accumulators are summed across
+warps through shared memory once at the end, and the next span's weights and x are loaded before
+the current span is multiplied (registers, one span ahead). Correct for any M (grid y = cdiv(M,
+16)) but meant for M <= 16: for larger M the 16-row x tile is re-read per CTA.
+
+Supports any (K, block_size) with ``block_size % 32 == 0`` (so a 32-weight chunk lies in one quant
+group; per-channel counts when the padded K is a multiple of 32) and ``K % 8 == 0`` (16-byte x
+loads); :func:`supports` says so, and the Triton tactics cover the rest. The scale is multiplied
+into the 16-bit weight, as in every other path, so numerics match the tensor-core tactics.
+This module never imports Triton or graph code: it returns CUDA source and its launch geometry;
+``aot.py`` compiles it with NVRTC into the same :class:`~qcompiler.plugins.aot.AotKernel` as the
+Triton kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+__all__ = ["Int4MmaConfig", "INT4_MMA_TACTICS", "supports", "kernel_source", "launch_geometry", "MMA_M", "PTX_ISA"]
+
+logger = logging.getLogger(__name__)
+
+MMA_M = 16  # rows of x per CTA (the m of m16n8k16)
+PTX_ISA = "7.8"  # the newest PTX feature used: sub/mul.rn.bf16x2 on sm_90 (CUDA 11.8 and later load it)
+
+
+@dataclass(frozen=True)
+class Int4MmaConfig:
+    """One tactic of the register-direct kernel.
+
+    Attributes:
+        NT: n8 tiles per warp (a warp owns 8 * NT weight rows; its x loads are shared by the NT tiles).
+        WARPS: warps per CTA: WN along N (each its own rows, all walking the same K spans, so x comes
+            from L1 for all but the first) times WARPS / WN along K (interleaved 128-wide spans, summed
+            through shared memory at the end: more bytes in flight per SM).
+        WN: warps along N (divides WARPS).
+        DEPTH: span buffers in registers per warp; DEPTH - 1 spans of loads are in flight while one is
+            multiplied.
+        L2_256B: ask L2 to fetch 256-byte sector groups on a weight miss (neighbouring warps read the
+            rest of the row's 256 bytes right after).
+    """
+
+    NT: int
+    WARPS: int
+    WN: int = 1
+    DEPTH: int = 2
+    L2_256B: bool = True
+
+    def __post_init__(self):
+        if self.NT not in (1, 2, 4, 8) or self.WARPS not in (1, 2, 4, 8, 16) or self.WARPS % self.WN:
+            raise ValueError(f"Int4MmaConfig: NT in (1, 2, 4, 8), WARPS in (1, 2, 4, 8, 16), WN | WARPS; got {self}")
+        if self.DEPTH not in (2, 3, 4):
+            raise ValueError(f"Int4MmaConfig: DEPTH in (2, 3, 4), got {self.DEPTH}")
+        if self.reduction_bytes > 48 * 1024:
+            raise ValueError(f"Int4MmaConfig: {self} needs {self.reduction_bytes} B of static shared memory (> 48 KiB)")
+
+    @property
+    def rows(self) -> int:
+        """Weight rows per CTA."""
+        return 8 * self.NT * self.WN
+
+    @property
+    def reduction_bytes(self) -> int:
+        return 0 if self.WARPS == self.WN else self.WARPS * self.NT * 4 * 32 * 4
+
+    def describe(self) -> str:
+        return (f"mma {self.rows} rows x {self.WARPS} warps (WN {self.WN}) "
+                f"depth {self.DEPTH}{' L2:256B' if self.L2_256B else ''}")
+
+
+# Each was fastest (or within 3% of it) at >= 1 point of M in {1, 4, 16} x the four benchmark shapes, among the
+# 84 swept on an H100 (benchmarks/gpu_notes.md, session 6).
+INT4_MMA_TACTICS: dict[str, Int4MmaConfig] = {
+    "mma_n8_w8": Int4MmaConfig(1, 8),
+    "mma_n16_w8_d3": Int4MmaConfig(2, 8, DEPTH=3),
+    "mma_n32_w4": Int4MmaConfig(4, 4),
+    "mma_n32_w16": Int4MmaConfig(4, 16),
+    "mma_n32_w16_d3": Int4MmaConfig(4, 16, DEPTH=3),
+}
+
+
+def supports(cfg: Int4MmaConfig, N: int, K: int, block_size: int) -> bool:
+    """Whether a tactic takes this weight: 32-weight chunks inside one group, 16-byte rows of x, and
+    at least one CTA's worth of rows (the last CTA moves back to end at row N)."""
+    return block_size % 32 == 0 and K % 8 == 0 and K > 0 and N >= cfg.rows
+
+
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+struct __align__(16) v4 { u32 a, b, c, d; };
+
+#define BF16 @BF16@
+#define NT @NT@
+#define WARPS @WARPS@
+#define BLOCK_SIZE @BLOCK_SIZE@
+#define HAS_ZP @HAS_ZP@
+#define HAS_BIAS @HAS_BIAS@
+#define N_ @N@
+#define K_ @K@
+#define ROW_BYTES @ROW_BYTES@          // packed bytes per (padded) weight row
+#define NBLK @NBLK@                    // quant groups per row
+#define ZSTRIDE @ZSTRIDE@              // zero-point bytes per row
+#define CHUNKS (ROW_BYTES / 16)        // 32-weight chunks per row
+#define SPANS ((CHUNKS + 3) / 4)       // 128-weight spans per row (a quad's step)
+#define EVEN_K @EVEN_K@              // K % 128 == 0 and no padding: no predicate in the K loop
+#define WN @WN@                        // warps along N
+#define WK (WARPS / WN)                // warps along K
+#define DEPTH @DEPTH@                  // span buffers per warp
+#define SCALE_AFTER (BLOCK_SIZE % 128 == 0)  // a quad's 128-wide span lies in one group
+#if BF16
+#define MAGIC2 0x43004300u
+#define DT "bf16"
+#else
+#define MAGIC2 0x64006400u
+#define DT "f16"
+#endif
+
+// Packed weights are read once: keep them out of L1 (and optionally have L2 fetch 256-byte groups).
+__device__ __forceinline__ v4 load_weights(const u8* p) {
+  v4 r;
+  asm volatile("ld.global.nc.L1::no_allocate@L2HINT@.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.a), "=r"(r.b), "=r"(r.c), "=r"(r.d) : "l"(p));
+  return r;
+}
+
+// x is re-read by every CTA: the default (L1-cached) read-only path; zero outside K when ok is false.
+__device__ __forceinline__ v4 load_x(const u16* p, bool ok) {
+  v4 r = {0u, 0u, 0u, 0u};
+  if (ok)
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.a), "=r"(r.b), "=r"(r.c), "=r"(r.d) : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+// (w & mask) | MAGIC2 as one LOP3: written as C, the compiler emits two (an SASS LOP3 takes one immediate).
+#define LOP_MASK_MAGIC(d, w, mask) asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(w), "n"(mask), "n"(MAGIC2))
+__device__ __forceinline__ u32 lop_mask_magic_lo(u32 w) { u32 d; LOP_MASK_MAGIC(d, w, 0x000F000Fu); return d; }
+__device__ __forceinline__ u32 lop_mask_magic_hi(u32 w) { u32 d; LOP_MASK_MAGIC(d, w, 0x00F000F0u); return d; }
+
+__device__ __forceinline__ u32 sub2(u32 a, u32 b) {
+  u32 d;
+#if BF16
+  asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+#else
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+#endif
+  return d;
+}
+
+__device__ __forceinline__ u32 mul2(u32 a, u32 b) {
+  u32 d;
+#if BF16
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+#else
+  asm("mul.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+#endif
+  return d;
+}
+
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+  u32 d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+__device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." DT "." DT ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u16 to_out(float v) {
+  u16 h;
+#if BF16
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#else
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#endif
+  return h;
+}
+
+__device__ __forceinline__ float from_16(u16 h) {
+  float f;
+#if BF16
+  asm("mov.b32 %0, %1;" : "=f"(f) : "r"(((u32)h) << 16));
+#else
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+#endif
+  return f;
+}
+
+// One 128-wide K span as this lane sees it: its 32 packed weights of each tile's row, x rows g and
+// g + 8 at the same 32 k, and the scales (and packed zero points) it needs.
+struct Span {
+  v4 w[NT];
+  v4 xa[4], xb[4];
+#if SCALE_AFTER
+  u16 s0[NT], s1[NT];  // scales of the lane's two output columns (2t, 2t + 1) of each tile
+#else
+  u16 s[NT];           // scale of the lane's weight row
+#endif
+#if HAS_ZP
+  u8 z[NT];
+#endif
+};
+
+// The lane's base addresses; tile j adds the compile-time 8 * j rows, so every load is base + immediate.
+struct Rows {
+  const u8* w;    // B + (n0 + g) * ROW_BYTES + 16 t
+  const u16* s;   // S + (n0 + 2t) * NBLK (SCALE_AFTER: output columns 2t, 2t + 1) or S + (n0 + g) * NBLK
+  const u8* z;    // ZP + (n0 + g) * ZSTRIDE
+  const u16* xa;  // X + row(g) * K + 32 t (rows past M clamped to M - 1: computed, never stored)
+  const u16* xb;  // the same for row g + 8
+};
+
+__device__ __forceinline__ int group_of(int span, int t) {
+#if SCALE_AFTER
+  return (128 * span) / BLOCK_SIZE;
+#else
+  return (32 * (4 * span + t)) / BLOCK_SIZE;
+#endif
+}
+
+// TWO: the CTA has rows g + 8 of x (M - m0 > 8); otherwise their A registers are zero and never loaded.
+template <bool TWO>
+__device__ __forceinline__ void load_span(Span& sp, const Rows& r, int span, int t) {
+#if EVEN_K
+  const int w_off = 64 * span;
+#else
+  const int c = min(4 * span + t, CHUNKS - 1);  // x is zero past K, so these (valid) weights add nothing
+  const int w_off = 16 * (c - t);
+#endif
+#pragma unroll
+  for (int j = 0; j < NT; ++j) sp.w[j] = load_weights(r.w + w_off + 8 * j * ROW_BYTES);
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+#if EVEN_K
+    const bool in_k = true;
+#else
+    const bool in_k = 32 * (4 * span + t) + 8 * v < K_;  // K % 8 == 0: a 16-byte piece is all in or all out
+#endif
+    sp.xa[v] = load_x(r.xa + 128 * span + 8 * v, in_k);
+    if (TWO) sp.xb[v] = load_x(r.xb + 128 * span + 8 * v, in_k);
+  }
+  const int grp = min(group_of(span, t), NBLK - 1);
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+#if SCALE_AFTER
+    sp.s0[j] = r.s[8 * j * NBLK + grp];
+    sp.s1[j] = r.s[8 * j * NBLK + NBLK + grp];
+#else
+    sp.s[j] = r.s[8 * j * NBLK + grp];
+#endif
+#if HAS_ZP
+    sp.z[j] = r.z[8 * j * ZSTRIDE + (grp >> 1)];
+#endif
+  }
+}
+
+template <bool TWO>
+__device__ __forceinline__ void mma_span(float (&acc)[NT][4], const Span& sp, int span, int t) {
+  // A fragments: x paired like the weight nibbles, (k0, k4), (k1, k5), (k2, k6), (k3, k7) per 8 k.
+  u32 pa[16], pb[16];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const u32* ra = &sp.xa[i].a;
+    const u32* rb = &sp.xb[i].a;
+    pa[4 * i + 0] = prmt(ra[0], ra[2], 0x5410u); pa[4 * i + 1] = prmt(ra[0], ra[2], 0x7632u);
+    pa[4 * i + 2] = prmt(ra[1], ra[3], 0x5410u); pa[4 * i + 3] = prmt(ra[1], ra[3], 0x7632u);
+    if (TWO) {
+      pb[4 * i + 0] = prmt(rb[0], rb[2], 0x5410u); pb[4 * i + 1] = prmt(rb[0], rb[2], 0x7632u);
+      pb[4 * i + 2] = prmt(rb[1], rb[3], 0x5410u); pb[4 * i + 3] = prmt(rb[1], rb[3], 0x7632u);
+    } else {
+      pb[4 * i + 0] = pb[4 * i + 1] = pb[4 * i + 2] = pb[4 * i + 3] = 0u;
+    }
+  }
+  const int grp = group_of(span, t);
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+#if HAS_ZP
+    const u32 zp = (sp.z[j] >> ((grp & 1) * 4)) & 0xFu;
+#else
+    const u32 zp = 8u;
+#endif
+    const u32 z_lo = (MAGIC2 | zp) | (zp << 16);  // 1024 + zp (128 + zp), both halves
+#if !BF16
+    // fp16: the high nibble stays in bits 4-7 (1024 + 16 q), and q - zp = h / 16 - (64 + zp), exact.
+    const u32 z_hi = (0xD400u | (zp << 4)) * 0x00010001u;  // -(64 + zp)
+#endif
+#if !SCALE_AFTER
+    const u32 scale2 = (u32)sp.s[j] * 0x00010001u;
+#endif
+    float part[4] = {0.f, 0.f, 0.f, 0.f};
+#if SCALE_AFTER
+    float* dst = part;
+#else
+    float* dst = acc[j];
+#endif
+    const u32* wq = &sp.w[j].a;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      u32 b0, b1, b2, b3;  // (k0, k4), (k1, k5), (k2, k6), (k3, k7) as q - zp
+#if BF16
+      b0 = sub2(lop_mask_magic_lo(wq[i]), z_lo);
+      b1 = sub2(lop_mask_magic_lo(wq[i] >> 4), z_lo);
+      b2 = sub2(lop_mask_magic_lo(wq[i] >> 8), z_lo);
+      b3 = sub2(lop_mask_magic_lo(wq[i] >> 12), z_lo);
+#else
+      const u32 w8 = wq[i] >> 8;
+      b0 = sub2(lop_mask_magic_lo(wq[i]), z_lo);
+      b1 = fma2(lop_mask_magic_hi(wq[i]), 0x2C002C00u, z_hi);  // x 1/16
+      b2 = sub2(lop_mask_magic_lo(w8), z_lo);
+      b3 = fma2(lop_mask_magic_hi(w8), 0x2C002C00u, z_hi);
+#endif
+#if !SCALE_AFTER
+      b0 = mul2(b0, scale2); b1 = mul2(b1, scale2); b2 = mul2(b2, scale2); b3 = mul2(b3, scale2);
+#endif
+      mma(dst, pa[4 * i + 0], pb[4 * i + 0], pa[4 * i + 1], pb[4 * i + 1], b0, b1);
+      mma(dst, pa[4 * i + 2], pb[4 * i + 2], pa[4 * i + 3], pb[4 * i + 3], b2, b3);
+    }
+#if SCALE_AFTER
+    const float s0 = from_16(sp.s0[j]), s1 = from_16(sp.s1[j]);
+    acc[j][0] += s0 * part[0]; acc[j][1] += s1 * part[1];
+    acc[j][2] += s0 * part[2]; acc[j][3] += s1 * part[3];
+#endif
+  }
+}
+
+// The warp's spans wk, wk + WK, ...: DEPTH span buffers in turn (a rotation unrolled at compile time, so no
+// register moves), DEPTH - 1 spans of loads in flight while one is multiplied.
+// One step: start loading the span DEPTH - 1 ahead into NXT (the buffer multiplied last), multiply CUR.
+#define STEP(CUR, NXT)                                                      \
+  load_span<TWO>(NXT, r, min(s + (DEPTH - 1) * WK, SPANS - 1), t);          \
+  mma_span<TWO>(acc, CUR, s, t);                                            \
+  s += WK;                                                                  \
+  if (s >= SPANS) return;
+
+template <bool TWO>
+__device__ __forceinline__ void k_loop(float (&acc)[NT][4], const Rows& r, int wk, int t) {
+  if (wk >= SPANS) return;
+  Span b0, b1;
+  load_span<TWO>(b0, r, wk, t);
+  int s = wk;
+#if DEPTH == 2
+  for (;;) { STEP(b0, b1) STEP(b1, b0) }
+#elif DEPTH == 3
+  Span b2;
+  load_span<TWO>(b1, r, min(wk + WK, SPANS - 1), t);
+  for (;;) { STEP(b0, b2) STEP(b1, b0) STEP(b2, b1) }
+#else
+  Span b2, b3;
+  load_span<TWO>(b1, r, min(wk + WK, SPANS - 1), t);
+  load_span<TWO>(b2, r, min(wk + 2 * WK, SPANS - 1), t);
+  for (;;) { STEP(b0, b3) STEP(b1, b0) STEP(b2, b1) STEP(b3, b2) }
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32) @NAME@(
+    const u16* __restrict__ X, const u8* __restrict__ B, const u16* __restrict__ S,
+#if HAS_ZP
+    const u8* __restrict__ ZP,
+#endif
+#if HAS_BIAS
+    const u16* __restrict__ BIAS,
+#endif
+    int M, u16* __restrict__ Y) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int wn = warp % WN, wk = warp / WN;  // neighbouring warps: other rows, same K spans (x shared in L1)
+  // The last CTA moves back to end at row N (N >= 8 NT WN): it recomputes, and rewrites with the same
+  // values, a few rows of its neighbour instead of clamping rows, which keeps tile offsets immediate.
+  const int n0 = min(blockIdx.x * (8 * NT * WN), N_ - 8 * NT * WN) + 8 * NT * wn;
+  const int m0 = blockIdx.y * 16;
+
+  Rows r;
+  r.w = B + (long long)(n0 + g) * ROW_BYTES + 16 * t;
+#if SCALE_AFTER
+  r.s = S + (long long)(n0 + 2 * t) * NBLK;
+#else
+  r.s = S + (long long)(n0 + g) * NBLK;
+#endif
+#if HAS_ZP
+  r.z = ZP + (long long)(n0 + g) * ZSTRIDE;
+#else
+  r.z = 0;
+#endif
+  r.xa = X + (long long)min(m0 + g, M - 1) * K_ + 32 * t;
+  r.xb = X + (long long)min(m0 + g + 8, M - 1) * K_ + 32 * t;
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+  if (M - m0 > 8)
+    k_loop<true>(acc, r, wk, t);
+  else
+    k_loop<false>(acc, r, wk, t);
+
+  // Sum the K warps' partial tiles, then write: c0, c1 -> (row g, cols 2t, 2t+1), c2, c3 -> row g + 8.
+#if WK > 1
+  __shared__ float red[WARPS * NT * 4 * 32];  // [wk][wn][NT * 4 * 32]
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) red[(warp * NT * 4 + j * 4 + q) * 32 + lane] = acc[j][q];
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < WN * NT * 4 * 32; idx += WARPS * 32) {
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < WK; ++w) v += red[w * WN * NT * 4 * 32 + idx];
+    const int l = idx & 31, jr = (idx >> 5) % (NT * 4);
+    const int nw = min(blockIdx.x * (8 * NT * WN), N_ - 8 * NT * WN) + 8 * NT * (idx / (NT * 4 * 32));
+#else
+  for (int idx = 0; idx < NT * 4; ++idx) {
+    const float v = acc[idx >> 2][idx & 3];
+    const int l = lane, jr = idx;
+    const int nw = n0;
+#endif
+    const int m = m0 + (l >> 2) + 8 * ((jr & 3) >> 1);
+    const int n = nw + 8 * (jr >> 2) + 2 * (l & 3) + (jr & 1);
+    if (m < M) {
+#if HAS_BIAS
+      Y[(long long)m * N_ + n] = to_out(v + from_16(BIAS[n]));
+#else
+      Y[(long long)m * N_ + n] = to_out(v);
+#endif
+    }
+  }
+}
+"""
+
+
+def _even_k(K: int, block_size: int) -> bool:
+    return K % 128 == 0 and K % block_size == 0
+
+
+def kernel_name(cfg: Int4MmaConfig, dtype: str, N: int, K: int, block_size: int, has_zp: bool, has_bias: bool
+                ) -> str:
+    return (f"qc_int4_mma_{'bf16' if dtype == 'bfloat16' else 'f16'}_n{cfg.rows}_w{cfg.WARPS}n{cfg.WN}d{cfg.DEPTH}"
+            f"{'_l2' if cfg.L2_256B else ''}_{N}x{K}_g{block_size}{'_zp' if has_zp else ''}"
+            f"{'_bias' if has_bias else ''}")
+
+
+def kernel_source(cfg: Int4MmaConfig, dtype: str, N: int, K: int, block_size: int, has_zp: bool, has_bias: bool
+                  ) -> tuple[str, str]:
+    """(entry name, CUDA C++ source) of one plugin configuration; N, K and the group are compiled in.
+
+    Parameters in launch order: X, B, scales, [zero_points], [bias], M, Y (absent optional inputs are
+    compiled out, like the Triton kernels' constexpr None).
+
+    Raises:
+        ValueError: a dtype other than float16/bfloat16, or a weight :func:`supports` refuses.
+    """
+    if dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"Int4Gemm mma kernel: dtype must be float16/bfloat16, got {dtype}")
+    if not supports(cfg, N, K, block_size):
+        raise ValueError(f"Int4Gemm mma kernel {cfg.describe()}: needs block_size % 32 == 0, K % 8 == 0 and "
+                         f"N >= {cfg.rows}; got N={N}, K={K}, block_size={block_size}")
+    n_blocks = -(-K // block_size)
+    name = kernel_name(cfg, dtype, N, K, block_size, has_zp, has_bias)
+    subs = {"@NAME@": name, "@BF16@": str(int(dtype == "bfloat16")), "@NT@": str(cfg.NT),
+            "@WARPS@": str(cfg.WARPS), "@BLOCK_SIZE@": str(block_size), "@HAS_ZP@": str(int(has_zp)),
+            "@HAS_BIAS@": str(int(has_bias)), "@EVEN_K@": str(int(_even_k(K, block_size))),
+            "@N@": str(N), "@K@": str(K), "@ROW_BYTES@": str(n_blocks * block_size // 2), "@NBLK@": str(n_blocks),
+            "@ZSTRIDE@": str((n_blocks + 1) // 2), "@L2HINT@": ".L2::256B" if cfg.L2_256B else "",
+            "@WN@": str(cfg.WN), "@DEPTH@": str(cfg.DEPTH)}
+    src = _SOURCE
+    for key, value in subs.items():
+        src = src.replace(key, value)
+    return name, src
+
+
+def launch_geometry(cfg: Int4MmaConfig, N: int) -> tuple[int, int]:
+    """(grid x, CTA rows of x) : grid is (grid x, cdiv(M, MMA_M), 1), block WARPS * 32 threads."""
+    return -(-N // cfg.rows), MMA_M

@@ -1,0 +1,114 @@
+"""The CUDA C++ INT4 kernel (int4_gemm_mma.py) compiled on the CPU: NVRTC -> PTX -> Triton's bundled ptxas for
+sm_90. No GPU: the GPU tests (test_int4_mma_gpu.py, test_aot_launch_gpu.py) check results and the AOT launch.
+Here: every tactic compiles for every code path (fp16/bf16, even / ragged K, scale in the weight / after the
+MMA, zero points, bias), the PTX declares the parameters the plugin launches with, the lowered PTX ISA stamp
+assembles, and the SASS has no spills and no barrier inside the K loop (the point of the design).
+"""
+
+import os
+import re
+import subprocess
+
+import pytest
+
+from qcompiler.plugins.int4_gemm_mma import INT4_MMA_TACTICS, Int4MmaConfig, kernel_source, supports
+
+
+def _nvrtc_or_skip():
+    from qcompiler.plugins.nvrtc import NvrtcError, nvrtc_version
+
+    try:
+        return nvrtc_version()
+    except NvrtcError as err:
+        pytest.skip(f"NVRTC not installed ({err}); pip install 'nvidia-cuda-nvrtc==13.0.*'")
+
+
+def _ptxas():
+    triton = pytest.importorskip("triton")
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(path):
+        pytest.skip("Triton's bundled ptxas not found")
+    return path
+
+
+# dtype, N, K, block_size, zero points, bias: even K with the scale after the MMA, ragged K (padded last group,
+# partial last span) with the scale in the weight, per-channel, and an odd group count with zero points.
+PATHS = [("float16", 4096, 4096, 128, False, False), ("bfloat16", 300, 1000, 32, True, True),
+         ("float16", 200, 4096, 4096, True, False), ("bfloat16", 96, 520, 64, True, False)]
+
+
+def _build(tactic, path):
+    from qcompiler.plugins import aot
+
+    return aot.build(aot.Int4GemmPlugin(*path, tactic=tactic))
+
+
+@pytest.mark.parametrize("tactic", list(INT4_MMA_TACTICS))
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: "-".join(map(str, p)))
+def test_every_tactic_compiles_without_spills_or_loop_barriers(tactic, path, tmp_path):
+    _nvrtc_or_skip()
+    ptxas = _ptxas()
+    cfg = INT4_MMA_TACTICS[tactic]
+    if not supports(cfg, path[1], path[2], path[3]):
+        pytest.skip(f"{tactic} needs N >= {cfg.rows}")
+    kern = _build(tactic, path)
+    assert re.search(r"^\.version 7\.8$", kern.ptx, re.M)
+    assert "mma.sync.aligned.m16n8k16.row.col.f32" in kern.ptx
+    assert "ld.global.nc.L1::no_allocate" in kern.ptx
+    entry = re.search(r"\.entry\s+" + re.escape(kern.kernel_name) + r"\s*\((.*?)\)", kern.ptx, re.S)
+    assert entry and entry.group(1).count(".param") == len(kern.params)
+    assert [k for _, k, _ in kern.params] == ["in"] * (3 + path[4] + path[5]) + ["i32", "out"]
+    (tmp_path / "k.ptx").write_text(kern.ptx)
+    res = subprocess.run([ptxas, "-arch=sm_90", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "0 bytes spill stores" in res.stderr, res.stderr
+    sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "cuobjdump"), "-sass", str(tmp_path / "k.cubin")],
+                          capture_output=True, text=True).stdout
+    # Shared memory and the CTA barrier appear once, in the cross-warp reduction after the K loop.
+    assert sass.count("HMMA.16816.F32") >= 8 * cfg.NT
+    assert sass.count("BAR.SYNC") == (1 if cfg.WARPS > 1 else 0)
+    first_hmma, first_bar = sass.index("HMMA.16816"), sass.find("BAR.SYNC")
+    assert first_bar == -1 or first_bar > sass.rindex("HMMA.16816") > first_hmma
+
+
+def test_plugin_tactics_offer_the_mma_kernel_only_where_it_applies():
+    from qcompiler.plugins import aot
+
+    assert set(INT4_MMA_TACTICS) <= set(aot.tactics(aot.Int4GemmPlugin("float16", 4096, 4096, 128)))
+    assert not set(INT4_MMA_TACTICS) & set(aot.tactics(aot.Int4GemmPlugin("float16", 4096, 4096, 16)))  # g16
+    assert not set(INT4_MMA_TACTICS) & set(aot.tactics(aot.Int4GemmPlugin("float16", 4096, 777, 784)))  # K % 8
+    small_n = aot.tactics(aot.Int4GemmPlugin("float16", 24, 4096, 128))  # fewer rows than most tactics' CTA
+    assert [n for n in small_n if n in INT4_MMA_TACTICS] == [n for n, c in INT4_MMA_TACTICS.items() if c.rows <= 24]
+
+
+def test_tensorrt_tactic_ids_cover_the_mma_tactics():
+    """TensorRT tactic ids index one fixed table; every tactic aot offers for a weight must be in it."""
+    from qcompiler.plugins import aot
+    from qcompiler.plugins.tensorrt_plugins import TACTIC_NAMES
+
+    names = TACTIC_NAMES("Int4Gemm")
+    assert len(set(names)) == len(names) and set(INT4_MMA_TACTICS) <= set(names)
+    for shape in ((4096, 4096, 128), (300, 1000, 32), (4096, 777, 784)):
+        assert set(aot.tactics(aot.Int4GemmPlugin("float16", *shape, True, True))) <= set(names)
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="block_size % 32"):
+        kernel_source(Int4MmaConfig(4, 8), "float16", 256, 4096, 16, False, False)
+    with pytest.raises(ValueError, match="N >= 64"):
+        kernel_source(Int4MmaConfig(8, 8), "float16", 48, 4096, 128, False, False)
+    with pytest.raises(ValueError, match="float16/bfloat16"):
+        kernel_source(Int4MmaConfig(4, 8), "float32", 256, 4096, 128, False, False)
+    with pytest.raises(ValueError, match="NT in"):
+        Int4MmaConfig(3, 8)
+    with pytest.raises(ValueError, match="shared memory"):
+        Int4MmaConfig(8, 16)
+
+
+def test_compile_error_carries_the_nvrtc_log():
+    _nvrtc_or_skip()
+    from qcompiler.plugins.nvrtc import NvrtcError, compile_to_ptx
+
+    with pytest.raises(NvrtcError, match="broken.cu: NVRTC failed: .*error"):
+        compile_to_ptx('extern "C" __global__ void k() { undeclared_name = 1; }', "broken.cu")
