@@ -32,6 +32,10 @@ Three code paths, chosen per tactic (:class:`Int4GemmConfig`):
   share each dequantized weight. It is issue bound (~5 instructions per weight): it wins at M = 1
   and loses to the tensor-core path from M = 4 on (gpu_notes.md, session 4).
 
+For M <= 16 the CUDA C++ kernel of ``int4_gemm_mma.py`` (register-direct ``mma.sync`` operands, no
+shared memory in the K loop) measured faster on most shapes; it is a tactic of the same op
+(:class:`~qcompiler.plugins.int4_gemm_mma.Int4MmaConfig`), chosen by ``pick_int4_config`` where it won.
+
 Scales are tiny 2-byte gathers that Triton does not pipeline: they are prefetched into L2 when a
 program starts and loaded one tile ahead (see the kernel). The grid is ``(cdiv(N, BLOCK_N),
 cdiv(M, BLOCK_M))``, renumbered in grouped order (``GROUP_M``). There is no split-K: a TensorRT AOT
