@@ -34,6 +34,19 @@ extern "C" __global__ void stream_read(const uint4* __restrict__ p, long long n1
   if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;  // keeps the loads; practically never taken
 }
 
+// Four independent 16-byte loads per lane per trip (4x the bytes in flight of stream_read).
+extern "C" __global__ void stream4_read(const uint4* __restrict__ p, long long n16, u32* out) {
+  u32 acc = 0;
+  const long long step = (long long)gridDim.x * blockDim.x;
+  long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  for (; i + 3 * step < n16; i += 4 * step) {
+    uint4 a = __ldg(p + i), b = __ldg(p + i + step), c = __ldg(p + i + 2 * step), d = __ldg(p + i + 3 * step);
+    acc ^= a.x ^ b.y ^ c.z ^ d.w ^ a.w ^ b.x ^ c.y ^ d.z;
+  }
+  for (; i < n16; i += step) acc ^= __ldg(p + i).x;
+  if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;
+}
+
 // The INT4 kernel's load pattern (4 warps along K, 32 rows per CTA, 128-weight spans, one span ahead).
 extern "C" __global__ void pattern_read(const unsigned char* __restrict__ B, int row_bytes, int spans, u32* out) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
@@ -46,6 +59,24 @@ extern "C" __global__ void pattern_read(const unsigned char* __restrict__ B, int
     for (int j = 0; j < 4; ++j) nxt[j] = __ldg((const uint4*)(base + 8 * j * row_bytes + 64 * sn));
     for (int j = 0; j < 4; ++j) acc ^= cur[j].x ^ cur[j].y ^ cur[j].z ^ cur[j].w;
     for (int j = 0; j < 4; ++j) cur[j] = nxt[j];
+  }
+  if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;
+}
+
+// The same CTA geometry and bytes, but warp loads of 4 rows x 128 contiguous bytes (pairs of spans,
+// 8 lanes per row) instead of 8 rows x 64 bytes: does the shape of a warp's request matter?
+extern "C" __global__ void pattern128_read(const unsigned char* __restrict__ B, int row_bytes, int spans, u32* out) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned char* base = B + (long long)(blockIdx.x * 32 + lane / 8) * row_bytes + 16 * (lane % 8);
+  u32 acc = 0;
+  uint4 cur[8], nxt[8];
+  const int pairs = spans / 2;
+  for (int j = 0; j < 8; ++j) cur[j] = __ldg((const uint4*)(base + 4 * j * row_bytes + 128 * warp));
+  for (int s = warp; s < pairs; s += 4) {
+    const int sn = min(s + 4, pairs - 1);
+    for (int j = 0; j < 8; ++j) nxt[j] = __ldg((const uint4*)(base + 4 * j * row_bytes + 128 * sn));
+    for (int j = 0; j < 8; ++j) acc ^= cur[j].x ^ cur[j].y ^ cur[j].z ^ cur[j].w;
+    for (int j = 0; j < 8; ++j) cur[j] = nxt[j];
   }
   if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;
 }
@@ -64,11 +95,13 @@ def main(argv=None):
     module = cupy.cuda.function.Module()
     module.load(ptx.encode())
     stream_fn, pattern_fn = module.get_function("stream_read"), module.get_function("pattern_read")
+    pattern128_fn, stream4_fn = module.get_function("pattern128_read"), module.get_function("stream4_read")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
     lines = [f"# Read floor of the packed INT4 weight (g{BLOCK}) on {torch.cuda.get_device_name()}", "",
              "| N | K | packed MB | fp16 M=1 µs | stream read µs | stream TB/s | pattern read µs | pattern TB/s | "
-             "int4 M=1 µs | tactic | fp16 / stream read | fp16 / int4 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "pattern 4x128B µs | int4 M=1 µs | tactic | fp16 / stream read | fp16 / int4 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for N, K in shapes:
         w, b, s = _weights(N, K)
@@ -77,7 +110,7 @@ def main(argv=None):
         nbytes = b.numel()
 
         def launch(fn, grid, block, params):
-            with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+            with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):  # as plugins/launch.py
                 fn(grid, block, params)
 
         def stream_read():
@@ -88,12 +121,20 @@ def main(argv=None):
                                                       np.int32(nbytes // N // 64), np.uint64(out.data_ptr())))
 
         t16 = bench(lambda: torch.nn.functional.linear(x, w16))
-        t_stream, t_pattern = bench(stream_read), bench(pattern_read)
+        def pattern128_read():
+            launch(pattern128_fn, (N // 32,), (128,), (np.uint64(b.data_ptr()), np.int32(nbytes // N),
+                                                         np.int32(nbytes // N // 64), np.uint64(out.data_ptr())))
+
+        def stream4_read():
+            launch(stream4_fn, (sms * 8,), (256,), (np.uint64(b.data_ptr()), np.int64(nbytes // 16), np.uint64(out.data_ptr())))
+
+        t_stream = min(bench(stream_read), bench(stream4_read))
+        t_pattern, t_p128 = bench(pattern_read), bench(pattern128_read)
         t4 = {name: bench(lambda cfg=cfg: int4_gemm(x, b, s, block_size=BLOCK, config=cfg))
               for name, cfg in TACTICS.items() if name.startswith(("mma", "gemv"))}
         best = min(t4, key=t4.get)
         row = (f"| {N} | {K} | {nbytes / 1e6:.1f} | {t16:.1f} | {t_stream:.1f} | {nbytes / t_stream / 1e6:.2f} | "
-               f"{t_pattern:.1f} | {nbytes / t_pattern / 1e6:.2f} | {t4[best]:.1f} | {best} | {t16 / t_stream:.2f}x | "
+               f"{t_pattern:.1f} | {nbytes / t_pattern / 1e6:.2f} | {t_p128:.1f} | {t4[best]:.1f} | {best} | {t16 / t_stream:.2f}x | "
                f"{t16 / t4[best]:.2f}x |")
         lines.append(row)
         print(row, flush=True)
