@@ -241,18 +241,16 @@ def _build_int4(c: Int4GemmPlugin) -> AotKernel:
 def build_int4_mma(c: Int4GemmPlugin, cfg) -> AotKernel:
     """The hand-written CUDA C++ kernel (int4_gemm_mma.py) for ``cfg`` (an Int4MmaConfig), compiled by
     NVRTC; no scratch parameters. ``c.tactic`` is not read, so sweeps can build configs outside the table."""
-    from .int4_gemm_mma import PTX_ISA, kernel_source, launch_geometry
+    from .int4_gemm_mma import MMA_M, PTX_ISA, kernel_source
     from .nvrtc import compile_to_ptx
 
-    if c.dtype not in ("float16", "bfloat16"):
-        raise ValueError(f"Int4Gemm plugin: dtype must be float16/bfloat16, got {c.dtype}")
     name, source = kernel_source(cfg, c.dtype, c.N, c.K, c.block_size, c.has_zero_points, c.has_bias)
     ptx = compile_to_ptx(source, name + ".cu", ptx_version=PTX_ISA)
     params = [("X", "in", "X"), ("B", "in", "B"), ("S", "in", "scales")]
     params += [("ZP", "in", "zero_points")] * c.has_zero_points + [("BIAS", "in", "bias")] * c.has_bias
     params += [("M", "i32", Expr.of("M")), ("Y", "out", "Y")]
-    grid_x, rows_m = launch_geometry(cfg, c.N)
-    return AotKernel(name, ptx, cfg.WARPS, 0, tuple(params), (Expr(grid_x), Expr(1, (("M", rows_m),)), Expr(1)))
+    grid = (Expr(-(-c.N // cfg.rows)), Expr(1, (("M", MMA_M),)), Expr(1))  # block: WARPS * 32 threads
+    return AotKernel(name, ptx, cfg.WARPS, 0, tuple(params), grid)
 
 
 def _build_w8a8(c: W8A8GemmPlugin) -> AotKernel:

@@ -591,11 +591,12 @@ def int4_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_point
         [M, N] tensor of x's dtype.
     """
     M, N, K = _check(x, b, scales, zero_points, bias, block_size)
-    if isinstance(config, Int4MmaConfig):
-        return _int4_gemm_mma(x, b, scales, zero_points, bias, block_size, config)
-    if config is None and M >= DEQUANT_MIN_M:
-        return int4_gemm_dequant_matmul(x, b, scales, zero_points, bias, block_size=block_size)
-    cfg = fit_int4_config(config, K, block_size) if config else pick_int4_config(M, N, K, block_size)
+    if config is None:
+        if M >= DEQUANT_MIN_M:
+            return int4_gemm_dequant_matmul(x, b, scales, zero_points, bias, block_size=block_size)
+        cfg = pick_int4_config(M, N, K, block_size)
+    else:
+        cfg = config if isinstance(config, Int4MmaConfig) else fit_int4_config(config, K, block_size)
     if isinstance(cfg, Int4MmaConfig):
         return _int4_gemm_mma(x, b, scales, zero_points, bias, block_size, cfg)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -627,8 +628,6 @@ def _int4_gemm_mma(x, b, scales, zero_points, bias, block_size: int, cfg: Int4Mm
 
     M, K = x.shape
     N = b.shape[0]
-    if not supports(cfg, N, K, block_size):
-        raise ValueError(f"Int4Gemm: {cfg.describe()} does not take N={N}, K={K}, block_size={block_size}")
     kernel = _mma_kernel(str(x.dtype).removeprefix("torch."), N, K, block_size, zero_points is not None,
                          bias is not None, cfg)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)

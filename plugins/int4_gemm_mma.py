@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-__all__ = ["Int4MmaConfig", "INT4_MMA_TACTICS", "supports", "kernel_source", "launch_geometry", "MMA_M", "PTX_ISA"]
+__all__ = ["Int4MmaConfig", "INT4_MMA_TACTICS", "supports", "kernel_source", "MMA_M", "PTX_ISA"]
 
 logger = logging.getLogger(__name__)
 
@@ -496,7 +496,3 @@ def kernel_source(cfg: Int4MmaConfig, dtype: str, N: int, K: int, block_size: in
         src = src.replace(key, value)
     return name, src
 
-
-def launch_geometry(cfg: Int4MmaConfig, N: int) -> tuple[int, int]:
-    """(grid x, CTA rows of x) : grid is (grid x, cdiv(M, MMA_M), 1), block WARPS * 32 threads."""
-    return -(-N // cfg.rows), MMA_M

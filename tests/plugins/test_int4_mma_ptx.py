@@ -112,3 +112,40 @@ def test_compile_error_carries_the_nvrtc_log():
 
     with pytest.raises(NvrtcError, match="broken.cu: NVRTC failed: .*error"):
         compile_to_ptx('extern "C" __global__ void k() { undeclared_name = 1; }', "broken.cu")
+
+
+def test_missing_nvrtc_is_a_clear_error(monkeypatch):
+    from qcompiler.plugins import nvrtc
+
+    monkeypatch.setattr(nvrtc, "_candidates", lambda: [])
+    nvrtc._library.cache_clear()
+    try:
+        with pytest.raises(nvrtc.NvrtcError, match="NVRTC not found: pip install"):
+            nvrtc.nvrtc_version()
+    finally:
+        nvrtc._library.cache_clear()
+
+
+def test_torch_wrapper_refuses_a_weight_the_tactic_cannot_take():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from qcompiler.plugins.int4_gemm import int4_gemm
+
+    x = torch.zeros(1, 4096, dtype=torch.float16)
+    b = torch.zeros(48, 32, 64, dtype=torch.uint8)  # N = 48 rows, g128: fewer rows than the tactic's CTA
+    s = torch.ones(48, 32, dtype=torch.float16)
+    with pytest.raises(ValueError, match="N >= 64"):
+        int4_gemm(x, b, s, block_size=128, config=Int4MmaConfig(8, 8))
+
+
+def test_pick_takes_the_mma_kernel_only_when_it_can_run(monkeypatch):
+    pytest.importorskip("triton")
+    from qcompiler.plugins import int4_gemm as mod
+
+    monkeypatch.setattr(mod, "_mma_available", lambda: True)
+    assert mod.pick_int4_config(1, 11008, 4096, 128) == INT4_MMA_TACTICS["mma_n32_w4"]
+    assert mod.pick_int4_config(16, 4096, 11008, 128) == INT4_MMA_TACTICS["mma_n32_w16"]
+    assert not isinstance(mod.pick_int4_config(16, 11008, 4096, 128), Int4MmaConfig)  # Triton won there
+    assert not isinstance(mod.pick_int4_config(1, 4096, 4096, 16), Int4MmaConfig)  # g16: not supported
+    monkeypatch.setattr(mod, "_mma_available", lambda: False)  # no NVRTC or no CuPy: the Triton tactics
+    assert not isinstance(mod.pick_int4_config(1, 11008, 4096, 128), Int4MmaConfig)
