@@ -41,6 +41,7 @@ import torch
 import triton
 
 from qcompiler.plugins.int4_gemm import (
+    CUDA_CONFIGS,
     DEQUANT_MIN_M,
     INT4_TACTICS,
     Int4GemmConfig,
@@ -49,15 +50,18 @@ from qcompiler.plugins.int4_gemm import (
     int4_gemm,
     int4_gemm_dequant_matmul,
     pick_int4_config,
+    takes_dequant_path,
 )
 from qcompiler.plugins.int4_gemm_mma import INT4_MMA_TACTICS, Int4MmaConfig
+from qcompiler.plugins.int4_gemm_wgmma import INT4_WGMMA_TACTICS, Int4WgmmaConfig
 from qcompiler.plugins.ops import pack_int4_matmulnbits
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192)]
 MS = [1, 4, 16, 64, 256, 1024, 4096]
 BLOCK = 128
 C = Int4GemmConfig
-TACTICS = {**INT4_TACTICS, **INT4_MMA_TACTICS}  # what the plugin offers TensorRT: Triton and CUDA C++ tactics
+# what the plugin offers TensorRT: Triton and CUDA C++ tactics
+TACTICS = {**INT4_TACTICS, **INT4_MMA_TACTICS, **INT4_WGMMA_TACTICS}
 
 
 def tactics_for(M):
@@ -71,15 +75,24 @@ def tactics_for(M):
         names |= {"m256", "large", "swap_128x64_w4", "swap_256x128"} | ({"m64", "swap_64x64"} if M <= 256 else set())
     if M <= 64:
         names |= set(INT4_MMA_TACTICS)
+    if M >= 64:
+        names |= set(INT4_WGMMA_TACTICS)
     return [n for n in TACTICS if n in names]
 
 
 def _describe(cfg, K):
-    return cfg.describe() if isinstance(cfg, Int4MmaConfig) else fit_int4_config(cfg, K, BLOCK).describe()
+    return cfg.describe() if isinstance(cfg, CUDA_CONFIGS) else fit_int4_config(cfg, K, BLOCK).describe()
 
 
 def sweep_configs(M, mma_only=False):
     """Extra candidates for ``--sweep`` (see benchmarks/gpu_notes.md for why each is there)."""
+    if M >= 64:
+        # The CUDA C++ wgmma kernel: warpgroups (64 weight rows each) x tokens per CTA x shared-memory stages.
+        for wg, mt, st in itertools.product((1, 2), (64, 128, 256), (3, 4, 5, 6)):
+            try:
+                yield Int4WgmmaConfig(wg, mt, st)
+            except ValueError:  # over the shared-memory limit
+                pass
     if M <= 16:
         # The CUDA C++ kernel: n8 tiles per warp x warps (along N x along K) x span buffers in flight.
         # (Session 6 also swept the weights through 3-8 cp.async shared-memory stages: slower everywhere.)
@@ -118,11 +131,11 @@ def sweep_configs(M, mma_only=False):
         yield C(256, 64, 64, 4, 3, GROUP_M=8, SWAP_AB=True)
 
 
-def candidates(M, sweep):
+def candidates(M, sweep, cuda_only=False):
     out = [(name, TACTICS[name]) for name in tactics_for(M)]
     if sweep:
         out += [(cfg.describe(), cfg) for cfg in sweep_configs(M, sweep == "mma") if cfg not in TACTICS.values()]
-    return out
+    return [(n, c) for n, c in out if isinstance(c, CUDA_CONFIGS)] if cuda_only else out
 
 
 def _weights(N, K):
@@ -208,11 +221,12 @@ def main(argv=None):
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--shapes", default=None, help="N:K,N:K")
     ap.add_argument("--sweep", nargs="?", const="all", default=None, choices=["all", "mma"],
-                    help="also time the extra candidates of sweep_configs (mma: the CUDA C++ kernel's only)")
+                    help="also time the extra candidates of sweep_configs (mma: the CUDA C++ kernels' only)")
     ap.add_argument("--before", default=None, help="path of an older int4_gemm.py to time as 'before'")
     ap.add_argument("--jobs", type=int, default=0, help="compile in this many processes first (0: no)")
     ap.add_argument("--compile-only", action="store_true", help="with --jobs: fill the kernel cache and stop")
     ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--cuda-only", action="store_true", help="time only the CUDA C++ tactics (and fp16, dq+cuBLAS)")
     ap.add_argument("--stream", type=int, default=0, metavar="R",
                     help="also time fp16 and the chosen INT4 tactic as R back-to-back calls on R weight copies "
                          "(M <= 64 only; 0: off)")
@@ -229,8 +243,8 @@ def main(argv=None):
 
     if args.jobs:
         # Triton only: the CUDA C++ tactics compile in-process in ~0.1 s (NVRTC).
-        precompile({(N, K): [(M, c) for M in ms for c in [c for _, c in candidates(M, args.sweep)
-                                                          if not isinstance(c, Int4MmaConfig)] + extras(M)]
+        precompile({(N, K): [(M, c) for M in ms for c in [c for _, c in candidates(M, args.sweep, args.cuda_only)
+                                                          if not isinstance(c, CUDA_CONFIGS)] + extras(M)]
                     for N, K in shapes}, args.jobs, args.before)
     if args.compile_only:
         return
@@ -246,9 +260,10 @@ def main(argv=None):
         return
     dev = torch.cuda.get_device_name()
     lines = [f"# INT4 GEMM (g{BLOCK}, sym) vs torch fp16 on {dev}", "",
-             "int4 = fastest tactic of INT4_TACTICS + INT4_MMA_TACTICS (what TensorRT's autotuner keeps); pick = the torch wrapper's "
-             "default (int4_gemm with config=None: pick_int4_config's tactic, or dq+cuBLAS from M >= "
-             f"{DEQUANT_MIN_M}); dq+cuBLAS = dequantize to fp16 then cuBLAS (torch path only); before = previous kernel; "
+             "int4 = fastest tactic of INT4_TACTICS + INT4_MMA_TACTICS + INT4_WGMMA_TACTICS (what TensorRT's "
+             "autotuner keeps); pick = the torch wrapper's default (int4_gemm with config=None: pick_int4_config's "
+             f"tactic, or dq+cuBLAS from M >= {DEQUANT_MIN_M}); dq+cuBLAS = dequantize to fp16 then cuBLAS (torch "
+             "path only); before = previous kernel; "
              "sweep = fastest --sweep candidate outside INT4_TACTICS.", "",
              "| M | N | K | fp16 µs | int4 µs | speedup | int4 TFLOPS | int4 weight TB/s | tactic | pick µs | pick x "
              "| dq+cuBLAS µs | dq x | before µs | before x | rel err | stream fp16 µs | stream int4 µs | stream x "
@@ -271,7 +286,7 @@ def main(argv=None):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             ref = torch.nn.functional.linear(x, wq16)
             runs = [("fp16", None, lambda: torch.nn.functional.linear(x, w16))]
-            for name, cfg in candidates(M, args.sweep):
+            for name, cfg in candidates(M, args.sweep, args.cuda_only):
                 runs.append((name, cfg, lambda cfg=cfg: int4_gemm(x, b, s, block_size=BLOCK, config=cfg)))
             if M >= 256:
                 runs.append(("dq", None, lambda: int4_gemm_dequant_matmul(x, b, s, block_size=BLOCK)))
@@ -305,8 +320,8 @@ def main(argv=None):
             # The wrapper's default (config=None): the two-kernel path from DEQUANT_MIN_M on, else its tactic.
             pick = pick_int4_config(M, N, K, BLOCK)
             pick_name = next((n for n, c in TACTICS.items()
-                              if (c if isinstance(c, Int4MmaConfig) else fit_int4_config(c, K, BLOCK)) == pick), None)
-            tp = times.get("dq", math.nan) if M >= DEQUANT_MIN_M else ok.get(pick_name, math.nan)
+                              if (c if isinstance(c, CUDA_CONFIGS) else fit_int4_config(c, K, BLOCK)) == pick), None)
+            tp = times.get("dq", math.nan) if takes_dequant_path(M, N, K, BLOCK) else ok.get(pick_name, math.nan)
 
             def col(t):
                 return ("-", "-") if not math.isfinite(t) else (f"{t:.1f}", f"{t16 / t:.2f}x")

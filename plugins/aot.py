@@ -30,7 +30,7 @@ from triton.backends.compiler import GPUTarget
 from .ops import FLASH_ATTENTION, INT4_GEMM, NORMS, QUANTIZE_PER_TOKEN, W8A8_GEMM
 
 __all__ = ["AotKernel", "Expr", "Int4GemmPlugin", "W8A8GemmPlugin", "QuantizePerTokenPlugin",
-           "FlashAttentionPlugin", "build", "build_int4_mma", "compile_kernel", "tactics", "TARGET"]
+           "FlashAttentionPlugin", "build", "build_int4_cuda", "cuda_tactics", "compile_kernel", "tactics", "TARGET"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,9 +184,8 @@ def tactics(config) -> list[str]:
     """Tactic names a configuration can be built with (TensorRT times each and keeps the fastest)."""
     if isinstance(config, Int4GemmPlugin):
         from .int4_gemm import INT4_TACTICS
-        from .int4_gemm_mma import INT4_MMA_TACTICS, supports
-        return list(INT4_TACTICS) + [name for name, cfg in INT4_MMA_TACTICS.items()
-                                     if supports(cfg, config.N, config.K, config.block_size)]
+        return list(INT4_TACTICS) + [name for name, cfg in cuda_tactics().items()
+                                     if _cuda_module(cfg).supports(cfg, config.N, config.K, config.block_size)]
     if isinstance(config, W8A8GemmPlugin):
         from .w8a8_gemm import W8A8_TACTICS
         return list(W8A8_TACTICS)
@@ -213,12 +212,10 @@ def _build_int4(c: Int4GemmPlugin) -> AotKernel:
     import torch
 
     from .int4_gemm import INT4_TACTICS, _int4_gemm_kernel, fit_int4_config, kernel_constexprs
-    from .int4_gemm_mma import INT4_MMA_TACTICS
-
     if c.dtype not in ("float16", "bfloat16"):
         raise ValueError(f"Int4Gemm plugin: dtype must be float16/bfloat16, got {c.dtype}")
-    if c.tactic in INT4_MMA_TACTICS:
-        return build_int4_mma(c, INT4_MMA_TACTICS[c.tactic])
+    if c.tactic in cuda_tactics():
+        return build_int4_cuda(c, cuda_tactics()[c.tactic])
     cfg = fit_int4_config(INT4_TACTICS[c.tactic], c.K, c.block_size)
     nb = -(-c.K // c.block_size)
     dt = _DTYPES[c.dtype]
@@ -238,19 +235,35 @@ def _build_int4(c: Int4GemmPlugin) -> AotKernel:
     return _finish(kernel, _int4_gemm_kernel, constexprs, params, grid)
 
 
-def build_int4_mma(c: Int4GemmPlugin, cfg) -> AotKernel:
-    """The hand-written CUDA C++ kernel (int4_gemm_mma.py) for ``cfg`` (an Int4MmaConfig), compiled by
-    NVRTC; no scratch parameters. ``c.tactic`` is not read, so sweeps can build configs outside the table."""
-    from .int4_gemm_mma import MMA_M, PTX_ISA, kernel_source
+def cuda_tactics() -> dict:
+    """The hand-written CUDA C++ tactics by name: small-M ``mma.sync`` (int4_gemm_mma.py) and large-M
+    ``wgmma`` (int4_gemm_wgmma.py)."""
+    from .int4_gemm_mma import INT4_MMA_TACTICS
+    from .int4_gemm_wgmma import INT4_WGMMA_TACTICS
+
+    return {**INT4_MMA_TACTICS, **INT4_WGMMA_TACTICS}
+
+
+def _cuda_module(cfg):
+    from . import int4_gemm_mma, int4_gemm_wgmma
+
+    return int4_gemm_wgmma if isinstance(cfg, int4_gemm_wgmma.Int4WgmmaConfig) else int4_gemm_mma
+
+
+def build_int4_cuda(c: Int4GemmPlugin, cfg) -> AotKernel:
+    """A hand-written CUDA C++ kernel for ``cfg`` (an Int4MmaConfig or Int4WgmmaConfig), compiled by NVRTC;
+    no scratch parameters. ``c.tactic`` is not read, so sweeps can build configs outside the tables."""
     from .nvrtc import compile_to_ptx
 
-    name, source = kernel_source(cfg, c.dtype, c.N, c.K, c.block_size, c.has_zero_points, c.has_bias)
-    ptx = compile_to_ptx(source, name + ".cu", ptx_version=PTX_ISA)
+    module = _cuda_module(cfg)
+    name, source = module.kernel_source(cfg, c.dtype, c.N, c.K, c.block_size, c.has_zero_points, c.has_bias)
+    ptx = compile_to_ptx(source, name + ".cu", options=(f"--gpu-architecture={module.ARCH}", "-std=c++17"),
+                         ptx_version=module.PTX_ISA)
     params = [("X", "in", "X"), ("B", "in", "B"), ("S", "in", "scales")]
     params += [("ZP", "in", "zero_points")] * c.has_zero_points + [("BIAS", "in", "bias")] * c.has_bias
     params += [("M", "i32", Expr.of("M")), ("Y", "out", "Y")]
-    grid = (Expr(-(-c.N // cfg.rows)), Expr(1, (("M", MMA_M),)), Expr(1))  # block: WARPS * 32 threads
-    return AotKernel(name, ptx, cfg.WARPS, 0, tuple(params), grid)
+    grid = (Expr(-(-c.N // cfg.rows)), Expr(1, (("M", cfg.tokens),)), Expr(1))
+    return AotKernel(name, ptx, cfg.num_warps, cfg.dynamic_shared_bytes, tuple(params), grid)
 
 
 def _build_w8a8(c: W8A8GemmPlugin) -> AotKernel:

@@ -33,14 +33,18 @@ Three code paths, chosen per tactic (:class:`Int4GemmConfig`):
   and loses to the tensor-core path from M = 4 on (gpu_notes.md, session 4).
 
 For M <= 16 the CUDA C++ kernel of ``int4_gemm_mma.py`` (register-direct ``mma.sync`` operands, no
-shared memory in the K loop) measured faster on most shapes; it is a tactic of the same op
-(:class:`~qcompiler.plugins.int4_gemm_mma.Int4MmaConfig`), chosen by ``pick_int4_config`` where it won.
+shared memory in the K loop) measured faster on most shapes, and for M > 64 the CUDA C++ kernel of
+``int4_gemm_wgmma.py`` (swap-AB wgmma, the dequantized weight as the register A operand, MMAs overlapped
+with the next step's dequantization, which Triton 3.6 could not express) on every shape; both are
+tactics of the same op (:class:`~qcompiler.plugins.int4_gemm_mma.Int4MmaConfig`,
+:class:`~qcompiler.plugins.int4_gemm_wgmma.Int4WgmmaConfig`), chosen by ``pick_int4_config`` where they won.
 
 Scales are tiny 2-byte gathers that Triton does not pipeline: they are prefetched into L2 when a
 program starts and loaded one tile ahead (see the kernel). The grid is ``(cdiv(N, BLOCK_N),
 cdiv(M, BLOCK_M))``, renumbered in grouped order (``GROUP_M``). There is no split-K: a TensorRT AOT
 plugin launches one kernel and gets no workspace, and a cross-program K reduction would need one, so
-the plugin needs nothing beyond its inputs and output. For M >= ``DEQUANT_MIN_M`` the torch wrapper
+the plugin needs nothing beyond its inputs and output. For M >= ``DEQUANT_MIN_M``
+(``DEQUANT_MIN_M_TRITON`` without the wgmma kernel, see :func:`takes_dequant_path`) the torch wrapper
 instead dequantizes to a dense fp16/bf16 workspace and calls cuBLAS (:func:`int4_gemm_dequant_matmul`),
 which measured faster there; the plugin has no such path. Measurements: benchmarks/gpu_notes.md.
 """
@@ -57,9 +61,14 @@ import triton
 import triton.language as tl
 
 from .int4_gemm_mma import INT4_MMA_TACTICS, Int4MmaConfig, supports
+from .int4_gemm_wgmma import INT4_WGMMA_TACTICS, Int4WgmmaConfig
+from .int4_gemm_wgmma import supports as wgmma_supports
+
+CUDA_CONFIGS = (Int4MmaConfig, Int4WgmmaConfig)  # tactics written in CUDA C++, launched from their plugin PTX
 
 __all__ = ["Int4GemmConfig", "int4_gemm", "int4_gemm_reference", "int4_gemm_dequant_matmul", "dequantize_int4",
-           "dequantize_int4_gpu", "pick_int4_config", "fit_int4_config", "INT4_TACTICS", "DEQUANT_MIN_M"]
+           "dequantize_int4_gpu", "pick_int4_config", "fit_int4_config", "INT4_TACTICS", "DEQUANT_MIN_M",
+           "takes_dequant_path", "CUDA_CONFIGS"]
 
 logger = logging.getLogger(__name__)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # CPU interpreter: no inline PTX
@@ -454,14 +463,16 @@ INT4_TACTICS: dict[str, Int4GemmConfig] = {
 }
 
 
-# From M = 1024 on, dequantizing to fp16 and calling cuBLAS beat every fused tactic on all four
-# benchmark shapes (0.72-0.78x fp16 at M = 1024 and 0.88-1.01x at 4096, against 0.60-0.68x fused);
-# at M = 256 the fused kernel won on all four. M in (256, 1024) was not measured and stays fused.
-DEQUANT_MIN_M = 1024
+# The torch wrapper's two-kernel path (dequantize to fp16, then cuBLAS): from M = 4096 it beat the wgmma kernel on
+# 3 of 4 benchmark shapes (0.88-0.96x fp16 against 0.82-0.91x, session 7), which in turn beat it at M = 1024 on all
+# four. Without the wgmma kernel (no sm_90, NVRTC or CuPy, or a weight it does not take) the path starts at
+# DEQUANT_MIN_M_TRITON: from there it beat every Triton tactic on all four shapes (session 5).
+DEQUANT_MIN_M = 4096
+DEQUANT_MIN_M_TRITON = 1024
 
 
 @lru_cache(maxsize=1)
-def _mma_available() -> bool:
+def _cuda_available() -> bool:
     """The CUDA C++ tactics need NVRTC (to compile) and CuPy (to launch the PTX)."""
     import importlib.util
 
@@ -474,19 +485,40 @@ def _mma_available() -> bool:
     return importlib.util.find_spec("cupy") is not None
 
 
-def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig | Int4MmaConfig:
+@lru_cache(maxsize=8)
+def _wgmma_available(device: int) -> bool:
+    """The wgmma kernel's PTX targets sm_90a: Hopper only."""
+    return _cuda_available() and torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def _wgmma_tactic(M: int, N: int, K: int, block_size: int) -> Int4WgmmaConfig | None:
+    """The wgmma tactic for 64 < M < DEQUANT_MIN_M where it can run, else None (session 7 sweep: 128x256 won
+    every M >= 1024 point and M = 256 on N > 4096; 64 x 128 tokens with 6 stages on N <= 4096)."""
+    if not 64 < M or not torch.cuda.is_available() or not _wgmma_available(torch.cuda.current_device()):
+        return None
+    cfg = INT4_WGMMA_TACTICS["wgmma_64x128" if M < 1024 and N <= 4096 else "wgmma_128x256"]
+    return cfg if wgmma_supports(cfg, N, K, block_size) else None
+
+
+def takes_dequant_path(M: int, N: int, K: int, block_size: int) -> bool:
+    """Whether the torch wrapper's default (config=None) dequantizes to a dense workspace and calls cuBLAS."""
+    return M >= DEQUANT_MIN_M or (M >= DEQUANT_MIN_M_TRITON and _wgmma_tactic(M, N, K, block_size) is None)
+
+
+def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig | Int4MmaConfig | Int4WgmmaConfig:
     """Heuristic tactic by M and weight shape (the torch wrapper's choice).
 
     Fitted to the H100 measurements in benchmarks/gpu_notes.md (M <= 16: session 6, the CUDA C++ kernel
-    where it won, else sessions 3-4; M <= 64: the second pass's run 2; M >= 256: session 5); TensorRT
-    times every tactic instead. M = 5..8 takes the M = 4 choice: the CUDA C++ kernel runs the same
-    single-row-of-fragments path for every M <= 8 (not timed separately).
+    where it won, else sessions 3-4; M <= 64: the second pass's run 2; M > 64: session 7's wgmma kernel
+    where it can run, else session 5); TensorRT times every tactic instead. M = 5..8 takes the M = 4
+    choice: the CUDA C++ kernel runs the same single-row-of-fragments path for every M <= 8 (not timed
+    separately).
     """
     small_n = N <= 4096
     if M <= 16:
         if M <= 8 or small_n:
             mma = INT4_MMA_TACTICS["mma_n32_w16" if small_n else "mma_n32_w4"]
-            if supports(mma, N, K, block_size) and _mma_available():
+            if supports(mma, N, K, block_size) and _cuda_available():
                 return mma
         if M == 1:  # the GEMV won or tied every M = 1 point of the session-4 sweep
             name = "gemv"
@@ -494,10 +526,14 @@ def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig 
             name = "m16" if small_n else "m16_n32"
     elif M <= 64:
         name = "m16_n64" if small_n else "m64"
-    elif M < DEQUANT_MIN_M:  # session 5 (M = 256): swap-AB won or tied on all four shapes
-        name = "swap_64x64" if small_n else ("swap_256x128" if N * K >= 1 << 27 else "swap_128x64_w4")
-    else:  # beat "large" at 5 of 6 M >= 1024 points (session 5); the wrapper takes dq+cuBLAS there
-        name = "swap_256x128"
+    else:
+        wgmma = _wgmma_tactic(M, N, K, block_size)
+        if wgmma is not None:
+            return wgmma
+        if M < DEQUANT_MIN_M_TRITON:  # session 5 (M = 256): swap-AB won or tied on all four shapes
+            name = "swap_64x64" if small_n else ("swap_256x128" if N * K >= 1 << 27 else "swap_128x64_w4")
+        else:  # beat "large" at 5 of 6 M >= 1024 points (session 5); the wrapper takes dq+cuBLAS there
+            name = "swap_256x128"
     return fit_int4_config(INT4_TACTICS[name], K, block_size)
 
 
@@ -571,7 +607,7 @@ def _check(x, b, scales, zero_points, bias, block_size):
 
 def int4_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, *, block_size: int,
-              config: Int4GemmConfig | Int4MmaConfig | None = None
+              config: Int4GemmConfig | Int4MmaConfig | Int4WgmmaConfig | None = None
               ) -> torch.Tensor:
     """``X @ dequant(B)^T (+ bias)`` with B in the MatMulNBits INT4 layout.
 
@@ -582,23 +618,24 @@ def int4_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_point
         zero_points: optional uint8 [N, ceil(n_blocks / 2)], two 4-bit zero points per byte.
         bias: optional [N].
         block_size: quant block along K (16..256, power of two; or K rounded up for per-channel).
-        config: launch tactic: an Int4GemmConfig of the Triton kernel, or an Int4MmaConfig of the CUDA
-            C++ kernel (int4_gemm_mma.py, launched from its plugin PTX through CuPy). When None: for M >= ``DEQUANT_MIN_M`` the
-            two-kernel path :func:`int4_gemm_dequant_matmul` (faster there, measured), otherwise the
-            fused kernel with :func:`pick_int4_config`'s tactic.
+        config: launch tactic: an Int4GemmConfig of the Triton kernel, or an Int4MmaConfig /
+            Int4WgmmaConfig of a CUDA C++ kernel (int4_gemm_mma.py, int4_gemm_wgmma.py; launched from its
+            plugin PTX through CuPy). When None: where :func:`takes_dequant_path` says so, the two-kernel
+            path :func:`int4_gemm_dequant_matmul` (faster there, measured), otherwise the fused kernel with
+            :func:`pick_int4_config`'s tactic.
 
     Returns:
         [M, N] tensor of x's dtype.
     """
     M, N, K = _check(x, b, scales, zero_points, bias, block_size)
     if config is None:
-        if M >= DEQUANT_MIN_M:
+        if takes_dequant_path(M, N, K, block_size):
             return int4_gemm_dequant_matmul(x, b, scales, zero_points, bias, block_size=block_size)
         cfg = pick_int4_config(M, N, K, block_size)
     else:
-        cfg = config if isinstance(config, Int4MmaConfig) else fit_int4_config(config, K, block_size)
-    if isinstance(cfg, Int4MmaConfig):
-        return _int4_gemm_mma(x, b, scales, zero_points, bias, block_size, cfg)
+        cfg = config if isinstance(config, CUDA_CONFIGS) else fit_int4_config(config, K, block_size)
+    if isinstance(cfg, CUDA_CONFIGS):
+        return _int4_gemm_cuda(x, b, scales, zero_points, bias, block_size, cfg)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y
@@ -616,19 +653,20 @@ def int4_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_point
 
 
 @lru_cache(maxsize=256)
-def _mma_kernel(dtype: str, N: int, K: int, block_size: int, has_zp: bool, has_bias: bool, cfg: Int4MmaConfig):
-    from .aot import Int4GemmPlugin, build_int4_mma
+def _cuda_kernel(dtype: str, N: int, K: int, block_size: int, has_zp: bool, has_bias: bool, cfg):
+    from .aot import Int4GemmPlugin, build_int4_cuda
 
-    return build_int4_mma(Int4GemmPlugin(dtype, N, K, block_size, has_zp, has_bias), cfg)
+    return build_int4_cuda(Int4GemmPlugin(dtype, N, K, block_size, has_zp, has_bias), cfg)
 
 
-def _int4_gemm_mma(x, b, scales, zero_points, bias, block_size: int, cfg: Int4MmaConfig) -> torch.Tensor:
-    """The CUDA C++ tactic (int4_gemm_mma.py): the plugin's own PTX, launched as the plugin would be."""
+def _int4_gemm_cuda(x, b, scales, zero_points, bias, block_size: int, cfg) -> torch.Tensor:
+    """A CUDA C++ tactic (int4_gemm_mma.py, int4_gemm_wgmma.py): the plugin's own PTX, launched as the plugin
+    would be."""
     from .launch import launch
 
     M, K = x.shape
     N = b.shape[0]
-    kernel = _mma_kernel(str(x.dtype).removeprefix("torch."), N, K, block_size, zero_points is not None,
+    kernel = _cuda_kernel(str(x.dtype).removeprefix("torch."), N, K, block_size, zero_points is not None,
                          bias is not None, cfg)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     tensors = {"X": x.contiguous(), "B": b, "scales": scales.to(x.dtype).contiguous(), "zero_points": zero_points,

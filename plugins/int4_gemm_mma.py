@@ -36,12 +36,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-__all__ = ["Int4MmaConfig", "INT4_MMA_TACTICS", "supports", "kernel_source", "MMA_M", "PTX_ISA"]
+__all__ = ["Int4MmaConfig", "INT4_MMA_TACTICS", "supports", "kernel_source", "MMA_M", "PTX_ISA", "ARCH"]
 
 logger = logging.getLogger(__name__)
 
 MMA_M = 16  # rows of x per CTA (the m of m16n8k16)
 PTX_ISA = "7.8"  # the newest PTX feature used: sub/mul.rn.bf16x2 on sm_90 (CUDA 11.8 and later load it)
+ARCH = "compute_90"
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,19 @@ class Int4MmaConfig:
     def rows(self) -> int:
         """Weight rows per CTA."""
         return 8 * self.NT * self.WN
+
+    @property
+    def tokens(self) -> int:
+        """Rows of x per CTA (grid y = cdiv(M, tokens))."""
+        return MMA_M
+
+    @property
+    def num_warps(self) -> int:
+        return self.WARPS
+
+    @property
+    def dynamic_shared_bytes(self) -> int:
+        return 0  # the cross-warp reduction buffer is static
 
     @property
     def reduction_bytes(self) -> int:

@@ -35,8 +35,7 @@ def TACTIC_NAMES(op_type: str) -> list[str]:  # noqa: N802 - a table by op, kept
 
     if op_type == "Int4Gemm":  # every tactic; autotune offers those aot.tactics allows for the weight's shape
         from .int4_gemm import INT4_TACTICS
-        from .int4_gemm_mma import INT4_MMA_TACTICS
-        return list(INT4_TACTICS) + list(INT4_MMA_TACTICS)
+        return list(INT4_TACTICS) + list(aot.cuda_tactics())
     dummy = {"W8A8Gemm": aot.W8A8GemmPlugin("float16", 16, 16),
              "FlashAttention": aot.FlashAttentionPlugin("float16", 1, 1, 64)}.get(op_type)
     return aot.tactics(dummy) if dummy else ["default"]

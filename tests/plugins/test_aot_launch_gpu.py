@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 from qcompiler.plugins.int4_gemm import INT4_TACTICS  # noqa: E402 - after the importorskips
 from qcompiler.plugins.int4_gemm_mma import INT4_MMA_TACTICS  # noqa: E402
+from qcompiler.plugins.int4_gemm_wgmma import INT4_WGMMA_TACTICS  # noqa: E402
 from qcompiler.plugins.w8a8_gemm import W8A8_TACTICS  # noqa: E402
 
 DT = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -34,7 +35,7 @@ def _poison(shape, dtype):
 INT4_CASES = [("float16", 1000, 32, True, True), ("bfloat16", 4096, 128, False, False), ("float16", 777, 784, False, True)]
 
 
-@pytest.mark.parametrize("tactic", list(INT4_TACTICS) + list(INT4_MMA_TACTICS))
+@pytest.mark.parametrize("tactic", list(INT4_TACTICS) + list(INT4_MMA_TACTICS) + list(INT4_WGMMA_TACTICS))
 @pytest.mark.parametrize("case", INT4_CASES, ids=lambda c: f"{c[0]}-K{c[1]}-g{c[2]}-zp{int(c[3])}-b{int(c[4])}")
 def test_int4_plugin(tactic, case):
     from qcompiler.plugins import aot, launch

@@ -1,0 +1,471 @@
+"""INT4 weight-only GEMM for prefill-sized M, hand-written in CUDA C++: swap-AB ``wgmma`` with the
+dequantized weight as the register A operand.
+
+Why not Triton: Hopper's tensor cores are fed at full rate only by ``wgmma``, and the Triton tactics
+lose the overlap between dequantizing and multiplying (gpu_notes.md, session 5): ptxas serialises
+their register-operand wgmmas (C7515: the loop-carried accumulators are touched by non-wgmma
+instructions), so every MMA waits for the next tile's dequantization, ~440 TFLOP/s at best against
+cuBLAS fp16's ~700. Here the loop is written so that cannot happen: the accumulators are only ever
+written by wgmma, the next tile's A registers are a second, distinct buffer (the loop is unrolled by
+two), and the wait for the previous tile's MMAs comes after this tile's MMAs are issued, so one tile's
+dequantization runs on the CUDA cores while the other tile's MMAs run on the tensor cores.
+
+The product is ``Y^T = W . X^T``: a CTA owns ``64 * WG`` weight rows (one 64-row wgmma A slice per
+warpgroup) and ``MT`` rows of x (wgmma's N). Per 64-wide K step, cp.async brings the x tile (K-major,
+128-byte swizzle: wgmma's B operand read straight from shared memory) and the CTA's packed weight
+bytes into one of ``STAGES`` shared-memory stages; every lane then builds its A fragment from the
+packed bytes in the MatMulNBits order (no re-layout): the fragment wants, per k16 step, k = 2t, 2t+1
+(byte t of the row's 8-byte step) and 2t+8, 2t+9 (byte t + 4), so one ``prmt`` picks those two bytes
+and one more puts each byte's two nibbles in the two halves under the exponent of 1024.0 (128.0 for
+bf16), where ``q - zp`` is one exact subtraction and the scale one multiply (the numerics of every
+other path). Nothing is staged as 16-bit weights, so shared memory holds x and 4-bit bytes only.
+
+Supports ``block_size % 32 == 0`` (a 16-byte chunk lies in one padded row), ``K % 8 == 0`` (16-byte
+cp.async of x) and ``N >= 64 * WG`` (the last CTA moves back to end at row N). Needs sm_90a (wgmma):
+the PTX targets ``compute_90a``. This module never imports Triton or graph code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+__all__ = ["Int4WgmmaConfig", "INT4_WGMMA_TACTICS", "supports", "kernel_source", "PTX_ISA", "ARCH"]
+
+logger = logging.getLogger(__name__)
+
+PTX_ISA = "8.0"  # wgmma and fence.proxy.async (CUDA 12.0 drivers load it)
+ARCH = "compute_90a"
+_SMEM_LIMIT = 227 * 1024
+
+
+@dataclass(frozen=True)
+class Int4WgmmaConfig:
+    """One tactic of the swap-AB wgmma kernel.
+
+    Attributes:
+        WG: warpgroups per CTA, each 64 weight rows (the CTA owns 64 * WG rows).
+        MT: rows of x per CTA (wgmma's N: 64, 128 or 256; accumulators are MT / 2 registers per thread).
+        STAGES: shared-memory stages; STAGES - 2 K steps of loads are in flight while one is multiplied
+            and the previous one's MMAs drain.
+    """
+
+    WG: int
+    MT: int
+    STAGES: int = 4
+
+    def __post_init__(self):
+        if self.WG not in (1, 2) or self.MT not in (64, 128, 192, 256) or not 3 <= self.STAGES <= 8:
+            raise ValueError(f"Int4WgmmaConfig: WG in (1, 2), MT in (64, 128, 192, 256), 3 <= STAGES <= 8; got {self}")
+        if self.shared_bytes > _SMEM_LIMIT:
+            raise ValueError(f"Int4WgmmaConfig: {self} needs {self.shared_bytes} B of shared memory (> 227 KiB)")
+
+    @property
+    def rows(self) -> int:
+        """Weight rows per CTA."""
+        return 64 * self.WG
+
+    @property
+    def tokens(self) -> int:
+        """Rows of x per CTA (grid y = cdiv(M, tokens))."""
+        return self.MT
+
+    @property
+    def num_warps(self) -> int:
+        return 4 * self.WG
+
+    @property
+    def dynamic_shared_bytes(self) -> int:
+        return self.shared_bytes
+
+    @property
+    def stage_bytes(self) -> int:
+        return self.MT * 128 + self.rows * 32  # x tile (MT x 64 x 2 B) + packed weights (rows x 32 B)
+
+    @property
+    def shared_bytes(self) -> int:
+        # +1024: the dynamic window is aligned up to the 128-byte swizzle's 1024-byte atom in the kernel.
+        return max(self.STAGES * self.stage_bytes, self.MT * (self.rows + 8) * 2) + 1024
+
+    def describe(self) -> str:
+        return f"wgmma {self.rows} rows x {self.MT} tokens, {self.STAGES} stages"
+
+
+# Each was fastest (or within 3% of it) at >= 1 point of M in {256, 1024, 4096} x the four benchmark shapes among
+# the 24 swept on an H100 (benchmarks/gpu_notes.md, session 7); wgmma_64x64 is there for 64 < M < 256.
+INT4_WGMMA_TACTICS: dict[str, Int4WgmmaConfig] = {
+    "wgmma_128x256": Int4WgmmaConfig(2, 256, 4),
+    "wgmma_64x128": Int4WgmmaConfig(1, 128, 6),
+    "wgmma_64x128_s4": Int4WgmmaConfig(1, 128, 4),
+    "wgmma_64x64": Int4WgmmaConfig(1, 64, 4),
+}
+
+
+def supports(cfg: Int4WgmmaConfig, N: int, K: int, block_size: int) -> bool:
+    """Whether a tactic takes this weight (see the module docstring)."""
+    return block_size % 32 == 0 and K % 8 == 0 and K > 0 and N >= cfg.rows
+
+
+def _wgmma_asm(mt: int, dtype: str) -> str:
+    """The inline-asm statement of one ``wgmma m64n{mt}k16`` with A in registers (acc[] += A . B)."""
+    n_acc = mt // 2
+    acc = ", ".join(f"%{i}" for i in range(n_acc))
+    a = ", ".join(f"%{n_acc + i}" for i in range(4))
+    outs = ", ".join(f'"+f"(acc[{i}])' for i in range(n_acc))
+    return (f'asm volatile("{{ .reg .pred p; setp.ne.b32 p, %{n_acc + 5}, 0; '
+            f'wgmma.mma_async.sync.aligned.m64n{mt}k16.f32.{dtype}.{dtype} '
+            f'{{{acc}}}, {{{a}}}, %{n_acc + 4}, p, 1, 1, 0; }}"\n'
+            f'    : {outs}\n'
+            f'    : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(1));')
+
+
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef unsigned long long u64;
+struct __align__(16) v4 { u32 a, b, c, d; };
+
+#define BF16 @BF16@
+#define WG @WG@
+#define MT @MT@
+#define STAGES @STAGES@
+#define BLOCK_SIZE @BLOCK_SIZE@
+#define HAS_ZP @HAS_ZP@
+#define HAS_BIAS @HAS_BIAS@
+#define N_ @N@
+#define K_ @K@
+#define ROW_BYTES @ROW_BYTES@          // packed bytes per (padded) weight row, a multiple of 16
+#define NBLK @NBLK@
+#define ZSTRIDE @ZSTRIDE@
+#define ROWS (64 * WG)
+#define THREADS (128 * WG)
+#define KTILES ((K_ + 63) / 64)
+#define X_BYTES (MT * 128)
+#define STAGE_BYTES (X_BYTES + ROWS * 32)
+#define EVEN_K (K_ % 64 == 0 && ROW_BYTES == K_ / 2)
+#define OUT_STRIDE (ROWS + 8)          // epilogue tile row (halves): +16 B keeps the four t lanes off one bank
+#if BF16
+#define MAGIC2 0x43004300u
+#else
+#define MAGIC2 0x64006400u
+#endif
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  return (u32)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N)); }
+
+__device__ __forceinline__ v4 lds128(u32 addr) {
+  v4 r;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.a), "=r"(r.b), "=r"(r.c), "=r"(r.d) : "r"(addr));
+  return r;
+}
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+__device__ __forceinline__ u32 lop_mask_magic(u32 w) {
+  u32 d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(w), "n"(0x000F000Fu), "n"(MAGIC2));
+  return d;
+}
+
+__device__ __forceinline__ u32 sub2(u32 a, u32 b) {
+  u32 d;
+#if BF16
+  asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+#else
+  asm("sub.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+#endif
+  return d;
+}
+
+__device__ __forceinline__ u32 mul2(u32 a, u32 b) {
+  u32 d;
+#if BF16
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+#else
+  asm("mul.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+#endif
+  return d;
+}
+
+__device__ __forceinline__ u16 to_out(float v) {
+  u16 h;
+#if BF16
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#else
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+#endif
+  return h;
+}
+
+__device__ __forceinline__ float from_16(u16 h) {
+  float f;
+#if BF16
+  asm("mov.b32 %0, %1;" : "=f"(f) : "r"(((u32)h) << 16));
+#else
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+#endif
+  return f;
+}
+
+// Shared-memory matrix descriptor of a K-major tile with the 128-byte swizzle (8-row atoms 1024 B apart).
+__device__ __forceinline__ u64 make_desc(u32 addr) {
+  return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory");
+}
+
+__device__ __forceinline__ void wgmma(float* acc, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc) {
+@WGMMA@
+}
+
+// wgmma reads its register operand after it is issued, until the wait that retires it; to the compiler the
+// asm consumed them at issue, so it could hand those registers to other values meanwhile. A use after the
+// wait keeps them allocated until then.
+__device__ __forceinline__ void keep_until_here(const u32 (&a)[16]) {
+  asm volatile("" :: "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(a[4]), "r"(a[5]), "r"(a[6]), "r"(a[7]),
+               "r"(a[8]), "r"(a[9]), "r"(a[10]), "r"(a[11]), "r"(a[12]), "r"(a[13]), "r"(a[14]), "r"(a[15]));
+}
+
+// Scale (and zero point) of one weight row for the K step's two 32-wide halves (equal unless BLOCK_SIZE == 32).
+struct Quant {
+  u16 s[2];
+#if HAS_ZP
+  u8 z[2];
+#endif
+};
+
+__device__ __forceinline__ void load_quant(Quant& q, const u16* __restrict__ S, const u8* __restrict__ ZP, int row,
+                                           int kt) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int grp = min((64 * kt + 32 * h) / BLOCK_SIZE, NBLK - 1);
+    q.s[h] = S[row * NBLK + grp];
+#if HAS_ZP
+    q.z[h] = (ZP[row * ZSTRIDE + (grp >> 1)] >> (4 * (grp & 1))) & 0xF;
+#endif
+  }
+}
+
+// The lane's A fragments for the 4 k16 steps of one K step, from its rows' 32 packed bytes (wa: row g, wb: g + 8).
+__device__ __forceinline__ void dequant(u32 (&a)[16], const v4 (&w)[4], const Quant& qa, const Quant& qb, int t) {
+  const u32 pick = (u32)t | ((u32)(t + 4) << 4);  // byte t of a word, byte t of the next word
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const Quant& q = r ? qb : qa;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int h = j >> 1;
+#if HAS_ZP
+      const u32 z = q.z[h];
+#else
+      const u32 z = 8u;
+#endif
+      const u32 zz = MAGIC2 | z | (z << 16);
+      const u32 s2 = (u32)q.s[h] * 0x00010001u;
+      const u32* wd = &w[2 * r + h].a;
+      const u32 v = prmt(wd[2 * (j & 1)], wd[2 * (j & 1) + 1], pick);  // [byte t, byte t + 4] of the step
+      const u32 v4s = v >> 4;
+      // (lo nibble, hi nibble) of each byte into the two halves: k = 2t, 2t+1 and k = 2t+8, 2t+9.
+      const u32 lo = mul2(sub2(lop_mask_magic(prmt(v, v4s, 0x0400u)), zz), s2);
+      const u32 hi = mul2(sub2(lop_mask_magic(prmt(v, v4s, 0x0501u)), zz), s2);
+      // fragment registers per k16 step: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, ...)
+      a[4 * j + r] = lo;
+      a[4 * j + 2 + r] = hi;
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
+    const u16* __restrict__ X, const u8* __restrict__ B, const u16* __restrict__ S,
+#if HAS_ZP
+    const u8* __restrict__ ZP,
+#endif
+#if HAS_BIAS
+    const u16* __restrict__ BIAS,
+#endif
+    int M, u16* __restrict__ Y) {
+#if !HAS_ZP
+  const u8* ZP = 0;
+#endif
+  extern __shared__ u8 smem_raw[];
+  const u32 raw = smem_addr(smem_raw);
+  const u32 base = (raw + 1023u) & ~1023u;
+  u8* const smem = smem_raw + (base - raw);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int n0 = min((int)blockIdx.x * ROWS, N_ - ROWS);
+  const int m0 = blockIdx.y * MT;
+  const int wrow = 16 * warp + g;  // the lane's weight row in the CTA (and wrow + 8); warpgroup w owns 64 w..
+  const int row_a = n0 + wrow, row_b = row_a + 8;
+
+  // cp.async sources: x chunk q = tid % 8 of rows tid / 8 + i * THREADS / 8 (swizzle phase (tid / 8) % 8 fixed);
+  // the CTA's weights: row tid / 2, 16-byte half tid % 2 of the K step's 32 bytes.
+  const int q = tid & 7, xr = tid >> 3;
+  const u32 x_dst = xr * 128 + ((q ^ (xr & 7)) << 4);
+  const u16* x_src[MT * 8 / THREADS];
+#pragma unroll
+  for (int i = 0; i < MT * 8 / THREADS; ++i) x_src[i] = X + (long long)min(m0 + xr + i * (THREADS / 8), M - 1) * K_ + 8 * q;
+  const u8* w_src = B + (long long)(n0 + (tid >> 1)) * ROW_BYTES + 16 * (tid & 1);
+  const u32 w_dst = X_BYTES + (tid >> 1) * 32 + 16 * (tid & 1);
+
+  auto load_stage = [&](int kt) {
+    if (kt < KTILES) {
+      const u32 st = base + (kt % STAGES) * STAGE_BYTES;
+      const bool x_ok = EVEN_K || 64 * kt + 8 * q < K_;
+#pragma unroll
+      for (int i = 0; i < MT * 8 / THREADS; ++i)
+        cp_async16(st + x_dst + i * THREADS * 16, x_ok ? x_src[i] + 64 * kt : X, x_ok);
+      // Past the padded row the weights are never used with nonzero x (x is zero from K on): read chunk 0.
+      const int off = 32 * kt + 16 * (tid & 1) < ROW_BYTES ? 32 * kt : -16 * (tid & 1);
+      cp_async16(st + w_dst, w_src + off, true);
+    }
+    cp_async_commit();
+  };
+
+  float acc[MT / 2];
+#pragma unroll
+  for (int i = 0; i < MT / 2; ++i) acc[i] = 0.f;
+
+#pragma unroll
+  for (int p = 0; p < STAGES - 2; ++p) load_stage(p);
+
+  Quant qa, qb;
+  load_quant(qa, S, ZP, row_a, 0);
+  load_quant(qb, S, ZP, row_b, 0);
+  u32 a_even[16], a_odd[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) a_odd[i] = 0u;  // kept alive (below) before its first use
+
+  // K step KK into the A buffer AB: wait for its stage, refill the stage freed two steps ago, dequantize,
+  // issue the 4 MMAs, then wait until WAIT groups of MMAs are pending (1: the previous step's retire, so the A
+  // buffer PREV and its stage become free; 0 on the last step).
+#define K_STEP(KK, AB, PREV, WAIT)                                                          \
+  {                                                                                         \
+    cp_async_wait<STAGES - 3>();                                                            \
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");                           \
+    __syncthreads();                                                                        \
+    load_stage((KK) + STAGES - 2);                                                          \
+    const u32 st = base + ((KK) % STAGES) * STAGE_BYTES;                                    \
+    v4 w[4];                                                                                \
+    w[0] = lds128(st + X_BYTES + wrow * 32);                                                \
+    w[1] = lds128(st + X_BYTES + wrow * 32 + 16);                                           \
+    w[2] = lds128(st + X_BYTES + (wrow + 8) * 32);                                          \
+    w[3] = lds128(st + X_BYTES + (wrow + 8) * 32 + 16);                                     \
+    dequant(AB, w, qa, qb, t);                                                              \
+    if ((KK) + 1 < KTILES) { load_quant(qa, S, ZP, row_a, (KK) + 1); load_quant(qb, S, ZP, row_b, (KK) + 1); } \
+    wgmma_fence();                                                                          \
+    const u64 desc = make_desc(st);                                                         \
+    _Pragma("unroll") for (int j = 0; j < 4; ++j)                                           \
+      wgmma(acc, AB[4 * j], AB[4 * j + 1], AB[4 * j + 2], AB[4 * j + 3], desc + 2 * j);     \
+    wgmma_commit();                                                                         \
+    wgmma_wait<WAIT>();                                                                     \
+    keep_until_here(PREV);                                                                  \
+  }
+
+  // The last two steps are peeled so that the final wait_group 0 sits right after the last MMAs with no branch
+  // around it: ptxas 13.0 moved the epilogue's accumulator reads above a wait_group 0 placed after the loop,
+  // and made a conditional in-loop wait a full drain on every other step (both seen in the SASS; the first
+  // measured as the last K step's MMAs going missing for most tokens). An odd step count takes its extra step
+  // first: peeled at the end instead, ptxas serialized every MMA (C7513). The CPU tests check all three.
+#if KTILES == 1
+  K_STEP(0, a_even, a_odd, 0)
+#else
+#if KTILES % 2
+  K_STEP(0, a_odd, a_even, 1)
+  int kt = 1;
+#else
+  int kt = 0;
+#endif
+#pragma unroll 1  // unrolled, ptxas may also serialize the MMAs
+  for (; kt + 2 < KTILES; kt += 2) {
+    K_STEP(kt, a_even, a_odd, 1)
+    K_STEP(kt + 1, a_odd, a_even, 1)
+  }
+  K_STEP(kt, a_even, a_odd, 1)
+  K_STEP(kt + 1, a_odd, a_even, 0)
+#endif
+  keep_until_here(a_even);
+  keep_until_here(a_odd);
+  cp_async_wait<0>();
+  __syncthreads();  // every warpgroup is done with the stages: reuse them for the output tile
+
+  // Transpose through shared memory: acc[4 i + e] is (weight row wrow (+8 for e >= 2), token 8 i + 2 t + (e & 1)).
+  u16* out = (u16*)smem;
+#pragma unroll
+  for (int i = 0; i < MT / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int n = wrow + 8 * (e >> 1), m = 8 * i + 2 * t + (e & 1);
+      float v = acc[4 * i + e];
+#if HAS_BIAS
+      v += from_16(BIAS[n0 + n]);
+#endif
+      out[m * OUT_STRIDE + n] = to_out(v);
+    }
+  __syncthreads();
+#if N_ % 8 == 0
+  for (int idx = tid; idx < MT * (ROWS / 8); idx += THREADS) {
+    const int m = idx / (ROWS / 8), c = idx % (ROWS / 8);
+    if (m0 + m < M)
+      *(v4*)(Y + (long long)(m0 + m) * N_ + n0 + 8 * c) = *(const v4*)(out + m * OUT_STRIDE + 8 * c);
+  }
+#else  // rows of Y are not 16-byte aligned
+  for (int idx = tid; idx < MT * ROWS; idx += THREADS) {
+    const int m = idx / ROWS, n = idx % ROWS;
+    if (m0 + m < M) Y[(long long)(m0 + m) * N_ + n0 + n] = out[m * OUT_STRIDE + n];
+  }
+#endif
+}
+"""
+
+
+def kernel_name(cfg: Int4WgmmaConfig, dtype: str, N: int, K: int, block_size: int, has_zp: bool, has_bias: bool
+                ) -> str:
+    return (f"qc_int4_wgmma_{'bf16' if dtype == 'bfloat16' else 'f16'}_r{cfg.rows}_m{cfg.MT}_s{cfg.STAGES}"
+            f"_{N}x{K}_g{block_size}{'_zp' if has_zp else ''}{'_bias' if has_bias else ''}")
+
+
+def kernel_source(cfg: Int4WgmmaConfig, dtype: str, N: int, K: int, block_size: int, has_zp: bool, has_bias: bool
+                  ) -> tuple[str, str]:
+    """(entry name, CUDA C++ source) of one plugin configuration; N, K and the group are compiled in.
+
+    Parameters in launch order: X, B, scales, [zero_points], [bias], M, Y. Dynamic shared memory:
+    ``cfg.shared_bytes``; grid (cdiv(N, rows), cdiv(M, MT)); block 128 * WG threads.
+
+    Raises:
+        ValueError: a dtype other than float16/bfloat16, or a weight :func:`supports` refuses.
+    """
+    if dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"Int4Gemm wgmma kernel: dtype must be float16/bfloat16, got {dtype}")
+    if not supports(cfg, N, K, block_size):
+        raise ValueError(f"Int4Gemm wgmma kernel {cfg.describe()}: needs block_size % 32 == 0, K % 8 == 0 and "
+                         f"N >= {cfg.rows}; got N={N}, K={K}, block_size={block_size}")
+    n_blocks = -(-K // block_size)
+    name = kernel_name(cfg, dtype, N, K, block_size, has_zp, has_bias)
+    subs = {"@NAME@": name, "@BF16@": str(int(dtype == "bfloat16")), "@WG@": str(cfg.WG), "@MT@": str(cfg.MT),
+            "@STAGES@": str(cfg.STAGES), "@BLOCK_SIZE@": str(block_size), "@HAS_ZP@": str(int(has_zp)),
+            "@HAS_BIAS@": str(int(has_bias)), "@N@": str(N), "@K@": str(K),
+            "@ROW_BYTES@": str(n_blocks * block_size // 2), "@NBLK@": str(n_blocks),
+            "@ZSTRIDE@": str((n_blocks + 1) // 2),
+            "@WGMMA@": _wgmma_asm(cfg.MT, "bf16" if dtype == "bfloat16" else "f16")}
+    src = _SOURCE
+    for key, value in subs.items():
+        src = src.replace(key, value)
+    return name, src
