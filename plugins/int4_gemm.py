@@ -33,7 +33,7 @@ Three code paths, chosen per tactic (:class:`Int4GemmConfig`):
   and loses to the tensor-core path from M = 4 on (gpu_notes.md, session 4).
 
 For M <= 16 the CUDA C++ kernel of ``int4_gemm_mma.py`` (register-direct ``mma.sync`` operands, no
-shared memory in the K loop) measured faster on most shapes, and for M > 64 the CUDA C++ kernel of
+shared memory in the K loop) measured faster on most shapes, and for M >= 64 the CUDA C++ kernel of
 ``int4_gemm_wgmma.py`` (swap-AB wgmma, the dequantized weight as the register A operand, MMAs overlapped
 with the next step's dequantization, which Triton 3.6 could not express) on every shape; both are
 tactics of the same op (:class:`~qcompiler.plugins.int4_gemm_mma.Int4MmaConfig`,
@@ -492,11 +492,15 @@ def _wgmma_available(device: int) -> bool:
 
 
 def _wgmma_tactic(M: int, N: int, K: int, block_size: int) -> Int4WgmmaConfig | None:
-    """The wgmma tactic for 64 < M < DEQUANT_MIN_M where it can run, else None (session 7 sweep: 128x256 won
-    every M >= 1024 point and M = 256 on N > 4096; 64 x 128 tokens with 6 stages on N <= 4096)."""
-    if not 64 < M or not torch.cuda.is_available() or not _wgmma_available(torch.cuda.current_device()):
+    """The wgmma tactic for M >= 64 where it can run, else None (session 7 sweep: 128x256 won every M >= 1024
+    point and M = 256 on N > 4096; 64 x 128 tokens with 6 stages on N <= 4096; 64 x 64 at M = 64)."""
+    if M < 64 or not torch.cuda.is_available() or not _wgmma_available(torch.cuda.current_device()):
         return None
-    cfg = INT4_WGMMA_TACTICS["wgmma_64x128" if M < 1024 and N <= 4096 else "wgmma_128x256"]
+    if M == 64:
+        name = "wgmma_64x64"
+    else:
+        name = "wgmma_64x128" if M < 1024 and N <= 4096 else "wgmma_128x256"
+    cfg = INT4_WGMMA_TACTICS[name]
     return cfg if wgmma_supports(cfg, N, K, block_size) else None
 
 
@@ -509,7 +513,7 @@ def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig 
     """Heuristic tactic by M and weight shape (the torch wrapper's choice).
 
     Fitted to the H100 measurements in benchmarks/gpu_notes.md (M <= 16: session 6, the CUDA C++ kernel
-    where it won, else sessions 3-4; M <= 64: the second pass's run 2; M > 64: session 7's wgmma kernel
+    where it won, else sessions 3-4; M < 64: the second pass's run 2; M >= 64: session 7's wgmma kernel
     where it can run, else session 5); TensorRT times every tactic instead. M = 5..8 takes the M = 4
     choice: the CUDA C++ kernel runs the same single-row-of-fragments path for every M <= 8 (not timed
     separately).
@@ -525,6 +529,9 @@ def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig 
         else:
             name = "m16" if small_n else "m16_n32"
     elif M <= 64:
+        wgmma = _wgmma_tactic(M, N, K, block_size) if M == 64 and not small_n else None
+        if wgmma is not None:  # session 7: 1.28-1.67x fp16 at M = 64 on N > 4096, against 1.27-1.37x for m64
+            return wgmma
         name = "m16_n64" if small_n else "m64"
     else:
         wgmma = _wgmma_tactic(M, N, K, block_size)
