@@ -36,6 +36,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from .cuda_source import fill, weight_layout
+
 __all__ = ["Int4MmaConfig", "INT4_MMA_TACTICS", "supports", "kernel_source", "MMA_M", "PTX_ISA", "ARCH"]
 
 logger = logging.getLogger(__name__)
@@ -120,11 +122,6 @@ def supports(cfg: Int4MmaConfig, N: int, K: int, block_size: int) -> bool:
 
 
 _SOURCE = r"""
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned char u8;
-struct __align__(16) v4 { u32 a, b, c, d; };
-
 #define BF16 @BF16@
 #define NT @NT@
 #define WARPS @WARPS@
@@ -143,13 +140,8 @@ struct __align__(16) v4 { u32 a, b, c, d; };
 #define WK (WARPS / WN)                // warps along K
 #define DEPTH @DEPTH@                  // span buffers per warp
 #define SCALE_AFTER (BLOCK_SIZE % 128 == 0)  // a quad's 128-wide span lies in one group
-#if BF16
-#define MAGIC2 0x43004300u
-#define DT "bf16"
-#else
-#define MAGIC2 0x64006400u
-#define DT "f16"
-#endif
+
+@HALF2_HELPERS@
 
 // Packed weights are read once: keep them out of L1 (and optionally have L2 fetch 256-byte groups).
 __device__ __forceinline__ v4 load_weights(const u8* p) {
@@ -167,37 +159,6 @@ __device__ __forceinline__ v4 load_x(const u16* p, bool ok) {
   return r;
 }
 
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
-  u32 d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-
-// (w & mask) | MAGIC2 as one LOP3: written as C, the compiler emits two (an SASS LOP3 takes one immediate).
-#define LOP_MASK_MAGIC(d, w, mask) asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(w), "n"(mask), "n"(MAGIC2))
-__device__ __forceinline__ u32 lop_mask_magic_lo(u32 w) { u32 d; LOP_MASK_MAGIC(d, w, 0x000F000Fu); return d; }
-__device__ __forceinline__ u32 lop_mask_magic_hi(u32 w) { u32 d; LOP_MASK_MAGIC(d, w, 0x00F000F0u); return d; }
-
-__device__ __forceinline__ u32 sub2(u32 a, u32 b) {
-  u32 d;
-#if BF16
-  asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-#else
-  asm("sub.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-#endif
-  return d;
-}
-
-__device__ __forceinline__ u32 mul2(u32 a, u32 b) {
-  u32 d;
-#if BF16
-  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-#else
-  asm("mul.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-#endif
-  return d;
-}
-
 __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
   u32 d;
   asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -209,26 +170,6 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
       "{%0,%1,%2,%3};"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ u16 to_out(float v) {
-  u16 h;
-#if BF16
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-#else
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-#endif
-  return h;
-}
-
-__device__ __forceinline__ float from_16(u16 h) {
-  float f;
-#if BF16
-  asm("mov.b32 %0, %1;" : "=f"(f) : "r"(((u32)h) << 16));
-#else
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-#endif
-  return f;
 }
 
 // One 128-wide K span as this lane sees it: its 32 packed weights of each tile's row, x rows g and
@@ -497,16 +438,11 @@ def kernel_source(cfg: Int4MmaConfig, dtype: str, N: int, K: int, block_size: in
     if not supports(cfg, N, K, block_size):
         raise ValueError(f"Int4Gemm mma kernel {cfg.describe()}: needs block_size % 32 == 0, K % 8 == 0 and "
                          f"N >= {cfg.rows}; got N={N}, K={K}, block_size={block_size}")
-    n_blocks = -(-K // block_size)
     name = kernel_name(cfg, dtype, N, K, block_size, has_zp, has_bias)
     subs = {"@NAME@": name, "@BF16@": str(int(dtype == "bfloat16")), "@NT@": str(cfg.NT),
             "@WARPS@": str(cfg.WARPS), "@BLOCK_SIZE@": str(block_size), "@HAS_ZP@": str(int(has_zp)),
             "@HAS_BIAS@": str(int(has_bias)), "@EVEN_K@": str(int(_even_k(K, block_size))),
-            "@N@": str(N), "@K@": str(K), "@ROW_BYTES@": str(n_blocks * block_size // 2), "@NBLK@": str(n_blocks),
-            "@ZSTRIDE@": str((n_blocks + 1) // 2), "@L2HINT@": ".L2::256B" if cfg.L2_256B else "",
-            "@WN@": str(cfg.WN), "@DEPTH@": str(cfg.DEPTH)}
-    src = _SOURCE
-    for key, value in subs.items():
-        src = src.replace(key, value)
-    return name, src
+            "@N@": str(N), "@K@": str(K), **weight_layout(K, block_size),
+            "@L2HINT@": ".L2::256B" if cfg.L2_256B else "", "@WN@": str(cfg.WN), "@DEPTH@": str(cfg.DEPTH)}
+    return name, fill(_SOURCE, subs)
 

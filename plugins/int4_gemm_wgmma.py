@@ -30,6 +30,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from .cuda_source import fill, weight_layout
+
 __all__ = ["Int4WgmmaConfig", "INT4_WGMMA_TACTICS", "supports", "kernel_source", "PTX_ISA", "ARCH"]
 
 logger = logging.getLogger(__name__)
@@ -120,12 +122,6 @@ def _wgmma_asm(mt: int, dtype: str) -> str:
 
 
 _SOURCE = r"""
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned char u8;
-typedef unsigned long long u64;
-struct __align__(16) v4 { u32 a, b, c, d; };
-
 #define BF16 @BF16@
 #define WG @WG@
 #define MT @MT@
@@ -145,11 +141,8 @@ struct __align__(16) v4 { u32 a, b, c, d; };
 #define STAGE_BYTES (X_BYTES + ROWS * 32)
 #define EVEN_K (K_ % 64 == 0 && ROW_BYTES == K_ / 2)
 #define OUT_STRIDE (ROWS + 8)          // epilogue tile row (halves): +16 B keeps the four t lanes off one bank
-#if BF16
-#define MAGIC2 0x43004300u
-#else
-#define MAGIC2 0x64006400u
-#endif
+
+@HALF2_HELPERS@
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
   return (u32)__cvta_generic_to_shared(p);
@@ -165,58 +158,6 @@ __device__ __forceinline__ v4 lds128(u32 addr) {
   v4 r;
   asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.a), "=r"(r.b), "=r"(r.c), "=r"(r.d) : "r"(addr));
   return r;
-}
-
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
-  u32 d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-
-__device__ __forceinline__ u32 lop_mask_magic(u32 w) {
-  u32 d;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(w), "n"(0x000F000Fu), "n"(MAGIC2));
-  return d;
-}
-
-__device__ __forceinline__ u32 sub2(u32 a, u32 b) {
-  u32 d;
-#if BF16
-  asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-#else
-  asm("sub.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-#endif
-  return d;
-}
-
-__device__ __forceinline__ u32 mul2(u32 a, u32 b) {
-  u32 d;
-#if BF16
-  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-#else
-  asm("mul.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-#endif
-  return d;
-}
-
-__device__ __forceinline__ u16 to_out(float v) {
-  u16 h;
-#if BF16
-  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-#else
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-#endif
-  return h;
-}
-
-__device__ __forceinline__ float from_16(u16 h) {
-  float f;
-#if BF16
-  asm("mov.b32 %0, %1;" : "=f"(f) : "r"(((u32)h) << 16));
-#else
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-#endif
-  return f;
 }
 
 // Shared-memory matrix descriptor of a K-major tile with the 128-byte swizzle (8-row atoms 1024 B apart).
@@ -282,8 +223,8 @@ __device__ __forceinline__ void dequant(u32 (&a)[16], const v4 (&w)[4], const Qu
       const u32 v = prmt(wd[2 * (j & 1)], wd[2 * (j & 1) + 1], pick);  // [byte t, byte t + 4] of the step
       const u32 v4s = v >> 4;
       // (lo nibble, hi nibble) of each byte into the two halves: k = 2t, 2t+1 and k = 2t+8, 2t+9.
-      const u32 lo = mul2(sub2(lop_mask_magic(prmt(v, v4s, 0x0400u)), zz), s2);
-      const u32 hi = mul2(sub2(lop_mask_magic(prmt(v, v4s, 0x0501u)), zz), s2);
+      const u32 lo = mul2(sub2(lop_mask_magic_lo(prmt(v, v4s, 0x0400u)), zz), s2);
+      const u32 hi = mul2(sub2(lop_mask_magic_lo(prmt(v, v4s, 0x0501u)), zz), s2);
       // fragment registers per k16 step: (row g, k 2t..), (row g+8, k 2t..), (row g, k 2t+8..), (row g+8, ...)
       a[4 * j + r] = lo;
       a[4 * j + 2 + r] = hi;
@@ -457,15 +398,9 @@ def kernel_source(cfg: Int4WgmmaConfig, dtype: str, N: int, K: int, block_size: 
     if not supports(cfg, N, K, block_size):
         raise ValueError(f"Int4Gemm wgmma kernel {cfg.describe()}: needs block_size % 32 == 0, K % 8 == 0 and "
                          f"N >= {cfg.rows}; got N={N}, K={K}, block_size={block_size}")
-    n_blocks = -(-K // block_size)
     name = kernel_name(cfg, dtype, N, K, block_size, has_zp, has_bias)
     subs = {"@NAME@": name, "@BF16@": str(int(dtype == "bfloat16")), "@WG@": str(cfg.WG), "@MT@": str(cfg.MT),
             "@STAGES@": str(cfg.STAGES), "@BLOCK_SIZE@": str(block_size), "@HAS_ZP@": str(int(has_zp)),
-            "@HAS_BIAS@": str(int(has_bias)), "@N@": str(N), "@K@": str(K),
-            "@ROW_BYTES@": str(n_blocks * block_size // 2), "@NBLK@": str(n_blocks),
-            "@ZSTRIDE@": str((n_blocks + 1) // 2),
+            "@HAS_BIAS@": str(int(has_bias)), "@N@": str(N), "@K@": str(K), **weight_layout(K, block_size),
             "@WGMMA@": _wgmma_asm(cfg.MT, "bf16" if dtype == "bfloat16" else "f16")}
-    src = _SOURCE
-    for key, value in subs.items():
-        src = src.replace(key, value)
-    return name, src
+    return name, fill(_SOURCE, subs)
