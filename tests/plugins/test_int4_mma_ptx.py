@@ -5,31 +5,12 @@ MMA, zero points, bias), the PTX declares the parameters the plugin launches wit
 assembles, and the SASS has no spills and no barrier inside the K loop (the point of the design).
 """
 
-import os
 import re
-import subprocess
 
 import pytest
 
 from qcompiler.plugins.int4_gemm_mma import INT4_MMA_TACTICS, Int4MmaConfig, kernel_source, supports
-
-
-def _nvrtc_or_skip():
-    from qcompiler.plugins.nvrtc import NvrtcError, nvrtc_version
-
-    try:
-        return nvrtc_version()
-    except NvrtcError as err:
-        pytest.skip(f"NVRTC not installed ({err}); pip install 'nvidia-cuda-nvrtc==13.0.*'")
-
-
-def _ptxas():
-    triton = pytest.importorskip("triton")
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(path):
-        pytest.skip("Triton's bundled ptxas not found")
-    return path
-
+from tests.plugins.cuda_kernels import assemble, nvrtc_or_skip, ptxas_or_skip
 
 # dtype, N, K, block_size, zero points, bias: even K with the scale after the MMA, ragged K (padded last group,
 # partial last span) with the scale in the weight, per-channel, and an odd group count with zero points.
@@ -46,8 +27,7 @@ def _build(tactic, path):
 @pytest.mark.parametrize("tactic", list(INT4_MMA_TACTICS))
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: "-".join(map(str, p)))
 def test_every_tactic_compiles_without_spills_or_loop_barriers(tactic, path, tmp_path):
-    _nvrtc_or_skip()
-    ptxas = _ptxas()
+    ptxas_or_skip()
     cfg = INT4_MMA_TACTICS[tactic]
     if not supports(cfg, path[1], path[2], path[3]):
         pytest.skip(f"{tactic} needs N >= {cfg.rows}")
@@ -58,13 +38,8 @@ def test_every_tactic_compiles_without_spills_or_loop_barriers(tactic, path, tmp
     entry = re.search(r"\.entry\s+" + re.escape(kern.kernel_name) + r"\s*\((.*?)\)", kern.ptx, re.S)
     assert entry and entry.group(1).count(".param") == len(kern.params)
     assert [k for _, k, _ in kern.params] == ["in"] * (3 + path[4] + path[5]) + ["i32", "out"]
-    (tmp_path / "k.ptx").write_text(kern.ptx)
-    res = subprocess.run([ptxas, "-arch=sm_90", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "0 bytes spill stores" in res.stderr, res.stderr
-    sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "cuobjdump"), "-sass", str(tmp_path / "k.cubin")],
-                          capture_output=True, text=True).stdout
+    log, sass = assemble(kern.ptx, "sm_90", tmp_path)
+    assert "0 bytes spill stores" in log, log
     # Shared memory and the CTA barrier appear once, in the cross-warp reduction after the K loop.
     assert sass.count("HMMA.16816.F32") >= 8 * cfg.NT
     assert sass.count("BAR.SYNC") == (1 if cfg.WARPS > 1 else 0)
@@ -107,7 +82,7 @@ def test_refusals():
 
 
 def test_compile_error_carries_the_nvrtc_log():
-    _nvrtc_or_skip()
+    nvrtc_or_skip()
     from qcompiler.plugins.nvrtc import NvrtcError, compile_to_ptx
 
     with pytest.raises(NvrtcError, match="broken.cu: NVRTC failed: .*error"):

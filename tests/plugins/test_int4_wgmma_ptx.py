@@ -6,13 +6,12 @@ the loop (session 7): the MMAs of a K step stay asynchronous (one wait for all M
 nothing reads the accumulators before that wait.
 """
 
-import os
 import re
-import subprocess
 
 import pytest
 
 from qcompiler.plugins.int4_gemm_wgmma import INT4_WGMMA_TACTICS, Int4WgmmaConfig, kernel_source, supports
+from tests.plugins.cuda_kernels import assemble, ptxas_or_skip
 
 # dtype, N, K, block_size, zero points, bias: even K (loop form), ragged K with two groups per K step, an N that is
 # not a multiple of 8 (scalar stores) with a short unrolled K, per-channel.
@@ -20,26 +19,12 @@ PATHS = [("float16", 4096, 4096, 128, False, False), ("bfloat16", 300, 1000, 32,
          ("float16", 200, 520, 64, True, False), ("bfloat16", 256, 4096, 4096, False, True)]
 
 
-def _tools():
-    from qcompiler.plugins.nvrtc import NvrtcError, nvrtc_version
-
-    try:
-        nvrtc_version()
-    except NvrtcError as err:
-        pytest.skip(f"NVRTC not installed ({err}); pip install 'nvidia-cuda-nvrtc==13.0.*'")
-    triton = pytest.importorskip("triton")
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("Triton's bundled ptxas not found")
-    return ptxas
-
-
 @pytest.mark.parametrize("tactic", list(INT4_WGMMA_TACTICS))
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: "-".join(map(str, p)))
 def test_every_tactic_compiles_with_asynchronous_mmas(tactic, path, tmp_path):
     from qcompiler.plugins import aot
 
-    ptxas = _tools()
+    ptxas_or_skip()
     cfg = INT4_WGMMA_TACTICS[tactic]
     if not supports(cfg, *path[1:4]):
         pytest.skip(f"{tactic} needs N >= {cfg.rows}")
@@ -49,14 +34,9 @@ def test_every_tactic_compiles_with_asynchronous_mmas(tactic, path, tmp_path):
     assert entry and entry.group(1).count(".param") == len(kern.params)
     assert [k for _, k, _ in kern.params] == ["in"] * (3 + path[4] + path[5]) + ["i32", "out"]
     assert kern.num_warps == 4 * cfg.WG and kern.shared_mem == cfg.shared_bytes <= 227 * 1024
-    (tmp_path / "k.ptx").write_text(kern.ptx)
-    res = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "0 bytes spill stores" in res.stderr, res.stderr
-    assert "serialized" not in res.stderr, res.stderr  # C7514/C7515: ptxas waiting after every wgmma
-    sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "cuobjdump"), "-sass", str(tmp_path / "k.cubin")],
-                          capture_output=True, text=True).stdout
+    log, sass = assemble(kern.ptx, "sm_90a", tmp_path)
+    assert "0 bytes spill stores" in log, log
+    assert "serialized" not in log, log  # C7513-C7515: ptxas waiting after every wgmma
     hgmma = [m.start() for m in re.finditer(r"HGMMA\.64x\d+x16\.F32", sass)]
     assert len(hgmma) >= 4
     drains = [m.start() for m in re.finditer(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x0", sass)]

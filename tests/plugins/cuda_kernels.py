@@ -1,0 +1,87 @@
+"""What the tests of the hand-written CUDA C++ INT4 kernels share: the CPU toolchain (NVRTC, Triton's bundled ptxas
+and cuobjdump) and the GPU checks against the fp32 reference."""
+
+import os
+import subprocess
+
+import pytest
+
+
+def nvrtc_or_skip() -> None:
+    from qcompiler.plugins.nvrtc import NvrtcError, nvrtc_version
+
+    try:
+        nvrtc_version()
+    except NvrtcError as err:
+        pytest.skip(f"NVRTC not installed ({err}); pip install 'nvidia-cuda-nvrtc==13.0.*'")
+
+
+def ptxas_or_skip() -> str:
+    """Path of Triton's bundled ptxas; skips the test without NVRTC or that ptxas."""
+    nvrtc_or_skip()
+    triton = pytest.importorskip("triton")
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(path):
+        pytest.skip("Triton's bundled ptxas not found")
+    return path
+
+
+def assemble(ptx: str, arch: str, tmp_path) -> tuple[str, str]:
+    """(ptxas -v log, SASS) of the PTX for ``arch``; asserts that ptxas succeeded."""
+    ptxas = ptxas_or_skip()
+    (tmp_path / "k.ptx").write_text(ptx)
+    res = subprocess.run([ptxas, f"-arch={arch}", "-v", str(tmp_path / "k.ptx"), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "cuobjdump"), "-sass", str(tmp_path / "k.cubin")],
+                          capture_output=True, text=True).stdout
+    return res.stderr, sass
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check_against_reference(cfg, case, ms) -> None:
+    """Runs ``cfg`` through the torch wrapper for every M in ``ms`` on the weight ``case`` = (dtype, N, K,
+    block_size, symmetric, bias) and asserts an error within 1.5x (+1e-4) of the same-precision torch
+    baseline's (weights dequantized to fp16/bf16, cuBLAS): these kernels round the weight once, like it."""
+    import torch
+
+    from qcompiler.plugins.int4_gemm import int4_gemm, int4_gemm_reference
+    from qcompiler.plugins.ops import pack_int4_matmulnbits
+
+    dtype, N, K, block, sym, has_bias = case
+    torch.manual_seed(N + K + block)
+    b, s, z = pack_int4_matmulnbits(torch.randn(N, K, device="cuda") * 0.05, block, symmetric=sym, scale_dtype=dtype)
+    bias = torch.randn(N, device="cuda", dtype=dtype) if has_bias else None
+    for M in ms:
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        y = int4_gemm(x, b, s, z, bias, block_size=block, config=cfg)
+        torch.cuda.synchronize()
+        ref = int4_gemm_reference(x, b, s, z, bias)
+        base = int4_gemm_reference(x, b, s, z, bias, compute_dtype=dtype)
+        assert torch.isfinite(y).all(), M
+        err, berr = rel(y, ref), rel(base, ref)
+        assert err <= 1.5 * berr + 1e-4, (M, err, berr)
+
+
+def check_padding_nibbles_ignored(cfg, M: int) -> None:
+    """K padded to the group: whatever the padding nibbles hold, x is zero there and they add nothing."""
+    import torch
+
+    from qcompiler.plugins.int4_gemm import int4_gemm, int4_gemm_reference
+    from qcompiler.plugins.ops import pack_int4_matmulnbits
+
+    N, K, block = 128, 1000, 64  # 1024 packed: the last 24 k are padding
+    torch.manual_seed(3)
+    b, s, z = pack_int4_matmulnbits(torch.randn(N, K, device="cuda") * 0.05, block, symmetric=True,
+                                    scale_dtype=torch.float16)
+    x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+    clean = int4_gemm(x, b, s, z, block_size=block, config=cfg)
+    noisy_b = b.clone()
+    noisy_b.view(N, -1)[:, K // 2:] = 0xF0  # q = 0 / 15 in the padding: far from the zero point 8
+    noisy = int4_gemm(x, noisy_b, s, z, block_size=block, config=cfg)
+    assert torch.equal(clean, noisy)
+    assert rel(clean, int4_gemm_reference(x, b, s, z)) < 2e-3
