@@ -30,7 +30,7 @@ from triton.backends.compiler import GPUTarget
 from .ops import FLASH_ATTENTION, INT4_GEMM, NORMS, QUANTIZE_PER_TOKEN, W8A8_GEMM
 
 __all__ = ["AotKernel", "Expr", "Int4GemmPlugin", "W8A8GemmPlugin", "QuantizePerTokenPlugin",
-           "FlashAttentionPlugin", "build", "build_int4_cuda", "cuda_tactics", "compile_kernel", "tactics", "TARGET"]
+           "FlashAttentionPlugin", "build", "build_attn_cuda", "build_int4_cuda", "cuda_tactics", "compile_kernel", "tactics", "TARGET"]
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,9 @@ def tactics(config) -> list[str]:
         return list(W8A8_TACTICS)
     if isinstance(config, FlashAttentionPlugin):
         from .flash_attention import ATTN_TACTICS
-        return list(ATTN_TACTICS)
+        from .flash_attention_wgmma import ATTN_WGMMA_TACTICS, supports
+        return list(ATTN_TACTICS) + [name for name, cfg in ATTN_WGMMA_TACTICS.items()
+                                     if supports(cfg, config.head_dim, config.scale)]
     return ["default"]
 
 
@@ -310,9 +312,12 @@ def _build_quant(c: QuantizePerTokenPlugin) -> AotKernel:
 
 def _build_attn(c: FlashAttentionPlugin) -> AotKernel:
     from .flash_attention import ATTN_TACTICS, _flash_attn_fwd_kernel, pick_attn_config
+    from .flash_attention_wgmma import ATTN_WGMMA_TACTICS
 
     if c.num_heads % c.kv_num_heads:
         raise ValueError("FlashAttention plugin: num_heads must be a multiple of kv_num_heads")
+    if c.tactic in ATTN_WGMMA_TACTICS:
+        return build_attn_cuda(c, ATTN_WGMMA_TACTICS[c.tactic])
     cfg = ATTN_TACTICS[c.tactic] if c.tactic else pick_attn_config(c.head_dim, 0)
     dt = _DTYPES[c.dtype]
     D, HQ, HKV = c.head_dim, c.num_heads, c.kv_num_heads
@@ -340,3 +345,21 @@ def _build_attn(c: FlashAttentionPlugin) -> AotKernel:
               "O": ("out", "O"), "LSE": ("out", "LSE"), **{k: ("i32", Expr.of(v)) for k, v in scalars.items()}}
     grid = (Expr(1, (("SQ", cfg.BLOCK_M),)), Expr(HQ, (("B", 1),)), 1)
     return _finish(kernel, _flash_attn_fwd_kernel, constexprs, params, grid)
+
+
+def build_attn_cuda(c: FlashAttentionPlugin, cfg) -> AotKernel:
+    """The CUDA C++ wgmma attention kernel (flash_attention_wgmma.py) for ``cfg``, compiled by NVRTC; no
+    scratch parameters. ``c.tactic`` is not read, so sweeps can build configs outside the table."""
+    from . import flash_attention_wgmma as fa
+    from .nvrtc import compile_to_ptx
+
+    if c.head_dim != cfg.D:
+        raise ValueError(f"FlashAttention plugin: tactic {cfg.describe()} is for head dim {cfg.D}, not {c.head_dim}")
+    name, source = fa.kernel_source(cfg, c.dtype, c.num_heads, c.kv_num_heads, c.causal, c.scale, c.has_seqlens_k)
+    ptx = compile_to_ptx(source, name + ".cu", options=(f"--gpu-architecture={fa.ARCH}", "-std=c++17"),
+                         ptx_version=fa.PTX_ISA)
+    params = [("Q", "in", "Q"), ("K", "in", "K"), ("V", "in", "V")]
+    params += [("SEQLENS_K", "in", "seqlens_k")] * c.has_seqlens_k
+    params += [("SQ", "i32", Expr.of("SQ")), ("SK", "i32", Expr.of("SK")), ("O", "out", "O"), ("LSE", "out", "LSE")]
+    grid = (Expr(1, (("SQ", cfg.BLOCK_M),)), Expr(c.num_heads, (("B", 1),)), Expr(1))
+    return AotKernel(name, ptx, cfg.num_warps, cfg.dynamic_shared_bytes, tuple(params), grid)

@@ -8,7 +8,7 @@ both halves, under which a 4-bit value OR-ed into the mantissa is exact. Never i
 
 from __future__ import annotations
 
-__all__ = ["HALF2_HELPERS", "weight_layout", "fill"]
+__all__ = ["HALF2_HELPERS", "WGMMA_HELPERS", "weight_layout", "fill"]
 
 HALF2_HELPERS = r"""
 typedef unsigned int u32;
@@ -78,6 +78,44 @@ __device__ __forceinline__ float from_16(u16 h) {
 """
 
 
+# Shared memory, cp.async and wgmma plumbing of the sm_90a kernels (int4_gemm_wgmma.py, flash_attention_wgmma.py);
+# needs HALF2_HELPERS' typedefs first.
+WGMMA_HELPERS = r"""
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  return (u32)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool ok) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N)); }
+
+__device__ __forceinline__ v4 lds128(u32 addr) {
+  v4 r;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.a), "=r"(r.b), "=r"(r.c), "=r"(r.d) : "r"(addr));
+  return r;
+}
+
+// Shared-memory matrix descriptor of a K-major tile with the 128-byte swizzle (8-row atoms 1024 B apart).
+__device__ __forceinline__ u64 make_desc(u32 addr) {
+  return (u64)((addr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+// The same for an MN-major tile (wgmma with the transpose flag): 64-element-wide column blocks of 128-byte
+// swizzled rows, LBO bytes apart; groups of 8 K rows 1024 B apart.
+__device__ __forceinline__ u64 make_desc_mn(u32 addr, u32 lbo) {
+  return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory");
+}
+"""
+
+
 def weight_layout(K: int, block_size: int) -> dict[str, str]:
     """Template values of the MatMulNBits geometry: packed bytes per (padded) row, groups per row, zero-point
     bytes per row."""
@@ -87,7 +125,7 @@ def weight_layout(K: int, block_size: int) -> dict[str, str]:
 
 
 def fill(template: str, values: dict[str, str]) -> str:
-    """Replaces each ``@KEY@`` of the template, and ``@HALF2_HELPERS@`` with :data:`HALF2_HELPERS`."""
-    for key, value in {"@HALF2_HELPERS@": HALF2_HELPERS, **values}.items():
+    """Replaces each ``@KEY@`` of the template, and ``@HALF2_HELPERS@`` / ``@WGMMA_HELPERS@`` with the helpers."""
+    for key, value in {"@HALF2_HELPERS@": HALF2_HELPERS, "@WGMMA_HELPERS@": WGMMA_HELPERS, **values}.items():
         template = template.replace(key, value)
     return template

@@ -20,10 +20,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
+
+from .flash_attention_wgmma import ATTN_WGMMA_TACTICS, AttnWgmmaConfig
+from .launch import launch, sm90a_kernels_available
 
 __all__ = ["AttnConfig", "flash_attention", "flash_attention_reference", "pick_attn_config", "ATTN_TACTICS",
            "MODE_DENSE", "MODE_PADDED", "MODE_VARLEN"]
@@ -156,6 +160,10 @@ ATTN_TACTICS: dict[str, AttnConfig] = {
 }
 
 
+# The CUDA C++ wgmma kernel (flash_attention_wgmma.py) by head dim, where it can run.
+WGMMA_TACTIC_BY_HEAD_DIM = {64: "wgmma_d64", 128: "wgmma_d128"}
+
+
 def pick_attn_config(head_dim: int, seq_q: int) -> AttnConfig:
     if head_dim <= 64:
         return ATTN_TACTICS["d64"]
@@ -178,7 +186,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         seqlens_k: int32 [B], valid keys per batch (padded mode).
         cu_seqlens_q, cu_seqlens_k: int32 [B+1] prefix sums (varlen mode).
         max_seqlen_q: longest query sequence in varlen mode (grid size); computed when None.
-        config: launch tactic; chosen by head dim when None.
+        config: launch tactic: an AttnConfig of the Triton kernel, or an AttnWgmmaConfig of the CUDA C++ kernel
+            (dense/padded contiguous tensors on sm_90a; launched from its plugin PTX). When None: the wgmma
+            kernel where it can run (head dim 64/128, contiguous dense/padded tensors, Hopper with NVRTC and
+            CuPy, a positive scale), else the Triton tactic for the head dim.
 
     Returns:
         O with q's shape and dtype; LSE float32 [B, Hq, Sq] (dense/padded) or [Hq, Tq] (varlen).
@@ -231,9 +242,21 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         ls = (lse.stride(0), lse.stride(1))
     if HQ % HKV != 0:
         raise ValueError(f"FlashAttention: query heads {HQ} must be a multiple of kv heads {HKV}")
-    cfg = config or pick_attn_config(D, SQ)
     if B == 0 or SQ == 0:
         return o, lse
+    dense_contiguous = mode != MODE_VARLEN and all(t.is_contiguous() for t in (q, k, v))
+    if config is None and dense_contiguous and (scale is None or scale > 0) and D in WGMMA_TACTIC_BY_HEAD_DIM \
+            and q.is_cuda and sm90a_kernels_available(q.device.index if q.device.index is not None else 0):
+        config = ATTN_WGMMA_TACTICS[WGMMA_TACTIC_BY_HEAD_DIM[D]]
+    if isinstance(config, AttnWgmmaConfig):
+        if not dense_contiguous or config.D != D or (scale is not None and scale <= 0):
+            raise ValueError(f"FlashAttention: tactic {config.describe()} needs contiguous dense/padded q/k/v with head "
+                             f"dim {config.D} and a positive scale")
+        kernel = _cuda_kernel(str(q.dtype).removeprefix("torch."), HQ, HKV, bool(causal), float(scale or 0.0),
+                              mode == MODE_PADDED, config)
+        launch(kernel, {"Q": q, "K": k, "V": v, "seqlens_k": seqlens_k, "O": o, "LSE": lse}, {"B": B, "SQ": SQ, "SK": SK})
+        return o, lse
+    cfg = config or pick_attn_config(D, SQ)
     sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
     grid = (triton.cdiv(SQ, cfg.BLOCK_M), B * HQ)
     _flash_attn_fwd_kernel[grid](
@@ -244,6 +267,14 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse
+
+
+@lru_cache(maxsize=64)
+def _cuda_kernel(dtype: str, num_heads: int, kv_num_heads: int, causal: bool, scale: float, padded: bool,
+                 cfg: AttnWgmmaConfig):
+    from .aot import FlashAttentionPlugin, build_attn_cuda
+
+    return build_attn_cuda(FlashAttentionPlugin(dtype, num_heads, kv_num_heads, cfg.D, causal, scale, padded), cfg)
 
 
 def flash_attention_reference(q, k, v, *, causal=False, scale=None, seqlens_k=None,

@@ -63,6 +63,7 @@ import triton.language as tl
 from .int4_gemm_mma import INT4_MMA_TACTICS, Int4MmaConfig, supports
 from .int4_gemm_wgmma import INT4_WGMMA_TACTICS, Int4WgmmaConfig
 from .int4_gemm_wgmma import supports as wgmma_supports
+from .launch import cuda_kernels_available, sm90a_kernels_available
 
 CUDA_CONFIGS = (Int4MmaConfig, Int4WgmmaConfig)  # tactics written in CUDA C++, launched from their plugin PTX
 
@@ -471,30 +472,10 @@ DEQUANT_MIN_M = 4096
 DEQUANT_MIN_M_TRITON = 1024
 
 
-@lru_cache(maxsize=1)
-def _cuda_available() -> bool:
-    """The CUDA C++ tactics need NVRTC (to compile) and CuPy (to launch the PTX)."""
-    import importlib.util
-
-    from .nvrtc import NvrtcError, nvrtc_version
-
-    try:
-        nvrtc_version()
-    except NvrtcError:
-        return False
-    return importlib.util.find_spec("cupy") is not None
-
-
-@lru_cache(maxsize=8)
-def _wgmma_available(device: int) -> bool:
-    """The wgmma kernel's PTX targets sm_90a: Hopper only."""
-    return _cuda_available() and torch.cuda.get_device_capability(device) == (9, 0)
-
-
 def _wgmma_tactic(M: int, N: int, K: int, block_size: int) -> Int4WgmmaConfig | None:
     """The wgmma tactic for M >= 64 where it can run, else None (session 7 sweep: 128x256 won every M >= 1024
     point and M = 256 on N > 4096; 64 x 128 tokens with 6 stages on N <= 4096; 64 x 64 at M = 64)."""
-    if M < 64 or not torch.cuda.is_available() or not _wgmma_available(torch.cuda.current_device()):
+    if M < 64 or not torch.cuda.is_available() or not sm90a_kernels_available(torch.cuda.current_device()):
         return None
     if M == 64:
         name = "wgmma_64x64"
@@ -522,7 +503,7 @@ def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig 
     if M <= 16:
         if M <= 8 or small_n:
             mma = INT4_MMA_TACTICS["mma_n32_w16" if small_n else "mma_n32_w4"]
-            if supports(mma, N, K, block_size) and _cuda_available():
+            if supports(mma, N, K, block_size) and cuda_kernels_available():
                 return mma
         if M == 1:  # the GEMV won or tied every M = 1 point of the session-4 sweep
             name = "gemv"

@@ -8,19 +8,41 @@ pointers), on the caller's torch stream. No Triton runtime is involved.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from .aot import AotKernel
 
-__all__ = ["load_kernel", "launch"]
+__all__ = ["load_kernel", "launch", "cuda_kernels_available", "sm90a_kernels_available"]
 
 logger = logging.getLogger(__name__)
 
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute value
 _MODULES: dict[tuple[str, int], Any] = {}  # (kernel name, hash of ptx) -> (module, function); loading is slow
+
+
+@lru_cache(maxsize=1)
+def cuda_kernels_available() -> bool:
+    """The hand-written CUDA C++ kernels need NVRTC (to compile) and CuPy (to launch the PTX)."""
+    from .nvrtc import NvrtcError, nvrtc_version
+
+    try:
+        nvrtc_version()
+    except NvrtcError:
+        return False
+    return importlib.util.find_spec("cupy") is not None
+
+
+@lru_cache(maxsize=8)
+def sm90a_kernels_available(device: int) -> bool:
+    """The wgmma kernels' PTX targets sm_90a: Hopper only."""
+    import torch
+
+    return cuda_kernels_available() and torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def load_kernel(kernel: AotKernel):

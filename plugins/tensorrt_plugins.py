@@ -36,8 +36,11 @@ def TACTIC_NAMES(op_type: str) -> list[str]:  # noqa: N802 - a table by op, kept
     if op_type == "Int4Gemm":  # every tactic; autotune offers those aot.tactics allows for the weight's shape
         from .int4_gemm import INT4_TACTICS
         return list(INT4_TACTICS) + list(aot.cuda_tactics())
-    dummy = {"W8A8Gemm": aot.W8A8GemmPlugin("float16", 16, 16),
-             "FlashAttention": aot.FlashAttentionPlugin("float16", 1, 1, 64)}.get(op_type)
+    if op_type == "FlashAttention":  # every tactic; autotune offers those for the head dim
+        from .flash_attention import ATTN_TACTICS
+        from .flash_attention_wgmma import ATTN_WGMMA_TACTICS
+        return list(ATTN_TACTICS) + list(ATTN_WGMMA_TACTICS)
+    dummy = {"W8A8Gemm": aot.W8A8GemmPlugin("float16", 16, 16)}.get(op_type)
     return aot.tactics(dummy) if dummy else ["default"]
 
 
@@ -157,8 +160,10 @@ def register_plugins() -> None:
         return out_desc(o, Q.dtype), out_desc(lse, trt.float32)
 
     @trtp.autotune("qcompiler::FlashAttention")
-    def _attn_tune(Q, K, V, outputs):
-        tactics = list(range(1, len(TACTIC_NAMES("FlashAttention")) + 1))
+    def _attn_tune(Q, K, V, causal: int, scale: float, outputs):
+        names = TACTIC_NAMES("FlashAttention")
+        d = Q.shape_expr[3].constant_value()
+        tactics = [names.index(name) + 1 for name in aot.tactics(aot.FlashAttentionPlugin("float16", 1, 1, d, scale=scale))]
         return [trtp.AutoTuneCombination("FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16, FP32", "LINEAR", tactics)]
 
     @trtp.aot_impl("qcompiler::FlashAttention")

@@ -1,0 +1,65 @@
+"""The CUDA C++ wgmma attention kernel on the GPU (``pytest -m gpu``, sm_90): every tactic, dtype, mask and batch
+form on awkward shapes through the torch wrapper (which launches the plugin's own PTX through CuPy), against the
+fp32 reference, with the error bar of the Triton kernel's tests (2x the same-precision torch baseline + 1e-3)."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("cupy")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or
+                                                  torch.cuda.get_device_capability() != (9, 0),
+                                                  reason="needs an sm_90 GPU (wgmma)")]
+
+from qcompiler.plugins.flash_attention import flash_attention, flash_attention_reference  # noqa: E402
+from qcompiler.plugins.flash_attention_wgmma import ATTN_WGMMA_TACTICS, AttnWgmmaConfig  # noqa: E402
+from tests.plugins.cuda_kernels import rel  # noqa: E402
+
+CONFIGS = list(ATTN_WGMMA_TACTICS.values()) + [AttnWgmmaConfig(64, 1, 192, 3), AttnWgmmaConfig(128, 1, 64, 3)]
+# B, Hq, Hkv, Sq, Sk: a ragged single block; two blocks of queries over 9 key blocks with MQA; one query (decode)
+# over a ragged key tail; more queries than keys (causal rows that see nothing); a handful of each.
+SHAPES = [(2, 4, 4, 97, 97), (1, 4, 1, 1025, 1025), (2, 8, 2, 1, 300), (2, 6, 3, 200, 77), (3, 2, 2, 3, 5)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.describe().replace(" ", "-"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
+def test_attention_wgmma_matches_reference(cfg, dtype, causal, padded):
+    for B, HQ, HKV, SQ, SK in SHAPES:
+        torch.manual_seed(SQ + SK + cfg.D)
+        q = torch.randn(B, HQ, SQ, cfg.D, device="cuda", dtype=dtype)
+        k = torch.randn(B, HKV, SK, cfg.D, device="cuda", dtype=dtype)
+        v = torch.randn(B, HKV, SK, cfg.D, device="cuda", dtype=dtype)
+        lens = None
+        if padded:  # keys past lens[b] hold NaN: masked keys must never reach the product
+            lens = torch.randint(0, SK + 1, (B,), device="cuda", dtype=torch.int32)
+            lens[0] = SK // 2
+            for b in range(B):
+                k[b, :, int(lens[b]):] = float("nan")
+                v[b, :, int(lens[b]):] = float("nan")
+        o, lse = flash_attention(q, k, v, causal=causal, seqlens_k=lens, config=cfg)
+        ro, rlse = flash_attention_reference(q.float(), k.float().nan_to_num(), v.float().nan_to_num(), causal=causal,
+                                             seqlens_k=lens)
+        base = flash_attention_reference(q, k.nan_to_num(), v.nan_to_num(), causal=causal, seqlens_k=lens,
+                                         dtype=dtype)[0]
+        rows = torch.isfinite(rlse)
+        shape = (B, HQ, HKV, SQ, SK)
+        assert torch.equal(torch.isfinite(lse), rows), shape
+        assert not torch.isnan(o).any(), shape
+        if rows.any():
+            err, berr = rel(o[rows], ro[rows]), rel(base[rows], ro[rows])
+            assert err <= 2 * berr + 1e-3, (shape, err, berr)
+            assert torch.allclose(lse[rows], rlse[rows], atol=2e-2 if dtype == torch.bfloat16 else 5e-3), shape
+        assert (o.float()[~rows] == 0).all(), shape  # rows that see no key: zero output
+
+
+def test_attention_wgmma_scale_and_refusals():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 130, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    o, _ = flash_attention(q, k, v, scale=0.3, config=ATTN_WGMMA_TACTICS["wgmma_d64"])
+    ro, _ = flash_attention_reference(q, k, v, scale=0.3)
+    assert rel(o, ro) < 5e-3
+    with pytest.raises(ValueError, match="contiguous"):
+        flash_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, config=ATTN_WGMMA_TACTICS["wgmma_d64"])
+    with pytest.raises(ValueError, match="head dim 128"):
+        flash_attention(q, k, v, config=ATTN_WGMMA_TACTICS["wgmma_d128"])
