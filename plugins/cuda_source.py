@@ -1,5 +1,6 @@
-"""What the hand-written CUDA C++ INT4 kernels (int4_gemm_mma.py, int4_gemm_wgmma.py) share: the 16-bit
-pair arithmetic on packed registers, the MatMulNBits row geometry they compile in, and the template fill.
+"""What the hand-written CUDA C++ kernels share: the 16-bit pair arithmetic on packed registers (INT4 kernels),
+the shared-memory / cp.async / wgmma plumbing (the sm_90a kernels), the MatMulNBits row geometry and the template
+fill.
 
 The helpers are written once for both element types: ``BF16`` (0/1) must be defined before
 :data:`HALF2_HELPERS` is included; it defines ``MAGIC2``, the exponent of 1024.0 (fp16) or 128.0 (bf16) in

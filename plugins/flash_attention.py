@@ -154,14 +154,15 @@ class AttnConfig:
 
 
 ATTN_TACTICS: dict[str, AttnConfig] = {
-    "d64": AttnConfig(128, 128, 8, 3),
+    "d64": AttnConfig(128, 64, 8, 3),  # 64-key blocks: 388-398 TFLOP/s against 343-374 for 128 (H100, session 8)
     "d128": AttnConfig(128, 64, 8, 3),
     "d256": AttnConfig(64, 32, 4, 2),
 }
 
 
-# The CUDA C++ wgmma kernel (flash_attention_wgmma.py) by head dim, where it can run.
-WGMMA_TACTIC_BY_HEAD_DIM = {64: "wgmma_d64", 128: "wgmma_d128"}
+# The CUDA C++ wgmma kernel (flash_attention_wgmma.py) by head dim, where it can run and measured faster than the
+# Triton kernel (d128: 3 of 4 points at s 2048/8192; at d64 Triton's 128x64 tiles won all four; gpu_notes session 8).
+WGMMA_TACTIC_BY_HEAD_DIM = {128: "wgmma_d128"}
 
 
 def pick_attn_config(head_dim: int, seq_q: int) -> AttnConfig:

@@ -3,18 +3,24 @@
 Why not Triton: the Triton kernel (flash_attention.py) reaches 430-460 TFLOP/s at head dim 128 on an
 H100, 0.70-0.81x of cuDNN, because each key block runs QK^T, softmax and PV one after the other in
 every warp, so the tensor cores idle while the exponentials run (about half the MMA time at d128).
-Here every warpgroup owns 64 query rows and, for key block j, issues ``S_j = Q K_j^T`` and the
-previous block's ``O += P_{j-1} V_{j-1}`` back to back, waits only for ``S_j``, and computes the
-softmax of block j while ``P_{j-1} V_{j-1}`` still runs; then it waits for that, rescales O and packs
-``P_j``. (FlashAttention-3's intra-warpgroup overlap; its producer warp, TMA and ping-pong between
-warpgroups are not done here.)
+This kernel is FlashAttention-3's design with cp.async in place of TMA (a tensor map is a kernel
+parameter TensorRT's AOT launch cannot pass):
 
-Shared memory holds Q (loaded once) and STAGES stages of (K_j, V_j), each a [rows, D] tile stored as
-D / 64 column blocks of 128-byte swizzled rows, the layout both wgmma operands read: Q and K as
-K-major operands of ``S = Q K^T``, V as the MN-major (transposed) B operand of ``O = P V``. P never
-leaves registers: the S accumulator fragment is the A register fragment of the PV product. Loads are
-16-byte cp.async by all threads, STAGES - 2 key blocks ahead; rows past the sequence (or past
-``seqlens_k``) are zero-filled, so padding never reaches the product.
+* a producer warpgroup (40 registers after ``setmaxnreg``) loads K and V blocks into a ring of STAGES
+  shared-memory stages; per stage, mbarriers say "K landed" and "V landed" (``cp.async.mbarrier.arrive``)
+  and "free again" (one arrival per consumer warp);
+* WG consumer warpgroups (232 registers each with two) own 64 query rows each. For key block j a
+  consumer issues ``S_j = Q K_j^T`` and the previous block's ``O += P_{j-1} V_{j-1}`` back to back,
+  waits only for ``S_j``, and computes block j's softmax while ``P_{j-1} V_{j-1}`` still runs; then it
+  waits for that, rescales O and packs ``P_j``;
+* the consumers take turns to issue their MMAs (named barriers), so one's softmax runs under the other's
+  MMAs.
+
+K and V tiles are stored as D / 64 column blocks of 128-byte swizzled rows, the layout both wgmma
+operands read: Q and K as K-major operands of ``S = Q K^T``, V as the MN-major (transposed) B operand
+of ``O = P V``. P never leaves registers: the S accumulator fragment is the A register fragment of the
+PV product. Rows past the sequence (or past ``seqlens_k``) are zero-filled, so padding never reaches
+the product. The output goes out through the consumer's own Q rows in shared memory.
 
 Semantics are flash_attention.py's (ops.FLASH_ATTENTION): dense or padded (``seqlens_k``) batches of
 contiguous [B, H, S, D] tensors, GQA/MQA, bottom-right aligned causal mask, O and the natural-log LSE
@@ -46,20 +52,19 @@ class AttnWgmmaConfig:
 
     Attributes:
         D: head dim (64 or 128).
-        WG: warpgroups per CTA, 64 query rows each.
+        WG: consumer warpgroups per CTA, 64 query rows each (one more warpgroup loads K and V).
         BN: keys per block (wgmma's N of QK^T and its K of PV): 64, 128 or 192.
-        STAGES: (K, V) stages in shared memory; STAGES - 2 blocks are loaded ahead (one is being multiplied,
-            one holds the V of the PV product still in flight).
+        STAGES: (K, V) stages in shared memory: the producer runs up to STAGES blocks ahead.
     """
 
     D: int
     WG: int
     BN: int
-    STAGES: int = 3
+    STAGES: int = 2
 
     def __post_init__(self):
-        if self.D not in (64, 128) or self.WG not in (1, 2, 3) or self.BN not in (64, 128, 192) or self.STAGES < 3:
-            raise ValueError(f"AttnWgmmaConfig: D in (64, 128), WG in (1, 2, 3), BN in (64, 128, 192), STAGES >= 3; "
+        if self.D not in (64, 128) or self.WG not in (1, 2, 3) or self.BN not in (64, 128, 192) or self.STAGES < 2:
+            raise ValueError(f"AttnWgmmaConfig: D in (64, 128), WG in (1, 2, 3), BN in (64, 128, 192), STAGES >= 2; "
                              f"got {self}")
         if self.dynamic_shared_bytes > _SMEM_LIMIT:
             raise ValueError(f"AttnWgmmaConfig: {self} needs {self.dynamic_shared_bytes} B of shared memory (> 227 KiB)")
@@ -71,25 +76,36 @@ class AttnWgmmaConfig:
 
     @property
     def num_warps(self) -> int:
-        return 4 * self.WG
+        return 4 * (self.WG + 1)
+
+    @property
+    def consumer_registers(self) -> int:
+        """Registers per consumer thread after ``setmaxnreg`` (the producer keeps 40): the CTA's launch allocation
+        (65536 / threads, in steps of 8) redistributed."""
+        threads = 32 * self.num_warps
+        launch = min(255, 65536 // threads) // 8 * 8
+        return min(256, (launch * threads - 128 * 40) // (128 * self.WG) // 8 * 8)
 
     @property
     def dynamic_shared_bytes(self) -> int:
-        q_tile = self.BLOCK_M * self.D * 2
+        q_tile = self.BLOCK_M * self.D * 2  # also the output tile
         stages = self.STAGES * 2 * self.BN * self.D * 2
-        out_tile = self.BLOCK_M * (self.D + 8) * 2
+        barriers = 3 * self.STAGES * 8
         # +1024: the window is aligned up to the 128-byte swizzle's 1024-byte atom in the kernel.
-        return max(q_tile + stages, out_tile) + 1024
+        return q_tile + stages + barriers + 1024
 
     def describe(self) -> str:
         return f"wgmma {self.BLOCK_M}x{self.BN} d{self.D} s{self.STAGES}"
 
 
+# Measured on an H100 against 5 other configs each (benchmarks/gpu_notes.md, session 8): 3 stages beat 2 by 10-18%
+# at d128 (the producer's cp.async loads are what limits), 64-key blocks came second on causal rows, and 3 consumer
+# warpgroups (192 rows) spill at 152 registers. At d64 the Triton kernel measured faster; wgmma_d64 is offered to
+# the autotuner, not picked by the torch wrapper.
 ATTN_WGMMA_TACTICS: dict[str, AttnWgmmaConfig] = {
     "wgmma_d128": AttnWgmmaConfig(128, 2, 128, 3),
     "wgmma_d128_n64": AttnWgmmaConfig(128, 2, 64, 4),
     "wgmma_d64": AttnWgmmaConfig(64, 2, 128, 4),
-    "wgmma_d64_m192": AttnWgmmaConfig(64, 3, 128, 4),
 }
 
 
@@ -139,9 +155,11 @@ _SOURCE = r"""
 #define HQ @HQ@
 #define GQA @GQA@
 #define SCALE_LOG2 @SCALE_LOG2@  // softmax scale * log2(e): the exponentials are exp2
-#define BM (64 * WG)
-#define THREADS (128 * WG)
-#define PREFETCH (STAGES - 2)
+#define CWG WG                // consumer warpgroups, 64 query rows each; warpgroup 0 is the producer
+#define BM (64 * CWG)
+#define THREADS (128 * (CWG + 1))
+#define REGS_PRODUCER 40
+#define REGS_CONSUMER @REGS_CONSUMER@
 #define Q_BYTES (BM * D * 2)
 #define TILE_BYTES (BN * D * 2)
 #define STAGE_BYTES (2 * TILE_BYTES)
@@ -190,12 +208,11 @@ __device__ __forceinline__ void wgmma_pv(float* acc, const u32* a, u64 desc_b) {
 
 // A [R, D] tile of rows starting at src (row stride D) into D / 64 column blocks of R 128-byte swizzled rows;
 // rows >= valid are zero-filled (no global read).
-template <int R>
+template <int R, int NT>
 __device__ __forceinline__ void load_tile(u32 dst, const u16* __restrict__ src, int valid, int tid) {
-#pragma unroll
-  for (int i = 0; i < (R * D / 8 + THREADS - 1) / THREADS; ++i) {
-    const int idx = tid + i * THREADS;
-    if ((R * D / 8) % THREADS && idx >= R * D / 8) break;
+#pragma unroll 4
+  for (int i = 0; i < R * D / 8 / NT; ++i) {
+    const int idx = tid + i * NT;
     const int r = idx / (D / 8), c = idx % (D / 8);
     const bool ok = r < valid;
     cp_async16(dst + (c >> 3) * (R * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4), ok ? src + r * D + 8 * c : src, ok);
@@ -244,6 +261,39 @@ __device__ __forceinline__ void softmax(float (&s)[BN / 2], float (&m)[2], float
   l[1] = l[1] * alpha[1] + sum[1];
 }
 
+__device__ __forceinline__ void mbar_init(u32 bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, int parity) {
+  asm volatile("{ .reg .pred done; WAIT_%=: mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1; "
+               "@!done bra WAIT_%=; }" :: "r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+  asm volatile("{ .reg .b64 state; mbarrier.arrive.shared::cta.b64 state, [%0]; }" :: "r"(bar) : "memory");
+}
+// Arrives on the barrier once every cp.async this thread issued so far has landed (noinc: counted in the init).
+__device__ __forceinline__ void cp_async_arrive(u32 bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void named_sync(int id, int count) { asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(count) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id, int count) { asm volatile("bar.arrive %0, %1;" :: "r"(id), "r"(count) : "memory"); }
+
+// A pipeline position: the stage a key block uses and the parity of that stage's use (flips each time round).
+struct Slot {
+  int stage = 0, phase = 0;
+  __device__ __forceinline__ void next() {
+    if (++stage == STAGES) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+// Named barriers: 0 is __syncthreads; 1 + w is consumer warpgroup w's turn to issue MMAs; 1 + CWG + w its own
+// epilogue barrier.
+#define TURN_BAR(w) (1 + (w))
+#define WG_BAR(w) (1 + CWG + (w))
+
 extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
     const u16* __restrict__ Q, const u16* __restrict__ K, const u16* __restrict__ V,
 #if PADDED
@@ -254,9 +304,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
   const u32 raw = smem_addr(smem_raw);
   const u32 base = (raw + 1023u) & ~1023u;
   u8* const smem = smem_raw + (base - raw);
+  // mbarriers after the tiles: per stage "K landed", "V landed" (producer threads, cp.async) and "stage free"
+  // (one arrival per consumer warp).
+  const u32 bars = base + Q_BYTES + STAGES * STAGE_BYTES;
+  auto full_k = [&](int st) { return bars + 8 * st; };
+  auto full_v = [&](int st) { return bars + 8 * (STAGES + st); };
+  auto empty = [&](int st) { return bars + 8 * (2 * STAGES + st); };
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
-  const int g = lane >> 2, t = lane & 3;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // Longest causal rows first: block 0 takes the last query rows, so the grid's tail is short work.
   const int pid_m = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   const int bh = blockIdx.y, b = bh / HQ, kvh = (bh % HQ) / GQA;
@@ -276,51 +331,79 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
 #endif
   const int n_blocks = (hi + BN - 1) / BN;
   const int n_full = full_keys / BN;  // blocks before it need no mask
-
-  const u16* q_src = Q + ((long long)bh * SQ + m0) * D;
-  const long long kv_off = ((long long)b * (HQ / GQA) + kvh) * SK * D;
-  const u16* k_src = K + kv_off;
-  const u16* v_src = V + kv_off;
   const u32 q_smem = base;
-  auto stage_addr = [&](int j) { return base + Q_BYTES + (u32)(j % STAGES) * STAGE_BYTES; };
-  auto load_stage = [&](int j) {
-    if (j < n_blocks) {
-      load_tile<BN>(stage_addr(j), k_src + (long long)j * BN * D, k_len - j * BN, tid);
-      load_tile<BN>(stage_addr(j) + TILE_BYTES, v_src + (long long)j * BN * D, k_len - j * BN, tid);
+  auto stage_addr = [&](const Slot& sl) { return base + Q_BYTES + (u32)sl.stage * STAGE_BYTES; };
+
+  if (tid == 0) {
+    for (int st = 0; st < STAGES; ++st) {
+      mbar_init(full_k(st), 128);
+      mbar_init(full_v(st), 128);
+      mbar_init(empty(st), 4 * CWG);
     }
-    cp_async_commit();
-  };
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
 
-  load_tile<BM>(q_smem, q_src, SQ - m0, tid);
+  if (warp < 4) {  // producer warpgroup: K and V tiles, STAGES ahead of the consumers
+#if CWG > 1
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(REGS_PRODUCER));
+#endif
+    const long long kv_off = ((long long)b * (HQ / GQA) + kvh) * SK * D;
+    Slot sl;
+#pragma unroll 1
+    for (int j = 0; j < n_blocks; ++j, sl.next()) {
+      if (j >= STAGES) mbar_wait(empty(sl.stage), sl.phase ^ 1);  // its previous use was released
+      const long long off = kv_off + (long long)j * BN * D;
+      load_tile<BN, 128>(stage_addr(sl), K + off, k_len - j * BN, tid);
+      cp_async_arrive(full_k(sl.stage));
+      load_tile<BN, 128>(stage_addr(sl) + TILE_BYTES, V + off, k_len - j * BN, tid);
+      cp_async_arrive(full_v(sl.stage));
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");  // the last arrivals must fire before this thread exits
+    return;
+  }
+#if CWG > 1
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(REGS_CONSUMER));
+#endif
+  const int wg = warp / 4 - 1, ctid = tid - 128 * (wg + 1);  // consumer warpgroup and its thread
+  const int g = lane >> 2, t = lane & 3;
+  const int row0 = m0 + 64 * wg + 16 * (warp & 3) + g;  // the lane's rows: row0 and row0 + 8
+  // Each consumer warpgroup loads its own 64 Q rows (8 swizzle atoms per 64-wide column block).
+  const u32 q_wg = q_smem + wg * 8192;
 #pragma unroll
-  for (int j = 0; j < PREFETCH; ++j) load_stage(j);  // the Q tile rides in the first group
+  for (int i = 0; i < D / 64 * 4; ++i) {
+    const int idx = ctid + 128 * i, r = idx / (D / 8), c = idx % (D / 8);
+    const bool ok = m0 + 64 * wg + r < SQ;
+    cp_async16(q_wg + (c >> 3) * (BM * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4),
+               ok ? Q + ((long long)bh * SQ + m0 + 64 * wg + r) * D + 8 * c : Q, ok);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  named_sync(WG_BAR(wg), 128);
 
-  const int row0 = m0 + 16 * warp + g;  // the lane's rows: row0 and row0 + 8 (warpgroup wg owns 64 wg..)
-  // Q: the warpgroup's 64 rows are 8 swizzle atoms at 8 KiB per warpgroup inside each column block.
-  const u64 q_desc = make_desc(q_smem + wg * 8192);
+  const u64 q_desc = make_desc(q_wg);
   float o[D / 2], s[BN / 2];
   u32 p[BN / 4];
 #pragma unroll
   for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
   float m[2] = {-1.0e30f, -1.0e30f}, l[2] = {0.f, 0.f}, alpha[2];
 
-  auto qk = [&](int j) {
-    const u32 kst = stage_addr(j);
+  auto qk = [&](const Slot& sl) {
+    const u32 kst = stage_addr(sl);
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
       wgmma_qk(s, q_desc + (kk >> 2) * (BM * 128 / 16) + 2 * (kk & 3),
                make_desc(kst) + (kk >> 2) * (BN * 128 / 16) + 2 * (kk & 3), kk);
   };
-  auto pv = [&](int j) {
-    const u64 v_desc = make_desc_mn(stage_addr(j) + TILE_BYTES, BN * 128);
+  auto pv = [&](const Slot& sl) {
+    const u64 v_desc = make_desc_mn(stage_addr(sl) + TILE_BYTES, BN * 128);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) wgmma_pv(o, &p[4 * kk], v_desc + kk * (2048 / 16));
   };
-  auto wait_stage = [&](int j) {
-    cp_async_wait<PREFETCH - 1>();
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    __syncthreads();  // stage j is visible to all; every warpgroup is past block j - 1, so stage j - 2 is free
-    load_stage(j + PREFETCH);
+  auto ready = [&](u32 bar, const Slot& sl) {
+    mbar_wait(bar, sl.phase);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async (generic) writes -> wgmma reads
   };
   auto do_softmax = [&](int j) {
     if (j >= n_full)
@@ -338,26 +421,55 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
       p[4 * kk + 3] = pack2(s[8 * kk + 6], s[8 * kk + 7]);
     }
   };
+  auto release = [&](const Slot& sl) {
+    if (lane == 0) mbar_arrive(empty(sl.stage));
+  };
+  // Ping-pong: the consumer warpgroups take turns to issue their MMAs, so one's softmax runs under the other's
+  // MMAs. Warpgroup w waits for its turn and hands it to w + 1; the last one opens the first turn, and skips its
+  // last hand-over, so that every arrival on a turn barrier is matched by a wait.
+  const int n_issue = n_blocks + 1;
+  auto take_turn = [&]() {
+#if CWG > 1
+    named_sync(TURN_BAR(wg), 256);
+#endif
+  };
+  auto pass_turn = [&](int issue) {
+#if CWG > 1
+    if (wg != CWG - 1 || issue + 1 < n_issue) named_arrive(TURN_BAR((wg + 1) % CWG), 256);
+#endif
+  };
 
   if (n_blocks > 0) {
-    wait_stage(0);
+#if CWG > 1
+    if (wg == CWG - 1) named_arrive(TURN_BAR(0), 256);
+#endif
+    Slot cur, prev;  // tiles j and j - 1
+    ready(full_k(cur.stage), cur);
+    take_turn();
     wgmma_fence();
-    qk(0);
+    qk(cur);
     wgmma_commit();
+    pass_turn(0);
     wgmma_wait<0>();
     do_softmax(0);
     pack_p();
 #pragma unroll 1
     for (int j = 1; j < n_blocks; ++j) {
-      wait_stage(j);
+      prev = cur;
+      cur.next();
+      ready(full_k(cur.stage), cur);
+      ready(full_v(prev.stage), prev);
+      take_turn();
       wgmma_fence();
-      qk(j);
+      qk(cur);
       wgmma_commit();
-      pv(j - 1);
+      pv(prev);
       wgmma_commit();
+      pass_turn(j);
       wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} still runs under the softmax
       do_softmax(j);
       wgmma_wait<0>();
+      release(prev);
 #pragma unroll
       for (int i = 0; i < D / 8; ++i) {
         o[4 * i + 0] *= alpha[0];
@@ -367,33 +479,37 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
       }
       pack_p();
     }
+    ready(full_v(cur.stage), cur);
+    take_turn();
     wgmma_fence();
-    pv(n_blocks - 1);
+    pv(cur);
     wgmma_commit();
+    pass_turn(n_blocks);
     wgmma_wait<0>();
   }
-  cp_async_wait<0>();
-  __syncthreads();  // every warpgroup is done with shared memory: reuse it for the output tile
 
-  u16* out = (u16*)smem;
+  // Epilogue through the warpgroup's own Q rows (no longer read): O in the same swizzled layout, which keeps
+  // both the fragment writes and the 16-byte row reads free of bank conflicts.
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float sum = quad_sum(l[r]);
-    const bool empty = sum == 0.f;
-    const float inv = empty ? 0.f : 1.f / sum;
-    const int lr = 16 * warp + g + 8 * r;  // row in the CTA tile
+    const bool empty_row = sum == 0.f;
+    const float inv = empty_row ? 0.f : 1.f / sum;
+    const int lr = 16 * (warp & 3) + g + 8 * r;  // row in the warpgroup's 64
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      const u32 v = pack2(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
-      *(u32*)(out + lr * OUT_STRIDE + 8 * i + 2 * t) = v;
-    }
-    if (t == 0 && m0 + lr < SQ)
-      LSE[(long long)bh * SQ + m0 + lr] = empty ? NEG_INF : (m[r] + __log2f(sum)) * 0.6931471805599453f;
+    for (int i = 0; i < D / 8; ++i)
+      *(u32*)(smem + (q_wg - base) + (i >> 3) * (BM * 128) + lr * 128 + (((i & 7) ^ (lr & 7)) << 4) + 4 * t) =
+          pack2(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+    if (t == 0 && row0 + 8 * r < SQ)
+      LSE[(long long)bh * SQ + row0 + 8 * r] = empty_row ? NEG_INF : (m[r] + __log2f(sum)) * 0.6931471805599453f;
   }
-  __syncthreads();
-  for (int idx = tid; idx < BM * (D / 8); idx += THREADS) {
-    const int r = idx / (D / 8), c = idx % (D / 8);
-    if (m0 + r < SQ) *(v4*)(O + ((long long)bh * SQ + m0 + r) * D + 8 * c) = *(const v4*)(out + r * OUT_STRIDE + 8 * c);
+  named_sync(WG_BAR(wg), 128);
+#pragma unroll
+  for (int i = 0; i < D / 64 * 4; ++i) {
+    const int idx = ctid + 128 * i, r = idx / (D / 8), c = idx % (D / 8);
+    if (m0 + 64 * wg + r < SQ)
+      *(v4*)(O + ((long long)bh * SQ + m0 + 64 * wg + r) * D + 8 * c) =
+          *(const v4*)(smem + (q_wg - base) + (c >> 3) * (BM * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4));
   }
 }
 """
@@ -411,7 +527,7 @@ def kernel_source(cfg: AttnWgmmaConfig, dtype: str, num_heads: int, kv_num_heads
 
     Parameters in launch order: Q, K, V, [seqlens_k], SQ, SK, O, LSE (contiguous [B, H, S, D] tensors, LSE
     [B, Hq, SQ]). Dynamic shared memory: ``cfg.dynamic_shared_bytes``; grid (cdiv(SQ, BLOCK_M), B * Hq);
-    block 128 * WG threads.
+    block 128 * (WG + 1) threads.
 
     Raises:
         ValueError: a dtype other than float16/bfloat16, heads that do not divide, or a head dim / scale the
@@ -431,5 +547,5 @@ def kernel_source(cfg: AttnWgmmaConfig, dtype: str, num_heads: int, kv_num_heads
             "@BN@": str(cfg.BN), "@STAGES@": str(cfg.STAGES), "@CAUSAL@": str(int(causal)),
             "@PADDED@": str(int(has_seqlens_k)), "@HQ@": str(num_heads), "@GQA@": str(num_heads // kv_num_heads),
             "@SCALE_LOG2@": _float_literal(scale * math.log2(math.e)),
-            "@WGMMA_QK@": _wgmma_ss(cfg.BN, dt), "@WGMMA_PV@": _wgmma_rs_transposed_b(cfg.D, dt)}
+            "@REGS_CONSUMER@": str(cfg.consumer_registers), "@WGMMA_QK@": _wgmma_ss(cfg.BN, dt), "@WGMMA_PV@": _wgmma_rs_transposed_b(cfg.D, dt)}
     return name, fill(_SOURCE, subs)

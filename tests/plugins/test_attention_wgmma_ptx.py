@@ -1,0 +1,55 @@
+"""The CUDA C++ wgmma attention kernel (flash_attention_wgmma.py) compiled on the CPU: NVRTC -> PTX -> Triton's
+bundled ptxas for sm_90a. No GPU: test_attention_wgmma_gpu.py and test_aot_launch_gpu.py check results and the AOT
+launch. Here: every tactic compiles for every code path with the parameters the plugin launches with, nothing
+spills, the MMAs stay asynchronous, and the register hand-over between the warpgroups adds up: ``setmaxnreg.inc``
+waits until the registers it asks for are free, so the kernel must start with exactly the count the consumer
+figure was computed from, or the consumers wait forever.
+"""
+
+import re
+
+import pytest
+
+from qcompiler.plugins.flash_attention_wgmma import ATTN_WGMMA_TACTICS, AttnWgmmaConfig, kernel_source
+from tests.plugins.cuda_kernels import assemble, nvrtc_or_skip
+
+# dtype, Hq, Hkv, causal, padded
+PATHS = [("float16", 32, 8, False, False), ("bfloat16", 8, 8, True, True), ("float16", 4, 1, True, False)]
+
+
+@pytest.mark.parametrize("tactic", list(ATTN_WGMMA_TACTICS))
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: "-".join(map(str, p)))
+def test_every_tactic_compiles_without_spills(tactic, path, tmp_path):
+    from qcompiler.plugins import aot
+
+    nvrtc_or_skip()
+    cfg = ATTN_WGMMA_TACTICS[tactic]
+    dtype, hq, hkv, causal, padded = path
+    kern = aot.build(aot.FlashAttentionPlugin(dtype, hq, hkv, cfg.D, causal, 0.0, padded, tactic))
+    assert re.search(r"^\.version 8\.0$", kern.ptx, re.M) and re.search(r"^\.target sm_90a$", kern.ptx, re.M)
+    entry = re.search(r"\.entry\s+" + re.escape(kern.kernel_name) + r"\s*\((.*?)\)", kern.ptx, re.S)
+    assert entry and entry.group(1).count(".param") == len(kern.params)
+    assert [k for _, k, _ in kern.params] == ["in"] * (3 + padded) + ["i32", "i32", "out", "out"]
+    assert kern.num_warps == 4 * (cfg.WG + 1) and kern.shared_mem == cfg.dynamic_shared_bytes <= 227 * 1024
+    log, sass = assemble(kern.ptx, "sm_90a", tmp_path)
+    assert "0 bytes spill stores" in log, log
+    assert "serialized" not in log, log  # C7513-C7515: ptxas waiting after every wgmma
+    used = int(re.search(r"Used (\d+) registers", log).group(1))
+    threads = 32 * kern.num_warps
+    assert used == min(255, 65536 // threads) // 8 * 8, log  # the launch allocation consumer_registers assumes
+    assert sass.count("USETMAXREG.TRY_ALLOC") == 1 and sass.count("USETMAXREG.DEALLOC") == 1
+    # The QK^T MMAs of a block and the PV MMAs of the one before are issued back to back, and only then waited for.
+    seq = [("pv" if ".tnspB" in ln else "qk") if "HGMMA" in ln else "wait"
+           for ln in sass.splitlines() if "HGMMA" in ln or "WARPGROUP.DEPBAR" in ln]
+    assert any(seq[i:i + 2] == ["qk", "pv"] for i in range(len(seq))), "S and PV MMAs not issued together"
+
+
+def test_configs_refuse_what_cannot_run():
+    with pytest.raises(ValueError, match="shared memory"):
+        AttnWgmmaConfig(128, 2, 128, 4)
+    with pytest.raises(ValueError, match="D in"):
+        AttnWgmmaConfig(96, 2, 128, 2)
+    with pytest.raises(ValueError, match="scale"):
+        kernel_source(ATTN_WGMMA_TACTICS["wgmma_d64"], "float16", 4, 4, False, -1.0, False)
+    with pytest.raises(ValueError, match="multiple"):
+        kernel_source(ATTN_WGMMA_TACTICS["wgmma_d64"], "float16", 6, 4, False, 0.0, False)
