@@ -57,6 +57,17 @@ __device__ __forceinline__ u32 mul2(u32 a, u32 b) {
   return d;
 }
 
+// (lo, hi) rounded into one register of two 16-bit values, lo in the low half.
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+  u32 d;
+#if BF16
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+#else
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+#endif
+  return d;
+}
+
 __device__ __forceinline__ u16 to_out(float v) {
   u16 h;
 #if BF16

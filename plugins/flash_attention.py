@@ -189,8 +189,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         max_seqlen_q: longest query sequence in varlen mode (grid size); computed when None.
         config: launch tactic: an AttnConfig of the Triton kernel, or an AttnWgmmaConfig of the CUDA C++ kernel
             (dense/padded contiguous tensors on sm_90a; launched from its plugin PTX). When None: the wgmma
-            kernel where it can run (head dim 64/128, contiguous dense/padded tensors, Hopper with NVRTC and
-            CuPy, a positive scale), else the Triton tactic for the head dim.
+            kernel where it can run and measured faster (WGMMA_TACTIC_BY_HEAD_DIM: head dim 128; contiguous
+            dense/padded tensors, Hopper with NVRTC and CuPy, a positive scale), else the Triton tactic.
 
     Returns:
         O with q's shape and dtype; LSE float32 [B, Hq, Sq] (dense/padded) or [Hq, Tq] (varlen).

@@ -164,7 +164,6 @@ _SOURCE = r"""
 #define TILE_BYTES (BN * D * 2)
 #define STAGE_BYTES (2 * TILE_BYTES)
 #define NEG_INF __int_as_float(0xff800000)
-#define OUT_STRIDE (D + 8)  // epilogue tile row (halves): +16 B keeps a quad's rows off one bank
 
 @HALF2_HELPERS@
 
@@ -174,16 +173,6 @@ __device__ __forceinline__ float ex2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
-}
-
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-  u32 d;
-#if BF16
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
-#else
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
-#endif
-  return d;
 }
 
 __device__ __forceinline__ float quad_max(float v) {
@@ -208,14 +197,23 @@ __device__ __forceinline__ void wgmma_pv(float* acc, const u32* a, u64 desc_b) {
 
 // A [R, D] tile of rows starting at src (row stride D) into D / 64 column blocks of R 128-byte swizzled rows;
 // rows >= valid are zero-filled (no global read).
-template <int R, int NT>
+// Byte offset of 16-byte chunk c of row r in a tile of D / 64 column blocks, BLOCK bytes apart, of 128-byte
+// swizzled rows (chunk c of a row sits at c ^ (row % 8)).
+template <int BLOCK>
+__device__ __forceinline__ u32 chunk_offset(int r, int c) {
+  return (c >> 3) * BLOCK + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+}
+
+// R rows starting at src (row stride D) by NT threads into column blocks BLOCK bytes apart; rows >= valid are
+// zero-filled (no global read).
+template <int R, int NT, int BLOCK = R * 128>
 __device__ __forceinline__ void load_tile(u32 dst, const u16* __restrict__ src, int valid, int tid) {
 #pragma unroll 4
   for (int i = 0; i < R * D / 8 / NT; ++i) {
     const int idx = tid + i * NT;
     const int r = idx / (D / 8), c = idx % (D / 8);
     const bool ok = r < valid;
-    cp_async16(dst + (c >> 3) * (R * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4), ok ? src + r * D + 8 * c : src, ok);
+    cp_async16(dst + chunk_offset<BLOCK>(r, c), ok ? src + r * D + 8 * c : src, ok);
   }
 }
 
@@ -370,13 +368,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
   const int row0 = m0 + 64 * wg + 16 * (warp & 3) + g;  // the lane's rows: row0 and row0 + 8
   // Each consumer warpgroup loads its own 64 Q rows (8 swizzle atoms per 64-wide column block).
   const u32 q_wg = q_smem + wg * 8192;
-#pragma unroll
-  for (int i = 0; i < D / 64 * 4; ++i) {
-    const int idx = ctid + 128 * i, r = idx / (D / 8), c = idx % (D / 8);
-    const bool ok = m0 + 64 * wg + r < SQ;
-    cp_async16(q_wg + (c >> 3) * (BM * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4),
-               ok ? Q + ((long long)bh * SQ + m0 + 64 * wg + r) * D + 8 * c : Q, ok);
-  }
+  const int q_row = m0 + 64 * wg;
+  load_tile<64, 128, BM * 128>(q_wg, Q + ((long long)bh * SQ + q_row) * D, SQ - q_row, ctid);
   cp_async_commit();
   cp_async_wait<0>();
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -498,7 +491,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
     const int lr = 16 * (warp & 3) + g + 8 * r;  // row in the warpgroup's 64
 #pragma unroll
     for (int i = 0; i < D / 8; ++i)
-      *(u32*)(smem + (q_wg - base) + (i >> 3) * (BM * 128) + lr * 128 + (((i & 7) ^ (lr & 7)) << 4) + 4 * t) =
+      *(u32*)(smem + (q_wg - base) + chunk_offset<BM * 128>(lr, i) + 4 * t) =
           pack2(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
     if (t == 0 && row0 + 8 * r < SQ)
       LSE[(long long)bh * SQ + row0 + 8 * r] = empty_row ? NEG_INF : (m[r] + __log2f(sum)) * 0.6931471805599453f;
@@ -509,7 +502,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
     const int idx = ctid + 128 * i, r = idx / (D / 8), c = idx % (D / 8);
     if (m0 + 64 * wg + r < SQ)
       *(v4*)(O + ((long long)bh * SQ + m0 + 64 * wg + r) * D + 8 * c) =
-          *(const v4*)(smem + (q_wg - base) + (c >> 3) * (BM * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+          *(const v4*)(smem + (q_wg - base) + chunk_offset<BM * 128>(r, c));
   }
 }
 """

@@ -1,5 +1,5 @@
-"""What the tests of the hand-written CUDA C++ INT4 kernels share: the CPU toolchain (NVRTC, Triton's bundled ptxas
-and cuobjdump) and the GPU checks against the fp32 reference."""
+"""What the tests of the hand-written CUDA C++ kernels share: the CPU toolchain (NVRTC, Triton's bundled ptxas and
+cuobjdump), the relative error, and the INT4 kernels' GPU checks against the fp32 reference."""
 
 import os
 import subprocess

@@ -65,3 +65,14 @@ def test_attention_wgmma_scale_and_refusals():
         flash_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, config=ATTN_WGMMA_TACTICS["wgmma_d64"])
     with pytest.raises(ValueError, match="head dim 128"):
         flash_attention(q, k, v, config=ATTN_WGMMA_TACTICS["wgmma_d128"])
+
+
+def test_default_at_d128_is_the_wgmma_kernel():
+    from qcompiler.plugins.flash_attention import pick_attn_config
+
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, 4, 300, 128, device="cuda", dtype=torch.float16) for _ in range(3))
+    default, _ = flash_attention(q, k, v, causal=True)
+    wgmma, _ = flash_attention(q, k, v, causal=True, config=ATTN_WGMMA_TACTICS["wgmma_d128"])
+    triton, _ = flash_attention(q, k, v, causal=True, config=pick_attn_config(128, 300))
+    assert torch.equal(default, wgmma) and not torch.equal(default, triton)
