@@ -29,7 +29,8 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTEN
 SWEEP = [AttnConfig(128, 64, 8, 3), AttnConfig(128, 128, 8, 3), AttnConfig(128, 64, 4, 3),
          AttnConfig(64, 64, 4, 3), AttnConfig(128, 128, 8, 2), AttnConfig(128, 64, 8, 4), AttnConfig(128, 32, 4, 3),
          AttnConfig(128, 64, 8, 2), AttnConfig(64, 128, 4, 2), AttnConfig(64, 64, 4, 2),
-         AttnWgmmaConfig(128, 2, 128, 3), AttnWgmmaConfig(128, 2, 64, 2), AttnWgmmaConfig(128, 1, 128, 2),
+         AttnWgmmaConfig(128, 2, 128, 3), AttnWgmmaConfig(128, 2, 176, 2), AttnWgmmaConfig(128, 2, 64, 2),
+         AttnWgmmaConfig(128, 1, 128, 2),
          AttnWgmmaConfig(64, 2, 128, 2), AttnWgmmaConfig(64, 2, 192, 2), AttnWgmmaConfig(64, 2, 64, 4),
          AttnWgmmaConfig(64, 2, 128, 4)]
 

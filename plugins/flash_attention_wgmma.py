@@ -7,8 +7,10 @@ This kernel is FlashAttention-3's design with cp.async in place of TMA (a tensor
 parameter TensorRT's AOT launch cannot pass):
 
 * a producer warpgroup (40 registers after ``setmaxnreg``) loads K and V blocks into a ring of STAGES
-  shared-memory stages; per stage, mbarriers say "K landed" and "V landed" (``cp.async.mbarrier.arrive``)
-  and "free again" (one arrival per consumer warp);
+  shared-memory stages, in the order the consumers need them (K_j, then V_{j-1}); per stage, mbarriers say
+  "K landed" and "V landed" (``cp.async.mbarrier.arrive``) and "K free" / "V free" again (one arrival per
+  consumer warp). K is released as soon as ``S_j`` is done, a block before its V, so the K loads run further
+  ahead;
 * WG consumer warpgroups (232 registers each with two) own 64 query rows each. For key block j a
   consumer issues ``S_j = Q K_j^T`` and the previous block's ``O += P_{j-1} V_{j-1}`` back to back,
   waits only for ``S_j``, and computes block j's softmax while ``P_{j-1} V_{j-1}`` still runs; then it
@@ -53,7 +55,7 @@ class AttnWgmmaConfig:
     Attributes:
         D: head dim (64 or 128).
         WG: consumer warpgroups per CTA, 64 query rows each (one more warpgroup loads K and V).
-        BN: keys per block (wgmma's N of QK^T and its K of PV): 64, 128 or 192.
+        BN: keys per block (wgmma's N of QK^T and its K of PV): 64, 128, 176 (FA3's d128 tile) or 192.
         STAGES: (K, V) stages in shared memory: the producer runs up to STAGES blocks ahead.
     """
 
@@ -63,8 +65,8 @@ class AttnWgmmaConfig:
     STAGES: int = 2
 
     def __post_init__(self):
-        if self.D not in (64, 128) or self.WG not in (1, 2, 3) or self.BN not in (64, 128, 192) or self.STAGES < 2:
-            raise ValueError(f"AttnWgmmaConfig: D in (64, 128), WG in (1, 2, 3), BN in (64, 128, 192), STAGES >= 2; "
+        if self.D not in (64, 128) or self.WG not in (1, 2, 3) or self.BN not in (64, 128, 176, 192) or self.STAGES < 2:
+            raise ValueError(f"AttnWgmmaConfig: D in (64, 128), WG in (1, 2, 3), BN in (64, 128, 176, 192), STAGES >= 2; "
                              f"got {self}")
         if self.dynamic_shared_bytes > _SMEM_LIMIT:
             raise ValueError(f"AttnWgmmaConfig: {self} needs {self.dynamic_shared_bytes} B of shared memory (> 227 KiB)")
@@ -90,7 +92,7 @@ class AttnWgmmaConfig:
     def dynamic_shared_bytes(self) -> int:
         q_tile = self.BLOCK_M * self.D * 2  # also the output tile
         stages = self.STAGES * 2 * self.BN * self.D * 2
-        barriers = 3 * self.STAGES * 8
+        barriers = 4 * self.STAGES * 8
         # +1024: the window is aligned up to the 128-byte swizzle's 1024-byte atom in the kernel.
         return q_tile + stages + barriers + 1024
 
@@ -98,13 +100,13 @@ class AttnWgmmaConfig:
         return f"wgmma {self.BLOCK_M}x{self.BN} d{self.D} s{self.STAGES}"
 
 
-# Measured on an H100 against 5 other configs each (benchmarks/gpu_notes.md, session 8): 3 stages beat 2 by 10-18%
-# at d128 (the producer's cp.async loads are what limits), 64-key blocks came second on causal rows, and 3 consumer
-# warpgroups (192 rows) spill at 152 registers. At d64 the Triton kernel measured faster; wgmma_d64 is offered to
-# the autotuner, not picked by the torch wrapper.
+# Measured on an H100 (benchmarks/gpu_notes.md, session 9). Once the producer's copies were one instruction each and
+# K was released a block before V, 2 stages matched or beat 3 at d128 (the producer had been starving the
+# consumers of issue slots, not of data); 3 stages is kept for the autotuner. 3 consumer warpgroups (192 rows)
+# spill at 152 registers. wgmma_d64 is offered to the autotuner; the torch wrapper picks the Triton kernel at d64.
 ATTN_WGMMA_TACTICS: dict[str, AttnWgmmaConfig] = {
-    "wgmma_d128": AttnWgmmaConfig(128, 2, 128, 3),
-    "wgmma_d128_n64": AttnWgmmaConfig(128, 2, 64, 4),
+    "wgmma_d128": AttnWgmmaConfig(128, 2, 128, 2),
+    "wgmma_d128_s3": AttnWgmmaConfig(128, 2, 128, 3),
     "wgmma_d64": AttnWgmmaConfig(64, 2, 128, 4),
 }
 
@@ -195,8 +197,6 @@ __device__ __forceinline__ void wgmma_pv(float* acc, const u32* a, u64 desc_b) {
 @WGMMA_PV@
 }
 
-// A [R, D] tile of rows starting at src (row stride D) into D / 64 column blocks of R 128-byte swizzled rows;
-// rows >= valid are zero-filled (no global read).
 // Byte offset of 16-byte chunk c of row r in a tile of D / 64 column blocks, BLOCK bytes apart, of 128-byte
 // swizzled rows (chunk c of a row sits at c ^ (row % 8)).
 template <int BLOCK>
@@ -205,15 +205,25 @@ __device__ __forceinline__ u32 chunk_offset(int r, int c) {
 }
 
 // R rows starting at src (row stride D) by NT threads into column blocks BLOCK bytes apart; rows >= valid are
-// zero-filled (no global read).
+// zero-filled (no global read). A thread always copies the same chunk column of rows NT / (D / 8) apart, a multiple
+// of 8, so its swizzle never changes and every copy is one base address plus a constant: the producer warpgroup
+// shares its issue slots with the consumers, and per-copy index arithmetic measured as costly as the softmax.
 template <int R, int NT, int BLOCK = R * 128>
 __device__ __forceinline__ void load_tile(u32 dst, const u16* __restrict__ src, int valid, int tid) {
-#pragma unroll 4
-  for (int i = 0; i < R * D / 8 / NT; ++i) {
-    const int idx = tid + i * NT;
-    const int r = idx / (D / 8), c = idx % (D / 8);
-    const bool ok = r < valid;
-    cp_async16(dst + chunk_offset<BLOCK>(r, c), ok ? src + r * D + 8 * c : src, ok);
+  constexpr int STEP = NT / (D / 8);  // rows between a thread's copies
+  static_assert(STEP % 8 == 0 && R % STEP == 0, "load_tile: the swizzle must repeat every STEP rows");
+  const int r0 = tid / (D / 8), c = tid % (D / 8);
+  const u32 d0 = dst + chunk_offset<BLOCK>(r0, c);
+  const u16* const s0 = src + r0 * D + 8 * c;
+  if (valid >= R) {
+#pragma unroll
+    for (int i = 0; i < R / STEP; ++i) cp_async16(d0 + i * STEP * 128, s0 + i * STEP * D, true);
+  } else {  // the last block only: kept rolled, unrolled it spills the producer's 40 registers
+#pragma unroll 1
+    for (int i = 0; i < R / STEP; ++i) {
+      const bool ok = r0 + i * STEP < valid;
+      cp_async16(d0 + i * STEP * 128, ok ? s0 + i * STEP * D : src, ok);
+    }
   }
 }
 
@@ -302,12 +312,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
   const u32 raw = smem_addr(smem_raw);
   const u32 base = (raw + 1023u) & ~1023u;
   u8* const smem = smem_raw + (base - raw);
-  // mbarriers after the tiles: per stage "K landed", "V landed" (producer threads, cp.async) and "stage free"
+  // mbarriers after the tiles: per stage "K landed", "V landed" (producer threads, cp.async) and "K free", "V free"
   // (one arrival per consumer warp).
   const u32 bars = base + Q_BYTES + STAGES * STAGE_BYTES;
   auto full_k = [&](int st) { return bars + 8 * st; };
   auto full_v = [&](int st) { return bars + 8 * (STAGES + st); };
-  auto empty = [&](int st) { return bars + 8 * (2 * STAGES + st); };
+  auto empty_k = [&](int st) { return bars + 8 * (2 * STAGES + st); };
+  auto empty_v = [&](int st) { return bars + 8 * (3 * STAGES + st); };
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // Longest causal rows first: block 0 takes the last query rows, so the grid's tail is short work.
@@ -336,7 +347,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
     for (int st = 0; st < STAGES; ++st) {
       mbar_init(full_k(st), 128);
       mbar_init(full_v(st), 128);
-      mbar_init(empty(st), 4 * CWG);
+      mbar_init(empty_k(st), 4 * CWG);
+      mbar_init(empty_v(st), 4 * CWG);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -346,16 +358,25 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
 #if CWG > 1
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(REGS_PRODUCER));
 #endif
-    const long long kv_off = ((long long)b * (HQ / GQA) + kvh) * SK * D;
-    Slot sl;
+    const u16* const k_head = K + ((long long)b * (HQ / GQA) + kvh) * SK * D;
+    const u16* const v_head = V + ((long long)b * (HQ / GQA) + kvh) * SK * D;
+    // The consumers' order: block j's S needs K_j while the previous block's PV needs V_{j-1}.
+    Slot sl, prev;
 #pragma unroll 1
-    for (int j = 0; j < n_blocks; ++j, sl.next()) {
-      if (j >= STAGES) mbar_wait(empty(sl.stage), sl.phase ^ 1);  // its previous use was released
-      const long long off = kv_off + (long long)j * BN * D;
-      load_tile<BN, 128>(stage_addr(sl), K + off, k_len - j * BN, tid);
-      cp_async_arrive(full_k(sl.stage));
-      load_tile<BN, 128>(stage_addr(sl) + TILE_BYTES, V + off, k_len - j * BN, tid);
-      cp_async_arrive(full_v(sl.stage));
+    for (int j = 0; j <= n_blocks; ++j) {
+      if (j < n_blocks) {
+        if (j >= STAGES) mbar_wait(empty_k(sl.stage), sl.phase ^ 1);  // its previous use was released
+        load_tile<BN, 128>(stage_addr(sl), k_head + (long long)j * BN * D, k_len - j * BN, tid);
+        cp_async_arrive(full_k(sl.stage));
+      }
+      if (j > 0) {
+        if (j > STAGES) mbar_wait(empty_v(prev.stage), prev.phase ^ 1);
+        load_tile<BN, 128>(stage_addr(prev) + TILE_BYTES, v_head + (long long)(j - 1) * BN * D, k_len - (j - 1) * BN,
+                           tid);
+        cp_async_arrive(full_v(prev.stage));
+      }
+      prev = sl;
+      sl.next();
     }
     asm volatile("cp.async.wait_all;" ::: "memory");  // the last arrivals must fire before this thread exits
     return;
@@ -414,8 +435,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
       p[4 * kk + 3] = pack2(s[8 * kk + 6], s[8 * kk + 7]);
     }
   };
-  auto release = [&](const Slot& sl) {
-    if (lane == 0) mbar_arrive(empty(sl.stage));
+  auto release = [&](u32 bar) {
+    if (lane == 0) mbar_arrive(bar);
   };
   // Ping-pong: the consumer warpgroups take turns to issue their MMAs, so one's softmax runs under the other's
   // MMAs. Warpgroup w waits for its turn and hands it to w + 1; the last one opens the first turn, and skips its
@@ -444,6 +465,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
     wgmma_commit();
     pass_turn(0);
     wgmma_wait<0>();
+    release(empty_k(cur.stage));
     do_softmax(0);
     pack_p();
 #pragma unroll 1
@@ -460,9 +482,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
       wgmma_commit();
       pass_turn(j);
       wgmma_wait<1>();  // S_j is ready; P_{j-1} V_{j-1} still runs under the softmax
+      release(empty_k(cur.stage));
       do_softmax(j);
       wgmma_wait<0>();
-      release(prev);
+      release(empty_v(prev.stage));
 #pragma unroll
       for (int i = 0; i < D / 8; ++i) {
         o[4 * i + 0] *= alpha[0];

@@ -108,7 +108,7 @@ ATTN_CASES = [  # dtype, Hq, Hkv, D, causal, padded, tactic
     ("bfloat16", 4, 1, 128, True, False, "d128"), ("float16", 6, 3, 128, False, True, "d128"),
     ("float16", 4, 4, 128, True, True, "d128"), ("bfloat16", 8, 4, 64, False, False, "d64"),
     ("float16", 8, 2, 64, True, True, "wgmma_d64"), ("bfloat16", 4, 1, 128, True, False, "wgmma_d128"),
-    ("float16", 6, 3, 128, False, True, "wgmma_d128_n64"), ("bfloat16", 8, 8, 64, False, False, "wgmma_d64"),
+    ("float16", 6, 3, 128, False, True, "wgmma_d128_s3"), ("bfloat16", 8, 8, 64, False, False, "wgmma_d64"),
 ]
 
 

@@ -14,9 +14,11 @@ from qcompiler.plugins.flash_attention import flash_attention, flash_attention_r
 from qcompiler.plugins.flash_attention_wgmma import ATTN_WGMMA_TACTICS, AttnWgmmaConfig  # noqa: E402
 from tests.plugins.cuda_kernels import rel  # noqa: E402
 
-# + one consumer warpgroup (no ping-pong, no register hand-over), 192-key blocks, 3 consumer warpgroups, 2 stages.
+# + one consumer warpgroup (no ping-pong, no register hand-over), 192-key blocks, 3 consumer warpgroups, 64-key blocks,
+# FA3's 176-key blocks (not a multiple of 64).
 CONFIGS = list(ATTN_WGMMA_TACTICS.values()) + [AttnWgmmaConfig(64, 1, 192, 3), AttnWgmmaConfig(128, 1, 64, 3),
-                                               AttnWgmmaConfig(64, 3, 128, 3), AttnWgmmaConfig(128, 2, 128, 2)]
+                                               AttnWgmmaConfig(64, 3, 128, 3), AttnWgmmaConfig(128, 2, 64, 4),
+                                               AttnWgmmaConfig(128, 2, 176, 2)]
 # B, Hq, Hkv, Sq, Sk: a ragged single block; two blocks of queries over 9 key blocks with MQA; one query (decode)
 # over a ragged key tail; more queries than keys (causal rows that see nothing); a handful of each.
 SHAPES = [(2, 4, 4, 97, 97), (1, 4, 1, 1025, 1025), (2, 8, 2, 1, 300), (2, 6, 3, 200, 77), (3, 2, 2, 3, 5)]
