@@ -87,10 +87,11 @@ def _describe(cfg, K):
 def sweep_configs(M, mma_only=False):
     """Extra candidates for ``--sweep`` (see benchmarks/gpu_notes.md for why each is there)."""
     if M >= 64:
-        # The CUDA C++ wgmma kernel: warpgroups (64 weight rows each) x tokens per CTA x shared-memory stages.
-        for wg, mt, st in itertools.product((1, 2), (64, 128, 256), (3, 4, 5, 6)):
+        # The CUDA C++ wgmma kernel: warpgroups (64 weight rows each) x tokens per CTA x shared-memory stages x
+        # producer warpgroup or not.
+        for wg, mt, st, ws in itertools.product((1, 2), (64, 128, 256), (3, 4, 5, 6), (False, True)):
             try:
-                yield Int4WgmmaConfig(wg, mt, st)
+                yield Int4WgmmaConfig(wg, mt, st, ws)
             except ValueError:  # over the shared-memory limit
                 pass
     if M <= 16:

@@ -9,7 +9,7 @@ both halves, under which a 4-bit value OR-ed into the mantissa is exact. Never i
 
 from __future__ import annotations
 
-__all__ = ["HALF2_HELPERS", "WGMMA_HELPERS", "weight_layout", "fill"]
+__all__ = ["HALF2_HELPERS", "WGMMA_HELPERS", "PIPELINE_HELPERS", "consumer_registers", "weight_layout", "fill"]
 
 HALF2_HELPERS = r"""
 typedef unsigned int u32;
@@ -128,6 +128,46 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 """
 
 
+# mbarrier / named-barrier plumbing and the ring position of the warp-specialised sm_90a kernels (a producer
+# warpgroup fills STAGES shared-memory stages, consumers release them); needs WGMMA_HELPERS and STAGES first.
+PIPELINE_HELPERS = r"""
+__device__ __forceinline__ void mbar_init(u32 bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, int parity) {
+  asm volatile("{ .reg .pred done; WAIT_%=: mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1; "
+               "@!done bra WAIT_%=; }" :: "r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+  asm volatile("{ .reg .b64 state; mbarrier.arrive.shared::cta.b64 state, [%0]; }" :: "r"(bar) : "memory");
+}
+// Arrives on the barrier once every cp.async this thread issued so far has landed (noinc: counted in the init).
+__device__ __forceinline__ void cp_async_arrive(u32 bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
+}
+__device__ __forceinline__ void named_sync(int id, int count) { asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(count) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id, int count) { asm volatile("bar.arrive %0, %1;" :: "r"(id), "r"(count) : "memory"); }
+
+// A pipeline position: the stage a block uses and the parity of that stage's use (flips each time round).
+struct Slot {
+  int stage = 0, phase = 0;
+  __device__ __forceinline__ void next() {
+    if (++stage == STAGES) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+"""
+
+
+def consumer_registers(threads: int, consumer_warpgroups: int, producer_registers: int = 40) -> int:
+    """Registers per consumer thread after ``setmaxnreg``: the CTA's launch allocation (65536 / threads, in steps of
+    8, at most 255) less the producer warpgroup's, shared by the consumer warpgroups (at most 256)."""
+    launch = min(255, 65536 // threads) // 8 * 8
+    return min(256, (launch * threads - 128 * producer_registers) // (128 * consumer_warpgroups) // 8 * 8)
+
+
 def weight_layout(K: int, block_size: int) -> dict[str, str]:
     """Template values of the MatMulNBits geometry: packed bytes per (padded) row, groups per row, zero-point
     bytes per row."""
@@ -137,7 +177,9 @@ def weight_layout(K: int, block_size: int) -> dict[str, str]:
 
 
 def fill(template: str, values: dict[str, str]) -> str:
-    """Replaces each ``@KEY@`` of the template, and ``@HALF2_HELPERS@`` / ``@WGMMA_HELPERS@`` with the helpers."""
-    for key, value in {"@HALF2_HELPERS@": HALF2_HELPERS, "@WGMMA_HELPERS@": WGMMA_HELPERS, **values}.items():
+    """Replaces each ``@KEY@`` of the template, and ``@HALF2_HELPERS@`` / ``@WGMMA_HELPERS@`` /
+    ``@PIPELINE_HELPERS@`` with the helpers."""
+    helpers = {"@HALF2_HELPERS@": HALF2_HELPERS, "@WGMMA_HELPERS@": WGMMA_HELPERS, "@PIPELINE_HELPERS@": PIPELINE_HELPERS}
+    for key, value in {**helpers, **values}.items():
         template = template.replace(key, value)
     return template

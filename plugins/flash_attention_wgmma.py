@@ -37,7 +37,7 @@ import math
 import struct
 from dataclasses import dataclass
 
-from .cuda_source import fill
+from .cuda_source import consumer_registers, fill
 
 __all__ = ["AttnWgmmaConfig", "ATTN_WGMMA_TACTICS", "supports", "kernel_source", "kernel_name", "PTX_ISA", "ARCH"]
 
@@ -84,9 +84,7 @@ class AttnWgmmaConfig:
     def consumer_registers(self) -> int:
         """Registers per consumer thread after ``setmaxnreg`` (the producer keeps 40): the CTA's launch allocation
         (65536 / threads, in steps of 8) redistributed."""
-        threads = 32 * self.num_warps
-        launch = min(255, 65536 // threads) // 8 * 8
-        return min(256, (launch * threads - 128 * 40) // (128 * self.WG) // 8 * 8)
+        return consumer_registers(32 * self.num_warps, self.WG)
 
     @property
     def dynamic_shared_bytes(self) -> int:
@@ -170,6 +168,8 @@ _SOURCE = r"""
 @HALF2_HELPERS@
 
 @WGMMA_HELPERS@
+
+@PIPELINE_HELPERS@
 
 __device__ __forceinline__ float ex2(float x) {
   float y;
@@ -268,34 +268,6 @@ __device__ __forceinline__ void softmax(float (&s)[BN / 2], float (&m)[2], float
   l[0] = l[0] * alpha[0] + sum[0];
   l[1] = l[1] * alpha[1] + sum[1];
 }
-
-__device__ __forceinline__ void mbar_init(u32 bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_wait(u32 bar, int parity) {
-  asm volatile("{ .reg .pred done; WAIT_%=: mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1; "
-               "@!done bra WAIT_%=; }" :: "r"(bar), "r"(parity) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-  asm volatile("{ .reg .b64 state; mbarrier.arrive.shared::cta.b64 state, [%0]; }" :: "r"(bar) : "memory");
-}
-// Arrives on the barrier once every cp.async this thread issued so far has landed (noinc: counted in the init).
-__device__ __forceinline__ void cp_async_arrive(u32 bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
-}
-__device__ __forceinline__ void named_sync(int id, int count) { asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(count) : "memory"); }
-__device__ __forceinline__ void named_arrive(int id, int count) { asm volatile("bar.arrive %0, %1;" :: "r"(id), "r"(count) : "memory"); }
-
-// A pipeline position: the stage a key block uses and the parity of that stage's use (flips each time round).
-struct Slot {
-  int stage = 0, phase = 0;
-  __device__ __forceinline__ void next() {
-    if (++stage == STAGES) {
-      stage = 0;
-      phase ^= 1;
-    }
-  }
-};
 
 // Named barriers: 0 is __syncthreads; 1 + w is consumer warpgroup w's turn to issue MMAs; 1 + CWG + w its own
 // epilogue barrier.

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .cuda_source import fill, weight_layout
+from .cuda_source import consumer_registers, fill, weight_layout
 
 __all__ = ["Int4WgmmaConfig", "INT4_WGMMA_TACTICS", "supports", "kernel_source", "PTX_ISA", "ARCH"]
 
@@ -49,12 +49,16 @@ class Int4WgmmaConfig:
         WG: warpgroups per CTA, each 64 weight rows (the CTA owns 64 * WG rows).
         MT: rows of x per CTA (wgmma's N: 64, 128 or 256; accumulators are MT / 2 registers per thread).
         STAGES: shared-memory stages; STAGES - 2 K steps of loads are in flight while one is multiplied
-            and the previous one's MMAs drain.
+            and the previous one's MMAs drain (with a producer, up to STAGES - 1).
+        WS: warp-specialised: one more warpgroup (the producer, 40 registers after ``setmaxnreg``) loads the
+            stages and hands them over through mbarriers, so the warpgroups that multiply issue no loads and
+            never meet at a CTA barrier.
     """
 
     WG: int
     MT: int
     STAGES: int = 4
+    WS: bool = False
 
     def __post_init__(self):
         if self.WG not in (1, 2) or self.MT not in (64, 128, 192, 256) or not 3 <= self.STAGES <= 8:
@@ -74,7 +78,12 @@ class Int4WgmmaConfig:
 
     @property
     def num_warps(self) -> int:
-        return 4 * self.WG
+        return 4 * (self.WG + self.WS)
+
+    @property
+    def consumer_registers(self) -> int:
+        """Registers per multiplying thread after ``setmaxnreg`` (warp-specialised with two warpgroups)."""
+        return consumer_registers(32 * self.num_warps, self.WG)
 
     @property
     def dynamic_shared_bytes(self) -> int:
@@ -85,21 +94,31 @@ class Int4WgmmaConfig:
         return self.MT * 128 + self.rows * 32  # x tile (MT x 64 x 2 B) + packed weights (rows x 32 B)
 
     @property
+    def barriers_offset(self) -> int:
+        """Where the producer's mbarriers sit: past the stages and the epilogue's output tile, which reuses them."""
+        return max(self.STAGES * self.stage_bytes, self.MT * (self.rows + 8) * 2)
+
+    @property
     def shared_bytes(self) -> int:
         # +1024: the dynamic window is aligned up to the 128-byte swizzle's 1024-byte atom in the kernel.
-        return max(self.STAGES * self.stage_bytes, self.MT * (self.rows + 8) * 2) + 1024
+        return self.barriers_offset + (16 * self.STAGES if self.WS else 0) + 1024
 
     def describe(self) -> str:
-        return f"wgmma {self.rows} rows x {self.MT} tokens, {self.STAGES} stages"
+        return f"wgmma {self.rows} rows x {self.MT} tokens, {self.STAGES} stages{', producer' if self.WS else ''}"
 
 
 # Each was fastest (or within 3% of it) at >= 1 point of M in {256, 1024, 4096} x the four benchmark shapes among
-# the 24 swept on an H100 (benchmarks/gpu_notes.md, session 7); wgmma_64x64 is there for 64 < M < 256.
+# the 24 swept on an H100 (benchmarks/gpu_notes.md, session 7); wgmma_64x64 is there for 64 < M < 256. The 128 x 256
+# tile is warp-specialised since session 9 (0.91-1.02x fp16 at M >= 256 on the benchmark shapes, against
+# 0.84-0.96x without the producer, side by side in one run); the producer forms of the smaller tiles are offered
+# to the autotuner for M = 256 with few CTAs.
 INT4_WGMMA_TACTICS: dict[str, Int4WgmmaConfig] = {
-    "wgmma_128x256": Int4WgmmaConfig(2, 256, 4),
+    "wgmma_128x256": Int4WgmmaConfig(2, 256, 4, WS=True),
     "wgmma_64x128": Int4WgmmaConfig(1, 128, 6),
     "wgmma_64x128_s4": Int4WgmmaConfig(1, 128, 4),
     "wgmma_64x64": Int4WgmmaConfig(1, 64, 4),
+    "wgmma_64x128_ws": Int4WgmmaConfig(1, 128, 6, WS=True),
+    "wgmma_128x128_ws": Int4WgmmaConfig(2, 128, 5, WS=True),
 }
 
 
@@ -135,7 +154,12 @@ _SOURCE = r"""
 #define NBLK @NBLK@
 #define ZSTRIDE @ZSTRIDE@
 #define ROWS (64 * WG)
-#define THREADS (128 * WG)
+#define WS @WS@                       // 1: a producer warpgroup loads the stages (mbarrier pipeline)
+#define CTHREADS (128 * WG)            // threads that dequantize and multiply
+#define THREADS (CTHREADS + 128 * WS)
+#define REGS_PRODUCER 40
+#define REGS_CONSUMER @REGS_CONSUMER@
+#define BARS_OFFSET @BARS_OFFSET@      // the mbarriers, past both the stages and the epilogue's tile
 #define KTILES ((K_ + 63) / 64)
 #define X_BYTES (MT * 128)
 #define STAGE_BYTES (X_BYTES + ROWS * 32)
@@ -145,6 +169,8 @@ _SOURCE = r"""
 @HALF2_HELPERS@
 
 @WGMMA_HELPERS@
+
+@PIPELINE_HELPERS@
 
 __device__ __forceinline__ void wgmma(float* acc, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc) {
 @WGMMA@
@@ -224,22 +250,72 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
   const u32 base = (raw + 1023u) & ~1023u;
   u8* const smem = smem_raw + (base - raw);
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, t = lane & 3;
+  const int tid = threadIdx.x, lane = tid & 31;
   const int n0 = min((int)blockIdx.x * ROWS, N_ - ROWS);
   const int m0 = blockIdx.y * MT;
-  const int wrow = 16 * warp + g;  // the lane's weight row in the CTA (and wrow + 8); warpgroup w owns 64 w..
-  const int row_a = n0 + wrow, row_b = row_a + 8;
-
-  // cp.async sources: x chunk q = tid % 8 of rows tid / 8 + i * THREADS / 8 (swizzle phase (tid / 8) % 8 fixed);
-  // the CTA's weights: row tid / 2, 16-byte half tid % 2 of the K step's 32 bytes.
+  // cp.async of a stage: x chunk q = tid % 8 of rows tid / 8 + i * LOADERS / 8 (LOADERS / 8 is a multiple of 8, so
+  // the swizzle phase (tid / 8) % 8 is fixed); the CTA's weights: row tid / 2 + 64 i, 16-byte half tid % 2 of the
+  // K step's 32 bytes. Past the padded row the weights are never used with nonzero x (x is zero from K on): read
+  // chunk 0 instead.
   const int q = tid & 7, xr = tid >> 3;
   const u32 x_dst = xr * 128 + ((q ^ (xr & 7)) << 4);
+  const u8* const w_src = B + (long long)(n0 + (tid >> 1)) * ROW_BYTES + 16 * (tid & 1);
+  const u32 w_dst = X_BYTES + (tid >> 1) * 32 + 16 * (tid & 1);
+  auto w_offset = [&](int kt) { return 32 * kt + 16 * (tid & 1) < ROW_BYTES ? 32 * kt : -16 * (tid & 1); };
+
+#if WS
+  const u32 bars = base + BARS_OFFSET;
+  auto full = [&](int st) { return bars + 8 * st; };
+  auto empty = [&](int st) { return bars + 8 * (STAGES + st); };
+  if (tid == 0) {
+    for (int st = 0; st < STAGES; ++st) {
+      mbar_init(full(st), 128);
+      mbar_init(empty(st), 4 * WG);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (tid < 128) {  // producer warpgroup: every copy is a base address plus a constant (it shares issue slots)
+#if WG > 1
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(REGS_PRODUCER));
+#endif
+    const bool whole_tile = m0 + MT <= M;
+    const u16* const x_src = X + (long long)min(m0 + xr, M - 1) * K_ + 8 * q;
+    Slot sl;
+#pragma unroll 1
+    for (int kt = 0; kt < KTILES; ++kt, sl.next()) {
+      if (kt >= STAGES) mbar_wait(empty(sl.stage), sl.phase ^ 1);  // the consumers released its previous use
+      const u32 st = base + sl.stage * STAGE_BYTES;
+      const bool x_ok = EVEN_K || 64 * kt + 8 * q < K_;
+      if (whole_tile) {
+#pragma unroll
+        for (int i = 0; i < MT / 16; ++i)
+          cp_async16(st + x_dst + i * 2048, x_ok ? x_src + 64 * kt + (long long)i * 16 * K_ : X, x_ok);
+      } else {  // the last token tile: rows past M read row M - 1 (their products are never stored)
+#pragma unroll 1
+        for (int i = 0; i < MT / 16; ++i)
+          cp_async16(st + x_dst + i * 2048, x_ok ? X + (long long)min(m0 + xr + 16 * i, M - 1) * K_ + 8 * q + 64 * kt : X,
+                     x_ok);
+      }
+      const int off = w_offset(kt);
+#pragma unroll
+      for (int i = 0; i < WG; ++i) cp_async16(st + w_dst + i * 64 * 32, w_src + off + (long long)i * 64 * ROW_BYTES, true);
+      cp_async_arrive(full(sl.stage));
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");  // the last arrivals must fire before this thread exits
+    return;
+  }
+#if WG > 1
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(REGS_CONSUMER));
+#endif
+  const int ctid = tid - 128;
+  Slot cur;
+  int prev_stage = 0;
+#else
+  const int ctid = tid;
   const u16* x_src[MT * 8 / THREADS];
 #pragma unroll
   for (int i = 0; i < MT * 8 / THREADS; ++i) x_src[i] = X + (long long)min(m0 + xr + i * (THREADS / 8), M - 1) * K_ + 8 * q;
-  const u8* w_src = B + (long long)(n0 + (tid >> 1)) * ROW_BYTES + 16 * (tid & 1);
-  const u32 w_dst = X_BYTES + (tid >> 1) * 32 + 16 * (tid & 1);
 
   auto load_stage = [&](int kt) {
     if (kt < KTILES) {
@@ -248,19 +324,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
 #pragma unroll
       for (int i = 0; i < MT * 8 / THREADS; ++i)
         cp_async16(st + x_dst + i * THREADS * 16, x_ok ? x_src[i] + 64 * kt : X, x_ok);
-      // Past the padded row the weights are never used with nonzero x (x is zero from K on): read chunk 0.
-      const int off = 32 * kt + 16 * (tid & 1) < ROW_BYTES ? 32 * kt : -16 * (tid & 1);
-      cp_async16(st + w_dst, w_src + off, true);
+      cp_async16(st + w_dst, w_src + w_offset(kt), true);
     }
     cp_async_commit();
   };
+#endif
+  const int warp = ctid >> 5, g = lane >> 2, t = lane & 3;
+  const int wrow = 16 * warp + g;  // the lane's weight row in the CTA (and wrow + 8); warpgroup w owns 64 w..
+  const int row_a = n0 + wrow, row_b = row_a + 8;
 
   float acc[MT / 2];
 #pragma unroll
   for (int i = 0; i < MT / 2; ++i) acc[i] = 0.f;
 
+#if !WS
 #pragma unroll
   for (int p = 0; p < STAGES - 2; ++p) load_stage(p);
+#endif
 
   Quant qa, qb;
   load_quant(qa, S, ZP, row_a, 0);
@@ -269,16 +349,30 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
 #pragma unroll
   for (int i = 0; i < 16; ++i) a_odd[i] = 0u;  // kept alive (below) before its first use
 
-  // K step KK into the A buffer AB: wait for its stage, refill the stage freed two steps ago, dequantize,
-  // issue the 4 MMAs, then wait until WAIT groups of MMAs are pending (1: the previous step's retire, so the A
-  // buffer PREV and its stage become free; 0 on the last step).
+  // K step KK into the A buffer AB: wait for its stage (and, without a producer, refill the stage freed two steps
+  // ago), dequantize, issue the 4 MMAs, then wait until WAIT groups of MMAs are pending (1: the previous step's
+  // retire, so the A buffer PREV and its stage become free; 0 on the last step).
+#if WS
+#define STAGE_READY(KK)                                                                     \
+  mbar_wait(full(cur.stage), cur.phase);                                                    \
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  /* cp.async writes -> wgmma reads */ \
+  const u32 st = base + cur.stage * STAGE_BYTES;
+#define STAGE_DONE(KK)                                                                      \
+  if ((KK) > 0 && lane == 0) mbar_arrive(empty(prev_stage));                                \
+  prev_stage = cur.stage;                                                                   \
+  cur.next();
+#else
+#define STAGE_READY(KK)                                                                     \
+  cp_async_wait<STAGES - 3>();                                                              \
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");                             \
+  __syncthreads();                                                                          \
+  load_stage((KK) + STAGES - 2);                                                            \
+  const u32 st = base + ((KK) % STAGES) * STAGE_BYTES;
+#define STAGE_DONE(KK)
+#endif
 #define K_STEP(KK, AB, PREV, WAIT)                                                          \
   {                                                                                         \
-    cp_async_wait<STAGES - 3>();                                                            \
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");                           \
-    __syncthreads();                                                                        \
-    load_stage((KK) + STAGES - 2);                                                          \
-    const u32 st = base + ((KK) % STAGES) * STAGE_BYTES;                                    \
+    STAGE_READY(KK)                                                                         \
     v4 w[4];                                                                                \
     w[0] = lds128(st + X_BYTES + wrow * 32);                                                \
     w[1] = lds128(st + X_BYTES + wrow * 32 + 16);                                           \
@@ -293,6 +387,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
     wgmma_commit();                                                                         \
     wgmma_wait<WAIT>();                                                                     \
     keep_until_here(PREV);                                                                  \
+    STAGE_DONE(KK)                                                                          \
   }
 
   // The last two steps are peeled so that the final wait_group 0 sits right after the last MMAs with no branch
@@ -319,8 +414,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
 #endif
   keep_until_here(a_even);
   keep_until_here(a_odd);
+#if WS
+  named_sync(1, CTHREADS);  // every consumer is done with the stages (the producer has left): reuse them
+#else
   cp_async_wait<0>();
   __syncthreads();  // every warpgroup is done with the stages: reuse them for the output tile
+#endif
 
   // Transpose through shared memory: acc[4 i + e] is (weight row wrow (+8 for e >= 2), token 8 i + 2 t + (e & 1)).
   u16* out = (u16*)smem;
@@ -335,15 +434,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
 #endif
       out[m * OUT_STRIDE + n] = to_out(v);
     }
-  __syncthreads();
+  named_sync(1, CTHREADS);
 #if N_ % 8 == 0
-  for (int idx = tid; idx < MT * (ROWS / 8); idx += THREADS) {
+  for (int idx = ctid; idx < MT * (ROWS / 8); idx += CTHREADS) {
     const int m = idx / (ROWS / 8), c = idx % (ROWS / 8);
     if (m0 + m < M)
       *(v4*)(Y + (long long)(m0 + m) * N_ + n0 + 8 * c) = *(const v4*)(out + m * OUT_STRIDE + 8 * c);
   }
 #else  // rows of Y are not 16-byte aligned
-  for (int idx = tid; idx < MT * ROWS; idx += THREADS) {
+  for (int idx = ctid; idx < MT * ROWS; idx += CTHREADS) {
     const int m = idx / ROWS, n = idx % ROWS;
     if (m0 + m < M) Y[(long long)(m0 + m) * N_ + n0 + n] = out[m * OUT_STRIDE + n];
   }
@@ -355,7 +454,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
 def kernel_name(cfg: Int4WgmmaConfig, dtype: str, N: int, K: int, block_size: int, has_zp: bool, has_bias: bool
                 ) -> str:
     return (f"qc_int4_wgmma_{'bf16' if dtype == 'bfloat16' else 'f16'}_r{cfg.rows}_m{cfg.MT}_s{cfg.STAGES}"
-            f"_{N}x{K}_g{block_size}{'_zp' if has_zp else ''}{'_bias' if has_bias else ''}")
+            f"{'_ws' if cfg.WS else ''}_{N}x{K}_g{block_size}{'_zp' if has_zp else ''}{'_bias' if has_bias else ''}")
 
 
 def kernel_source(cfg: Int4WgmmaConfig, dtype: str, N: int, K: int, block_size: int, has_zp: bool, has_bias: bool
@@ -375,7 +474,8 @@ def kernel_source(cfg: Int4WgmmaConfig, dtype: str, N: int, K: int, block_size: 
                          f"N >= {cfg.rows}; got N={N}, K={K}, block_size={block_size}")
     name = kernel_name(cfg, dtype, N, K, block_size, has_zp, has_bias)
     subs = {"@NAME@": name, "@BF16@": str(int(dtype == "bfloat16")), "@WG@": str(cfg.WG), "@MT@": str(cfg.MT),
-            "@STAGES@": str(cfg.STAGES), "@BLOCK_SIZE@": str(block_size), "@HAS_ZP@": str(int(has_zp)),
+            "@STAGES@": str(cfg.STAGES), "@WS@": str(int(cfg.WS)),
+            "@REGS_CONSUMER@": str(cfg.consumer_registers), "@BARS_OFFSET@": str(cfg.barriers_offset), "@BLOCK_SIZE@": str(block_size), "@HAS_ZP@": str(int(has_zp)),
             "@HAS_BIAS@": str(int(has_bias)), "@N@": str(N), "@K@": str(K), **weight_layout(K, block_size),
             "@WGMMA@": _wgmma_asm(cfg.MT, "bf16" if dtype == "bfloat16" else "f16")}
     return name, fill(_SOURCE, subs)

@@ -33,7 +33,7 @@ def test_every_tactic_compiles_with_asynchronous_mmas(tactic, path, tmp_path):
     entry = re.search(r"\.entry\s+" + re.escape(kern.kernel_name) + r"\s*\((.*?)\)", kern.ptx, re.S)
     assert entry and entry.group(1).count(".param") == len(kern.params)
     assert [k for _, k, _ in kern.params] == ["in"] * (3 + path[4] + path[5]) + ["i32", "out"]
-    assert kern.num_warps == 4 * cfg.WG and kern.shared_mem == cfg.shared_bytes <= 227 * 1024
+    assert kern.num_warps == 4 * (cfg.WG + cfg.WS) and kern.shared_mem == cfg.shared_bytes <= 227 * 1024
     log, sass = assemble(kern.ptx, "sm_90a", tmp_path)
     assert "0 bytes spill stores" in log, log
     assert "serialized" not in log, log  # C7513-C7515: ptxas waiting after every wgmma
@@ -44,6 +44,10 @@ def test_every_tactic_compiles_with_asynchronous_mmas(tactic, path, tmp_path):
     assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass  # the previous step's MMAs retire while this step's run
     first_read = re.search(r"F2FP\.(BF16|F16)\.F32", sass)
     assert first_read and first_read.start() > drains[0], "accumulators read before the last MMAs retire"
+    if cfg.WS and cfg.WG > 1:  # the register hand-over must match the launch allocation, or setmaxnreg waits forever
+        used = int(re.search(r"Used (\d+) registers", log).group(1))
+        assert used == min(255, 65536 // (32 * kern.num_warps)) // 8 * 8, log
+        assert sass.count("USETMAXREG.TRY_ALLOC") == 1 and sass.count("USETMAXREG.DEALLOC") == 1
 
 
 def test_plugin_tactics_offer_the_wgmma_kernel_only_where_it_applies():
