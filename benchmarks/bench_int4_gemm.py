@@ -3,8 +3,8 @@
 For M in {1, 4, 16, 64, 256, 1024, 4096} x (N, K) in {(4096, 4096), (11008, 4096), (4096, 11008),
 (28672, 8192)} it times, in one run: torch fp16; every tactic of ``INT4_TACTICS`` that suits the M
 range (the table reports the fastest, which is what TensorRT's autotuner keeps for the plugin, and
-the torch wrapper's default: ``pick_int4_config``'s tactic, or from ``DEQUANT_MIN_M`` on the
-two-kernel path); for M >= 256 the two-kernel path (dequantize to fp16, then cuBLAS); with
+the torch wrapper's default: ``pick_int4_config``'s tactic, or the two-kernel path where
+``takes_dequant_path``); for M >= 256 the two-kernel path (dequantize to fp16, then cuBLAS); with
 ``--sweep`` the candidates of ``sweep_configs`` (fastest in its own columns); optionally
 the previous kernel (``--before FILE``, a copy of
 an older int4_gemm.py). µs, TFLOPS and effective weight bandwidth (packed bytes + scales / time).
@@ -42,7 +42,6 @@ import triton
 
 from qcompiler.plugins.int4_gemm import (
     CUDA_CONFIGS,
-    DEQUANT_MIN_M,
     INT4_TACTICS,
     Int4GemmConfig,
     dequantize_int4,
@@ -263,7 +262,7 @@ def main(argv=None):
     lines = [f"# INT4 GEMM (g{BLOCK}, sym) vs torch fp16 on {dev}", "",
              "int4 = fastest tactic of INT4_TACTICS + INT4_MMA_TACTICS + INT4_WGMMA_TACTICS (what TensorRT's "
              "autotuner keeps); pick = the torch wrapper's default (int4_gemm with config=None: pick_int4_config's "
-             f"tactic, or dq+cuBLAS from M >= {DEQUANT_MIN_M}); dq+cuBLAS = dequantize to fp16 then cuBLAS (torch "
+             "tactic, or dq+cuBLAS where takes_dequant_path); dq+cuBLAS = dequantize to fp16 then cuBLAS (torch "
              "path only); before = previous kernel; "
              "sweep = fastest --sweep candidate outside INT4_TACTICS.", "",
              "| M | N | K | fp16 µs | int4 µs | speedup | int4 TFLOPS | int4 weight TB/s | tactic | pick µs | pick x "
@@ -318,7 +317,7 @@ def main(argv=None):
                 continue
             best = min(ok, key=ok.get)
             t4 = ok[best]
-            # The wrapper's default (config=None): the two-kernel path from DEQUANT_MIN_M on, else its tactic.
+            # The wrapper's default (config=None): the two-kernel path where it takes it, else its tactic.
             pick = pick_int4_config(M, N, K, BLOCK)
             pick_name = next((n for n, c in TACTICS.items()
                               if (c if isinstance(c, CUDA_CONFIGS) else fit_int4_config(c, K, BLOCK)) == pick), None)

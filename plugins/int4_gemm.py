@@ -43,10 +43,10 @@ Scales are tiny 2-byte gathers that Triton does not pipeline: they are prefetche
 program starts and loaded one tile ahead (see the kernel). The grid is ``(cdiv(N, BLOCK_N),
 cdiv(M, BLOCK_M))``, renumbered in grouped order (``GROUP_M``). There is no split-K: a TensorRT AOT
 plugin launches one kernel and gets no workspace, and a cross-program K reduction would need one, so
-the plugin needs nothing beyond its inputs and output. For M >= ``DEQUANT_MIN_M``
-(``DEQUANT_MIN_M_TRITON`` without the wgmma kernel, see :func:`takes_dequant_path`) the torch wrapper
-instead dequantizes to a dense fp16/bf16 workspace and calls cuBLAS (:func:`int4_gemm_dequant_matmul`),
-which measured faster there; the plugin has no such path. Measurements: benchmarks/gpu_notes.md.
+the plugin needs nothing beyond its inputs and output. Where the wgmma kernel cannot run, the torch
+wrapper instead dequantizes to a dense fp16/bf16 workspace and calls cuBLAS from M >= ``DEQUANT_MIN_M_TRITON``
+(:func:`takes_dequant_path`, :func:`int4_gemm_dequant_matmul`), which measured faster than the Triton
+tactics there; the plugin has no such path. Measurements: benchmarks/gpu_notes.md.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ from .launch import cuda_kernels_available, sm90a_kernels_available
 CUDA_CONFIGS = (Int4MmaConfig, Int4WgmmaConfig)  # tactics written in CUDA C++, launched from their plugin PTX
 
 __all__ = ["Int4GemmConfig", "int4_gemm", "int4_gemm_reference", "int4_gemm_dequant_matmul", "dequantize_int4",
-           "dequantize_int4_gpu", "pick_int4_config", "fit_int4_config", "INT4_TACTICS", "DEQUANT_MIN_M",
+           "dequantize_int4_gpu", "pick_int4_config", "fit_int4_config", "INT4_TACTICS",
            "takes_dequant_path", "CUDA_CONFIGS"]
 
 logger = logging.getLogger(__name__)
@@ -464,30 +464,30 @@ INT4_TACTICS: dict[str, Int4GemmConfig] = {
 }
 
 
-# The torch wrapper's two-kernel path (dequantize to fp16, then cuBLAS): from M = 4096 it beat the wgmma kernel on
-# 3 of 4 benchmark shapes (0.88-0.96x fp16 against 0.82-0.91x, session 7), which in turn beat it at M = 1024 on all
-# four. Without the wgmma kernel (no sm_90, NVRTC or CuPy, or a weight it does not take) the path starts at
-# DEQUANT_MIN_M_TRITON: from there it beat every Triton tactic on all four shapes (session 5).
-DEQUANT_MIN_M = 4096
+# The torch wrapper's two-kernel path (dequantize to fp16, then cuBLAS) is taken only without the wgmma kernel (no
+# sm_90, NVRTC or CuPy, or a weight it does not take), from DEQUANT_MIN_M_TRITON on: there it beat every Triton
+# tactic on all four benchmark shapes (session 5). The warp-specialised wgmma kernel beat it at M = 1024 on all four
+# and at M = 4096 on three (0.94-1.00x fp16 against 0.89-0.98x, session 9).
 DEQUANT_MIN_M_TRITON = 1024
 
 
 def _wgmma_tactic(M: int, N: int, K: int, block_size: int) -> Int4WgmmaConfig | None:
     """The wgmma tactic for M >= 64 where it can run, else None (session 7 sweep: 128x256 won every M >= 1024
-    point and M = 256 on N > 4096; 64 x 128 tokens with 6 stages on N <= 4096; 64 x 64 at M = 64)."""
+    point and M = 256 on N > 4096; 64 x 128 tokens with 6 stages on N <= 4096, with the producer warpgroup when
+    K > 4096 (session 9: 0.84-0.87x fp16 against 0.80-0.82x at 256 x 4096 x 11008); 64 x 64 at M = 64)."""
     if M < 64 or not torch.cuda.is_available() or not sm90a_kernels_available(torch.cuda.current_device()):
         return None
     if M == 64:
         name = "wgmma_64x64"
     else:
-        name = "wgmma_64x128" if M < 1024 and N <= 4096 else "wgmma_128x256"
+        name = ("wgmma_64x128_ws" if K > 4096 else "wgmma_64x128") if M < 1024 and N <= 4096 else "wgmma_128x256"
     cfg = INT4_WGMMA_TACTICS[name]
     return cfg if wgmma_supports(cfg, N, K, block_size) else None
 
 
 def takes_dequant_path(M: int, N: int, K: int, block_size: int) -> bool:
     """Whether the torch wrapper's default (config=None) dequantizes to a dense workspace and calls cuBLAS."""
-    return M >= DEQUANT_MIN_M or (M >= DEQUANT_MIN_M_TRITON and _wgmma_tactic(M, N, K, block_size) is None)
+    return M >= DEQUANT_MIN_M_TRITON and _wgmma_tactic(M, N, K, block_size) is None
 
 
 def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig | Int4MmaConfig | Int4WgmmaConfig:

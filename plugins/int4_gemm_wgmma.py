@@ -20,6 +20,11 @@ and one more puts each byte's two nibbles in the two halves under the exponent o
 bf16), where ``q - zp`` is one exact subtraction and the scale one multiply (the numerics of every
 other path). Nothing is staged as 16-bit weights, so shared memory holds x and 4-bit bytes only.
 
+Warp-specialised form (``WS``): one more warpgroup only loads. Its copies are one base address plus a constant
+each (per-copy index arithmetic on the multiplying warps' schedulers measured as the critical path), it hands
+stages over through mbarriers, and the multiplying warpgroups release a stage once the wait that retires its MMAs
+returns, so the K loop has no CTA barrier; ``setmaxnreg`` moves registers from the producer to them.
+
 Supports ``block_size % 32 == 0`` (a 16-byte chunk lies in one padded row), ``K % 8 == 0`` (16-byte
 cp.async of x) and ``N >= 64 * WG`` (the last CTA moves back to end at row N). Needs sm_90a (wgmma):
 the PTX targets ``compute_90a``. This module never imports Triton or graph code.
@@ -475,7 +480,8 @@ def kernel_source(cfg: Int4WgmmaConfig, dtype: str, N: int, K: int, block_size: 
     name = kernel_name(cfg, dtype, N, K, block_size, has_zp, has_bias)
     subs = {"@NAME@": name, "@BF16@": str(int(dtype == "bfloat16")), "@WG@": str(cfg.WG), "@MT@": str(cfg.MT),
             "@STAGES@": str(cfg.STAGES), "@WS@": str(int(cfg.WS)),
-            "@REGS_CONSUMER@": str(cfg.consumer_registers), "@BARS_OFFSET@": str(cfg.barriers_offset), "@BLOCK_SIZE@": str(block_size), "@HAS_ZP@": str(int(has_zp)),
+            "@REGS_CONSUMER@": str(cfg.consumer_registers), "@BARS_OFFSET@": str(cfg.barriers_offset),
+            "@BLOCK_SIZE@": str(block_size), "@HAS_ZP@": str(int(has_zp)),
             "@HAS_BIAS@": str(int(has_bias)), "@N@": str(N), "@K@": str(K), **weight_layout(K, block_size),
             "@WGMMA@": _wgmma_asm(cfg.MT, "bf16" if dtype == "bfloat16" else "f16")}
     return name, fill(_SOURCE, subs)

@@ -82,14 +82,15 @@ def test_pick_takes_the_wgmma_kernel_only_on_hopper_with_the_toolchain(monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(mod, "sm90a_kernels_available", lambda device: True)
-    assert mod.pick_int4_config(256, 4096, 11008, 128) == INT4_WGMMA_TACTICS["wgmma_64x128"]
+    assert mod.pick_int4_config(256, 4096, 11008, 128) == INT4_WGMMA_TACTICS["wgmma_64x128_ws"]
+    assert mod.pick_int4_config(256, 4096, 4096, 128) == INT4_WGMMA_TACTICS["wgmma_64x128"]
     assert mod.pick_int4_config(256, 11008, 4096, 128) == INT4_WGMMA_TACTICS["wgmma_128x256"]
     assert mod.pick_int4_config(1024, 4096, 4096, 128) == INT4_WGMMA_TACTICS["wgmma_128x256"]
     assert not isinstance(mod.pick_int4_config(256, 4096, 4096, 16), Int4WgmmaConfig)  # g16: Triton
     assert not isinstance(mod.pick_int4_config(64, 4096, 4096, 128), Int4WgmmaConfig)  # Triton's m16_n64 won
     assert mod.pick_int4_config(64, 28672, 8192, 128) == INT4_WGMMA_TACTICS["wgmma_64x64"]
     assert not isinstance(mod.pick_int4_config(32, 28672, 8192, 128), Int4WgmmaConfig)
-    assert not mod.takes_dequant_path(1024, 4096, 4096, 128) and mod.takes_dequant_path(4096, 4096, 4096, 128)
+    assert not mod.takes_dequant_path(1024, 4096, 4096, 128) and not mod.takes_dequant_path(4096, 4096, 4096, 128)
     assert mod.takes_dequant_path(1024, 4096, 4096, 16)  # no wgmma for g16: the two-kernel path from 1024
     monkeypatch.setattr(mod, "sm90a_kernels_available", lambda device: False)  # not sm_90, or no NVRTC / CuPy
     assert not isinstance(mod.pick_int4_config(256, 11008, 4096, 128), Int4WgmmaConfig)
