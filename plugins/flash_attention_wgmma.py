@@ -99,8 +99,8 @@ class AttnWgmmaConfig:
 
 
 # Measured on an H100 (benchmarks/gpu_notes.md, session 9). Once the producer's copies were one instruction each and
-# K was released a block before V, 2 stages matched or beat 3 at d128 (the producer had been starving the
-# consumers of issue slots, not of data); 3 stages is kept for the autotuner. 3 consumer warpgroups (192 rows)
+# K was released a block before V, 2 and 3 stages came within 7% of each other at d128, each ahead somewhere (the
+# producer had been starving the consumers of issue slots, not of data); 3 stages is kept for the autotuner. 3 consumer warpgroups (192 rows)
 # spill at 152 registers. wgmma_d64 is offered to the autotuner; the torch wrapper picks the Triton kernel at d64.
 ATTN_WGMMA_TACTICS: dict[str, AttnWgmmaConfig] = {
     "wgmma_d128": AttnWgmmaConfig(128, 2, 128, 2),
