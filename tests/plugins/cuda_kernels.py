@@ -2,6 +2,7 @@
 cuobjdump), the relative error, and the INT4 kernels' GPU checks against the fp32 reference."""
 
 import os
+import re
 import subprocess
 
 import pytest
@@ -36,6 +37,14 @@ def assemble(ptx: str, arch: str, tmp_path) -> tuple[str, str]:
     sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "cuobjdump"), "-sass", str(tmp_path / "k.cubin")],
                           capture_output=True, text=True).stdout
     return res.stderr, sass
+
+
+def check_register_handover(log: str, sass: str, num_warps: int) -> None:
+    """A warp-specialised kernel (``setmaxnreg`` once down in the producer, once up in the consumers) must start with
+    exactly the launch allocation ``cuda_source.consumer_registers`` assumes, or ``setmaxnreg.inc`` waits forever."""
+    used = int(re.search(r"Used (\d+) registers", log).group(1))
+    assert used == min(255, 65536 // (32 * num_warps)) // 8 * 8, log
+    assert sass.count("USETMAXREG.TRY_ALLOC") == 1 and sass.count("USETMAXREG.DEALLOC") == 1
 
 
 def rel(a, b) -> float:
