@@ -87,11 +87,11 @@ def sweep_configs(M, mma_only=False):
     """Extra candidates for ``--sweep`` (see benchmarks/gpu_notes.md for why each is there)."""
     if M >= 64:
         # The CUDA C++ wgmma kernel: warpgroups (64 weight rows each) x tokens per CTA x shared-memory stages x
-        # producer warpgroup or not.
-        for wg, mt, st, ws in itertools.product((1, 2), (64, 128, 256), (3, 4, 5, 6), (False, True)):
+        # producer warpgroup or not x multiplying warpgroups along K (session 10).
+        for wg, mt, st, ws, ks in itertools.product((1, 2), (64, 128, 256), (3, 4, 5, 6), (False, True), (1, 2, 3, 4)):
             try:
-                yield Int4WgmmaConfig(wg, mt, st, ws)
-            except ValueError:  # over the shared-memory limit
+                yield Int4WgmmaConfig(wg, mt, st, ws, ks)
+            except ValueError:  # over the shared-memory limit, or no K split for that form
                 pass
     if M <= 16:
         # The CUDA C++ kernel: n8 tiles per warp x warps (along N x along K) x span buffers in flight.

@@ -473,14 +473,15 @@ DEQUANT_MIN_M_TRITON = 1024
 
 def _wgmma_tactic(M: int, N: int, K: int, block_size: int) -> Int4WgmmaConfig | None:
     """The wgmma tactic for M >= 64 where it can run, else None (session 7 sweep: 128x256 won every M >= 1024
-    point and M = 256 on N > 4096; 64 x 128 tokens with 6 stages on N <= 4096, with the producer warpgroup when
-    K > 4096 (session 9: 0.84-0.87x fp16 against 0.80-0.82x at 256 x 4096 x 11008); 64 x 64 at M = 64)."""
+    point and M = 256 on N > 4096; on N <= 4096 below M = 1024 the grid of 64-row tiles leaves SMs idle, and
+    two multiplying warpgroups along K won (session 10: 1.03x / 1.07x fp16 at M = 256, against 0.84x / 1.01x
+    for wgmma_64x128); 64 x 64 at M = 64)."""
     if M < 64 or not torch.cuda.is_available() or not sm90a_kernels_available(torch.cuda.current_device()):
         return None
     if M == 64:
         name = "wgmma_64x64"
     else:
-        name = ("wgmma_64x128_ws" if K > 4096 else "wgmma_64x128") if M < 1024 and N <= 4096 else "wgmma_128x256"
+        name = "wgmma_64x128_k2" if M < 1024 and N <= 4096 else "wgmma_128x256"
     cfg = INT4_WGMMA_TACTICS[name]
     return cfg if wgmma_supports(cfg, N, K, block_size) else None
 

@@ -23,7 +23,9 @@ other path). Nothing is staged as 16-bit weights, so shared memory holds x and 4
 Warp-specialised form (``WS``): one more warpgroup only loads. Its copies are one base address plus a constant
 each (per-copy index arithmetic on the multiplying warps' schedulers measured as the critical path), it hands
 stages over through mbarriers, and the multiplying warpgroups release a stage once the wait that retires its MMAs
-returns, so the K loop has no CTA barrier; ``setmaxnreg`` moves registers from the producer to them.
+returns, so the K loop has no CTA barrier; ``setmaxnreg`` moves registers from the producer to them. With ``KS``
+sets of multiplying warpgroups the K steps are dealt out in turn and the sets' sums added at the end (split-K
+inside the CTA).
 
 Supports ``block_size % 32 == 0`` (a 16-byte chunk lies in one padded row), ``K % 8 == 0`` (16-byte
 cp.async of x) and ``N >= 64 * WG`` (the last CTA moves back to end at row N). Needs sm_90a (wgmma):
@@ -58,16 +60,27 @@ class Int4WgmmaConfig:
         WS: warp-specialised: one more warpgroup (the producer, 40 registers after ``setmaxnreg``) loads the
             stages and hands them over through mbarriers, so the warpgroups that multiply issue no loads and
             never meet at a CTA barrier.
+        KS: sets of WG multiplying warpgroups along K (warp-specialised only): K step kt goes to set kt % KS, and
+            the sets add their partial sums in shared memory at the end. More multiplying warps per SM without
+            more CTAs, for grids that leave SMs idle (split-K without a workspace or a second kernel). It pays
+            only with deep pipelines: each set holds two stages, and the L2 latency under load is long.
     """
 
     WG: int
     MT: int
     STAGES: int = 4
     WS: bool = False
+    KS: int = 1
 
     def __post_init__(self):
-        if self.WG not in (1, 2) or self.MT not in (64, 128, 192, 256) or not 3 <= self.STAGES <= 8:
-            raise ValueError(f"Int4WgmmaConfig: WG in (1, 2), MT in (64, 128, 192, 256), 3 <= STAGES <= 8; got {self}")
+        if self.WG not in (1, 2) or self.MT not in (64, 128, 192, 256) or not 3 <= self.STAGES <= 12:
+            raise ValueError(f"Int4WgmmaConfig: WG in (1, 2), MT in (64, 128, 192, 256), 3 <= STAGES <= 12; got {self}")
+        # A set holds its stage and the one before; each set's accumulators, A buffers and weights need registers.
+        if self.KS not in (1, 2, 3, 4) or (self.KS > 1 and (not self.WS or self.WG * self.KS > 4 or
+                                                             self.STAGES < self.KS + 2 or
+                                                             self.consumer_registers < self.MT // 2 + 64)):
+            raise ValueError(f"Int4WgmmaConfig: KS > 1 needs WS, WG * KS <= 4, STAGES >= KS + 2 and "
+                             f"{self.MT // 2 + 64} registers per multiplying thread; got {self}")
         if self.shared_bytes > _SMEM_LIMIT:
             raise ValueError(f"Int4WgmmaConfig: {self} needs {self.shared_bytes} B of shared memory (> 227 KiB)")
 
@@ -83,12 +96,12 @@ class Int4WgmmaConfig:
 
     @property
     def num_warps(self) -> int:
-        return 4 * (self.WG + self.WS)
+        return 4 * (self.WG * self.KS + self.WS)
 
     @property
     def consumer_registers(self) -> int:
         """Registers per multiplying thread after ``setmaxnreg`` (warp-specialised with two warpgroups)."""
-        return consumer_registers(32 * self.num_warps, self.WG)
+        return consumer_registers(32 * self.num_warps, self.WG * self.KS)
 
     @property
     def dynamic_shared_bytes(self) -> int:
@@ -99,9 +112,14 @@ class Int4WgmmaConfig:
         return self.MT * 128 + self.rows * 32  # x tile (MT x 64 x 2 B) + packed weights (rows x 32 B)
 
     @property
+    def out_tile_bytes(self) -> int:
+        """The epilogue's output tile (it reuses the stages); with KS > 1 the other sets' fp32 sums follow it."""
+        return self.MT * (self.rows + 8) * 2
+
+    @property
     def barriers_offset(self) -> int:
-        """Where the producer's mbarriers sit: past the stages and the epilogue's output tile, which reuses them."""
-        return max(self.STAGES * self.stage_bytes, self.MT * (self.rows + 8) * 2)
+        """Where the producer's mbarriers sit: past the stages and the epilogue's tiles, which reuse them."""
+        return max(self.STAGES * self.stage_bytes, self.out_tile_bytes + (self.KS - 1) * self.MT * self.rows * 4)
 
     @property
     def shared_bytes(self) -> int:
@@ -109,21 +127,22 @@ class Int4WgmmaConfig:
         return self.barriers_offset + (16 * self.STAGES if self.WS else 0) + 1024
 
     def describe(self) -> str:
-        return f"wgmma {self.rows} rows x {self.MT} tokens, {self.STAGES} stages{', producer' if self.WS else ''}"
+        return (f"wgmma {self.rows} rows x {self.MT} tokens, {self.STAGES} stages{', producer' if self.WS else ''}"
+                f"{f', K split {self.KS}' if self.KS > 1 else ''}")
 
 
 # Each was fastest (or within 3% of it) at >= 1 point of M in {256, 1024, 4096} x the four benchmark shapes among
 # the 24 swept on an H100 (benchmarks/gpu_notes.md, session 7); wgmma_64x64 is there for 64 < M < 256. The 128 x 256
 # tile is warp-specialised since session 9 (0.91-1.02x fp16 at M >= 256 on the benchmark shapes, against
-# 0.84-0.96x without the producer, side by side in one run); the producer forms of the smaller tiles are offered
-# to the autotuner for M = 256 with few CTAs.
+# 0.84-0.96x without the producer, side by side in one run). wgmma_64x128_k2 (session 10) is for grids that leave
+# SMs idle: at M = 256 on N = 4096 it ran 1.03x / 1.07x fp16 (K = 11008 / 4096) in its sweep, against 0.89x /
+# 0.93x with 6 stages, and 0.82x with one multiplying warpgroup and 12 stages (K = 11008).
 INT4_WGMMA_TACTICS: dict[str, Int4WgmmaConfig] = {
     "wgmma_128x256": Int4WgmmaConfig(2, 256, 4, WS=True),
     "wgmma_64x128": Int4WgmmaConfig(1, 128, 6),
     "wgmma_64x128_s4": Int4WgmmaConfig(1, 128, 4),
     "wgmma_64x64": Int4WgmmaConfig(1, 64, 4),
-    "wgmma_64x128_ws": Int4WgmmaConfig(1, 128, 6, WS=True),
-    "wgmma_128x128_ws": Int4WgmmaConfig(2, 128, 5, WS=True),
+    "wgmma_64x128_k2": Int4WgmmaConfig(1, 128, 12, WS=True, KS=2),
 }
 
 
@@ -160,15 +179,18 @@ _SOURCE = r"""
 #define ZSTRIDE @ZSTRIDE@
 #define ROWS (64 * WG)
 #define WS @WS@                       // 1: a producer warpgroup loads the stages (mbarrier pipeline)
-#define CTHREADS (128 * WG)            // threads that dequantize and multiply
+#define KS @KS@                       // sets of WG multiplying warpgroups along K (K step kt goes to set kt % KS)
+#define RTHREADS (128 * WG)            // threads of one set
+#define CTHREADS (RTHREADS * KS)       // threads that dequantize and multiply
 #define THREADS (CTHREADS + 128 * WS)
 #define REGS_PRODUCER 40
 #define REGS_CONSUMER @REGS_CONSUMER@
 #define BARS_OFFSET @BARS_OFFSET@      // the mbarriers, past both the stages and the epilogue's tile
 #define KTILES ((K_ + 63) / 64)
+#define LSTEPS ((KTILES + KS - 1) / KS)  // K steps per set; with KS > 1 the last may be past K (x reads as zero)
 #define X_BYTES (MT * 128)
 #define STAGE_BYTES (X_BYTES + ROWS * 32)
-#define EVEN_K (K_ % 64 == 0 && ROW_BYTES == K_ / 2)
+#define EVEN_K (K_ % 64 == 0 && ROW_BYTES == K_ / 2 && KS * LSTEPS == KTILES)
 #define OUT_STRIDE (ROWS + 8)          // epilogue tile row (halves): +16 B keeps the four t lanes off one bank
 
 @HALF2_HELPERS@
@@ -272,6 +294,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
   const u32 bars = base + BARS_OFFSET;
   auto full = [&](int st) { return bars + 8 * st; };
   auto empty = [&](int st) { return bars + 8 * (STAGES + st); };
+  // full: the producer's 128 cp.async arrivals; empty: a warp of the set of multiplying warpgroups that used it.
   if (tid == 0) {
     for (int st = 0; st < STAGES; ++st) {
       mbar_init(full(st), 128);
@@ -281,14 +304,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
   }
   __syncthreads();
   if (tid < 128) {  // producer warpgroup: every copy is a base address plus a constant (it shares issue slots)
-#if WG > 1
+#if WG * KS > 1
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(REGS_PRODUCER));
 #endif
     const bool whole_tile = m0 + MT <= M;
     const u16* const x_src = X + (long long)min(m0 + xr, M - 1) * K_ + 8 * q;
     Slot sl;
 #pragma unroll 1
-    for (int kt = 0; kt < KTILES; ++kt, sl.next()) {
+    for (int kt = 0; kt < KS * LSTEPS; ++kt, sl.next()) {
       if (kt >= STAGES) mbar_wait(empty(sl.stage), sl.phase ^ 1);  // the consumers released its previous use
       const u32 st = base + sl.stage * STAGE_BYTES;
       const bool x_ok = EVEN_K || 64 * kt + 8 * q < K_;
@@ -310,14 +333,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
     asm volatile("cp.async.wait_all;" ::: "memory");  // the last arrivals must fire before this thread exits
     return;
   }
-#if WG > 1
+#if WG * KS > 1
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(REGS_CONSUMER));
 #endif
-  const int ctid = tid - 128;
+  // KS = 1 keeps the plain warp-specialised kernel's code (the set index computed at run time measured 6-11% slower).
+#if KS > 1
+  const int ctid = tid - 128, kset = ctid / RTHREADS, rtid = ctid % RTHREADS;
   Slot cur;
+  for (int i = 0; i < kset; ++i) cur.next();
+#else
+  const int ctid = tid - 128, kset = 0, rtid = ctid;
+  Slot cur;
+#endif
   int prev_stage = 0;
 #else
-  const int ctid = tid;
+  const int ctid = tid, kset = 0, rtid = tid;
   const u16* x_src[MT * 8 / THREADS];
 #pragma unroll
   for (int i = 0; i < MT * 8 / THREADS; ++i) x_src[i] = X + (long long)min(m0 + xr + i * (THREADS / 8), M - 1) * K_ + 8 * q;
@@ -334,7 +364,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
     cp_async_commit();
   };
 #endif
-  const int warp = ctid >> 5, g = lane >> 2, t = lane & 3;
+  const int warp = rtid >> 5, g = lane >> 2, t = lane & 3;
   const int wrow = 16 * warp + g;  // the lane's weight row in the CTA (and wrow + 8); warpgroup w owns 64 w..
   const int row_a = n0 + wrow, row_b = row_a + 8;
 
@@ -348,13 +378,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
 #endif
 
   Quant qa, qb;
-  load_quant(qa, S, ZP, row_a, 0);
-  load_quant(qb, S, ZP, row_b, 0);
+  load_quant(qa, S, ZP, row_a, kset);
+  load_quant(qb, S, ZP, row_b, kset);
   u32 a_even[16], a_odd[16];
 #pragma unroll
   for (int i = 0; i < 16; ++i) a_odd[i] = 0u;  // kept alive (below) before its first use
 
-  // K step KK into the A buffer AB: wait for its stage (and, without a producer, refill the stage freed two steps
+  // Local K step KK (K step KS * KK + kset) into the A buffer AB: wait for its stage (and, without a producer, refill the stage freed two steps
   // ago), dequantize, issue the 4 MMAs, then wait until WAIT groups of MMAs are pending (1: the previous step's
   // retire, so the A buffer PREV and its stage become free; 0 on the last step).
 #if WS
@@ -365,7 +395,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
 #define STAGE_DONE(KK)                                                                      \
   if ((KK) > 0 && lane == 0) mbar_arrive(empty(prev_stage));                                \
   prev_stage = cur.stage;                                                                   \
-  cur.next();
+  NEXT_SLOT();
 #else
 #define STAGE_READY(KK)                                                                     \
   cp_async_wait<STAGES - 3>();                                                              \
@@ -374,6 +404,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
   load_stage((KK) + STAGES - 2);                                                            \
   const u32 st = base + ((KK) % STAGES) * STAGE_BYTES;
 #define STAGE_DONE(KK)
+#endif
+#if KS > 1
+#define NEXT_SLOT() _Pragma("unroll") for (int i = 0; i < KS; ++i) cur.next()
+#else
+#define NEXT_SLOT() cur.next()
 #endif
 #define K_STEP(KK, AB, PREV, WAIT)                                                          \
   {                                                                                         \
@@ -384,7 +419,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
     w[2] = lds128(st + X_BYTES + (wrow + 8) * 32);                                          \
     w[3] = lds128(st + X_BYTES + (wrow + 8) * 32 + 16);                                     \
     dequant(AB, w, qa, qb, t);                                                              \
-    if ((KK) + 1 < KTILES) { load_quant(qa, S, ZP, row_a, (KK) + 1); load_quant(qb, S, ZP, row_b, (KK) + 1); } \
+    if ((KK) + 1 < LSTEPS) {                                                                \
+      load_quant(qa, S, ZP, row_a, KS * ((KK) + 1) + kset);                                 \
+      load_quant(qb, S, ZP, row_b, KS * ((KK) + 1) + kset);                                 \
+    }                                                                                       \
     wgmma_fence();                                                                          \
     const u64 desc = make_desc(st);                                                         \
     _Pragma("unroll") for (int j = 0; j < 4; ++j)                                           \
@@ -400,17 +438,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
   // and made a conditional in-loop wait a full drain on every other step (both seen in the SASS; the first
   // measured as the last K step's MMAs going missing for most tokens). An odd step count takes its extra step
   // first: peeled at the end instead, ptxas serialized every MMA (C7513). The CPU tests check all three.
-#if KTILES == 1
+#if LSTEPS == 1
   K_STEP(0, a_even, a_odd, 0)
 #else
-#if KTILES % 2
+#if LSTEPS % 2
   K_STEP(0, a_odd, a_even, 1)
   int kt = 1;
 #else
   int kt = 0;
 #endif
 #pragma unroll 1  // unrolled, ptxas may also serialize the MMAs
-  for (; kt + 2 < KTILES; kt += 2) {
+  for (; kt + 2 < LSTEPS; kt += 2) {
     K_STEP(kt, a_even, a_odd, 1)
     K_STEP(kt + 1, a_odd, a_even, 1)
   }
@@ -421,6 +459,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
   keep_until_here(a_odd);
 #if WS
   named_sync(1, CTHREADS);  // every consumer is done with the stages (the producer has left): reuse them
+#if KS > 1
+  float* const partial = (float*)(smem + @OUT_TILE_BYTES@);  // the other sets' sums, past the output tile
+  if (kset > 0)
+#pragma unroll
+    for (int i = 0; i < MT / 2; ++i) partial[((kset - 1) * MT / 2 + i) * RTHREADS + rtid] = acc[i];
+  named_sync(1, CTHREADS);
+  if (kset == 0)
+#pragma unroll
+    for (int s = 1; s < KS; ++s)
+#pragma unroll
+      for (int i = 0; i < MT / 2; ++i) acc[i] += partial[((s - 1) * MT / 2 + i) * RTHREADS + rtid];
+#endif
 #else
   cp_async_wait<0>();
   __syncthreads();  // every warpgroup is done with the stages: reuse them for the output tile
@@ -428,6 +478,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
 
   // Transpose through shared memory: acc[4 i + e] is (weight row wrow (+8 for e >= 2), token 8 i + 2 t + (e & 1)).
   u16* out = (u16*)smem;
+#if KS > 1
+  if (kset == 0)
+#endif
 #pragma unroll
   for (int i = 0; i < MT / 8; ++i)
 #pragma unroll
@@ -459,7 +512,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
 def kernel_name(cfg: Int4WgmmaConfig, dtype: str, N: int, K: int, block_size: int, has_zp: bool, has_bias: bool
                 ) -> str:
     return (f"qc_int4_wgmma_{'bf16' if dtype == 'bfloat16' else 'f16'}_r{cfg.rows}_m{cfg.MT}_s{cfg.STAGES}"
-            f"{'_ws' if cfg.WS else ''}_{N}x{K}_g{block_size}{'_zp' if has_zp else ''}{'_bias' if has_bias else ''}")
+            f"{'_ws' if cfg.WS else ''}{f'_k{cfg.KS}' if cfg.KS > 1 else ''}_{N}x{K}_g{block_size}"
+            f"{'_zp' if has_zp else ''}{'_bias' if has_bias else ''}")
 
 
 def kernel_source(cfg: Int4WgmmaConfig, dtype: str, N: int, K: int, block_size: int, has_zp: bool, has_bias: bool
@@ -467,7 +521,7 @@ def kernel_source(cfg: Int4WgmmaConfig, dtype: str, N: int, K: int, block_size: 
     """(entry name, CUDA C++ source) of one plugin configuration; N, K and the group are compiled in.
 
     Parameters in launch order: X, B, scales, [zero_points], [bias], M, Y. Dynamic shared memory:
-    ``cfg.shared_bytes``; grid (cdiv(N, rows), cdiv(M, MT)); block 128 * WG threads.
+    ``cfg.shared_bytes``; grid (cdiv(N, rows), cdiv(M, MT)); block ``32 * cfg.num_warps`` threads.
 
     Raises:
         ValueError: a dtype other than float16/bfloat16, or a weight :func:`supports` refuses.
@@ -479,7 +533,8 @@ def kernel_source(cfg: Int4WgmmaConfig, dtype: str, N: int, K: int, block_size: 
                          f"N >= {cfg.rows}; got N={N}, K={K}, block_size={block_size}")
     name = kernel_name(cfg, dtype, N, K, block_size, has_zp, has_bias)
     subs = {"@NAME@": name, "@BF16@": str(int(dtype == "bfloat16")), "@WG@": str(cfg.WG), "@MT@": str(cfg.MT),
-            "@STAGES@": str(cfg.STAGES), "@WS@": str(int(cfg.WS)),
+            "@STAGES@": str(cfg.STAGES), "@WS@": str(int(cfg.WS)), "@KS@": str(cfg.KS),
+            "@OUT_TILE_BYTES@": str(cfg.out_tile_bytes),
             "@REGS_CONSUMER@": str(cfg.consumer_registers), "@BARS_OFFSET@": str(cfg.barriers_offset),
             "@BLOCK_SIZE@": str(block_size), "@HAS_ZP@": str(int(has_zp)),
             "@HAS_BIAS@": str(int(has_bias)), "@N@": str(N), "@K@": str(K), **weight_layout(K, block_size),

@@ -16,10 +16,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() 
 from qcompiler.plugins.int4_gemm_wgmma import INT4_WGMMA_TACTICS, Int4WgmmaConfig, supports  # noqa: E402
 from tests.plugins.cuda_kernels import check_against_reference, check_padding_nibbles_ignored  # noqa: E402
 
-# + the warp-specialised form (a producer warpgroup) with one and two multiplying warpgroups.
+# + the warp-specialised form (a producer warpgroup) with one and two multiplying warpgroups, along N or
+# along K.
 CONFIGS = list(INT4_WGMMA_TACTICS.values()) + [Int4WgmmaConfig(1, 64, 3), Int4WgmmaConfig(2, 192, 3),
                                                Int4WgmmaConfig(2, 256, 4, True), Int4WgmmaConfig(1, 128, 4, True),
-                                               Int4WgmmaConfig(1, 64, 3, True), Int4WgmmaConfig(2, 128, 5, True)]
+                                               Int4WgmmaConfig(1, 64, 3, True), Int4WgmmaConfig(2, 128, 5, True),
+                                               Int4WgmmaConfig(1, 64, 4, True, KS=2), Int4WgmmaConfig(1, 256, 4, True, KS=2),
+                                               Int4WgmmaConfig(1, 128, 5, True, KS=3), Int4WgmmaConfig(1, 64, 6, True, KS=4)]
 # dtype, N, K, block_size, symmetric, bias: ragged K with 2 groups per K step and zero points; an N that is not a
 # multiple of 8 (scalar stores); per-channel; K not a multiple of 64 (odd step count); a padded last group; one K step.
 CASES = [(torch.float16, 300, 1000, 32, False, True), (torch.bfloat16, 333, 4096, 128, True, True),

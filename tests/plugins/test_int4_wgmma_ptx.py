@@ -33,7 +33,7 @@ def test_every_tactic_compiles_with_asynchronous_mmas(tactic, path, tmp_path):
     entry = re.search(r"\.entry\s+" + re.escape(kern.kernel_name) + r"\s*\((.*?)\)", kern.ptx, re.S)
     assert entry and entry.group(1).count(".param") == len(kern.params)
     assert [k for _, k, _ in kern.params] == ["in"] * (3 + path[4] + path[5]) + ["i32", "out"]
-    assert kern.num_warps == 4 * (cfg.WG + cfg.WS) and kern.shared_mem == cfg.shared_bytes <= 227 * 1024
+    assert kern.num_warps == 4 * (cfg.WG * cfg.KS + cfg.WS) and kern.shared_mem == cfg.shared_bytes <= 227 * 1024
     log, sass = assemble(kern.ptx, "sm_90a", tmp_path)
     assert "0 bytes spill stores" in log, log
     assert "serialized" not in log, log  # C7513-C7515: ptxas waiting after every wgmma
@@ -44,7 +44,7 @@ def test_every_tactic_compiles_with_asynchronous_mmas(tactic, path, tmp_path):
     assert "WARPGROUP.DEPBAR.LE gsb0, 0x1" in sass  # the previous step's MMAs retire while this step's run
     first_read = re.search(r"F2FP\.(BF16|F16)\.F32", sass)
     assert first_read and first_read.start() > drains[0], "accumulators read before the last MMAs retire"
-    if cfg.WS and cfg.WG > 1:
+    if cfg.WS and cfg.WG * cfg.KS > 1:
         check_register_handover(log, sass, kern.num_warps)
 
 
@@ -70,6 +70,12 @@ def test_refusals_are_one_line_errors():
         Int4WgmmaConfig(2, 256, 8)
     with pytest.raises(ValueError, match="MT in"):
         Int4WgmmaConfig(1, 96)
+    with pytest.raises(ValueError, match="KS > 1 needs WS"):
+        Int4WgmmaConfig(1, 128, 6, KS=2)
+    with pytest.raises(ValueError, match="KS > 1 needs WS"):
+        Int4WgmmaConfig(1, 128, 6, WS=True, KS=4)  # 104 registers for 64 accumulators
+    with pytest.raises(ValueError, match="KS > 1 needs WS"):
+        Int4WgmmaConfig(1, 64, 4, WS=True, KS=3)  # too few stages
 
 
 def test_pick_takes_the_wgmma_kernel_only_on_hopper_with_the_toolchain(monkeypatch):
@@ -80,8 +86,8 @@ def test_pick_takes_the_wgmma_kernel_only_on_hopper_with_the_toolchain(monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(mod, "sm90a_kernels_available", lambda device: True)
-    assert mod.pick_int4_config(256, 4096, 11008, 128) == INT4_WGMMA_TACTICS["wgmma_64x128_ws"]
-    assert mod.pick_int4_config(256, 4096, 4096, 128) == INT4_WGMMA_TACTICS["wgmma_64x128"]
+    assert mod.pick_int4_config(256, 4096, 11008, 128) == INT4_WGMMA_TACTICS["wgmma_64x128_k2"]
+    assert mod.pick_int4_config(256, 4096, 4096, 128) == INT4_WGMMA_TACTICS["wgmma_64x128_k2"]
     assert mod.pick_int4_config(256, 11008, 4096, 128) == INT4_WGMMA_TACTICS["wgmma_128x256"]
     assert mod.pick_int4_config(1024, 4096, 4096, 128) == INT4_WGMMA_TACTICS["wgmma_128x256"]
     assert not isinstance(mod.pick_int4_config(256, 4096, 4096, 16), Int4WgmmaConfig)  # g16: Triton

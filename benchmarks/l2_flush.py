@@ -1,0 +1,102 @@
+"""Does the way L2 is cleared before each timed call move the small-M INT4 ratios?
+
+``triton.testing.do_bench`` (and so every table in benchmarks/results) clears L2 by zeroing a 256 MB buffer, which
+leaves L2 full of dirty lines: the timed kernel's reads then also write those lines back to HBM. This script times
+torch fp16, a plain streaming read of the packed weight (read_floor.py's kernel) and the fastest small-M INT4
+tactic at M = 1 and 16, each as a CUDA-graph replay (median of 200), after three clears side by side: ``write``
+(zero 256 MB, as do_bench), ``read`` (sum a 256 MB buffer: L2 holds clean lines, as after a previous layer's
+GEMM) and ``write+read``.
+
+    python -m benchmarks.l2_flush [--shapes 11008:4096,...] [--out l2_flush.md]
+"""
+
+# ruff: noqa: B023  (each closure is timed inside the iteration that defines it)
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from benchmarks import read_floor
+from benchmarks.bench_int4_gemm import BLOCK, SHAPES, TACTICS, _weights
+from qcompiler.plugins.int4_gemm import int4_gemm
+from qcompiler.plugins.nvrtc import compile_to_ptx
+
+CLEARS = ("write", "read", "write+read")
+
+
+def main(argv=None):
+    import cupy
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=None, help="N:K,N:K")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    shapes = [tuple(map(int, s.split(":"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    write_buf = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    read_buf = torch.ones(64 << 20, dtype=torch.float32, device="cuda")
+    sink = torch.empty((), device="cuda")
+
+    def clear(mode):
+        if mode in ("write", "write+read"):
+            write_buf.zero_()
+        if mode in ("read", "write+read"):
+            torch.sum(read_buf, dim=0, out=sink)
+
+    def time_us(fn, mode, rep=200):
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        for _ in range(10):
+            clear(mode)
+            graph.replay()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(rep)]
+        for start, end in zip(starts, ends, strict=True):
+            clear(mode)
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        return float(np.median([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)])) * 1e3
+
+    module = cupy.cuda.function.Module()
+    module.load(compile_to_ptx(read_floor._SOURCE, "read_floor.cu").encode())
+    stream_read = module.get_function("stream_read")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
+    lines = [f"# fp16, a plain read and INT4 at small M after three L2 clears on {torch.cuda.get_device_name()}", "",
+             "| N | K | M | L2 clear | fp16 µs | read µs | int4 µs | tactic | fp16 / read | fp16 / int4 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for N, K in shapes:
+        w, b, s = _weights(N, K)
+        w16 = w.half()
+
+        def read():
+            with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+                stream_read((sms * 8,), (256,), (np.uint64(b.data_ptr()), np.int64(b.numel() // 16),
+                                                 np.uint64(out.data_ptr())))
+        for M in (1, 16):
+            x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+            names = [n for n in TACTICS if n.startswith(("mma", "m16")) or (M <= 4 and n.startswith("gemv"))]
+            for mode in CLEARS:
+                t16 = time_us(lambda: torch.nn.functional.linear(x, w16), mode)
+                t_read = time_us(read, mode)
+                t4 = {n: time_us(lambda c=TACTICS[n]: int4_gemm(x, b, s, block_size=BLOCK, config=c), mode)
+                      for n in names}
+                best = min(t4, key=t4.get)
+                row = (f"| {N} | {K} | {M} | {mode} | {t16:.1f} | {t_read:.1f} | {t4[best]:.1f} | {best} | "
+                       f"{t16 / t_read:.2f}x | {t16 / t4[best]:.2f}x |")
+                lines.append(row)
+                print(row, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
