@@ -2,7 +2,7 @@
 
 ``triton.testing.do_bench`` (and so every table in benchmarks/results) clears L2 by zeroing a 256 MB buffer, which
 leaves L2 full of dirty lines: the timed kernel's reads then also write those lines back to HBM. This script times
-torch fp16, a plain streaming read of the packed weight (read_floor.py's kernel) and the fastest small-M INT4
+torch fp16, a plain streaming read of the packed weight (read_floor.py's ``stream_read``) and the fastest small-M INT4
 tactic at M = 1 and 16, each as a CUDA-graph replay (median of 200), after three clears side by side: ``write``
 (zero 256 MB, as do_bench), ``read`` (sum a 256 MB buffer: L2 holds clean lines, as after a previous layer's
 GEMM) and ``write+read``.
@@ -18,17 +18,14 @@ import argparse
 import numpy as np
 import torch
 
-from benchmarks import read_floor
 from benchmarks.bench_int4_gemm import BLOCK, SHAPES, TACTICS, _weights
+from benchmarks.read_floor import read_kernels
 from qcompiler.plugins.int4_gemm import int4_gemm
-from qcompiler.plugins.nvrtc import compile_to_ptx
 
 CLEARS = ("write", "read", "write+read")
 
 
 def main(argv=None):
-    import cupy
-
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=None, help="N:K,N:K")
     ap.add_argument("--out", default=None)
@@ -63,11 +60,8 @@ def main(argv=None):
         torch.cuda.synchronize()
         return float(np.median([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)])) * 1e3
 
-    module = cupy.cuda.function.Module()
-    module.load(compile_to_ptx(read_floor._SOURCE, "read_floor.cu").encode())
-    stream_read = module.get_function("stream_read")
+    launch = read_kernels()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    out = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
     lines = [f"# fp16, a plain read and INT4 at small M after three L2 clears on {torch.cuda.get_device_name()}", "",
              "| N | K | M | L2 clear | fp16 µs | read µs | int4 µs | tactic | fp16 / read | fp16 / int4 |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -77,9 +71,8 @@ def main(argv=None):
         w16 = w.half()
 
         def read():
-            with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-                stream_read((sms * 8,), (256,), (np.uint64(b.data_ptr()), np.int64(b.numel() // 16),
-                                                 np.uint64(out.data_ptr())))
+            launch("stream_read", (sms * 8,), (256,), np.uint64(b.data_ptr()), np.int64(b.numel() // 16))
+
         for M in (1, 16):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             names = [n for n in TACTICS if n.startswith(("mma", "m16")) or (M <= 4 and n.startswith("gemv"))]

@@ -83,28 +83,33 @@ extern "C" __global__ void pattern128_read(const unsigned char* __restrict__ B, 
 """
 
 
-def main(argv=None):
+def read_kernels():
+    """Loads the read kernels; returns ``launch(name, grid, block, *params)``, which runs one on torch's current
+    stream (so a CUDA graph being captured there records it) with the per-CTA output buffer appended."""
     import cupy
 
+    module = cupy.cuda.function.Module()
+    module.load(compile_to_ptx(_SOURCE, "read_floor.cu").encode())
+    out = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
+
+    def launch(name, grid, block, *params):
+        with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):  # as plugins/launch.py
+            module.get_function(name)(grid, block, params + (np.uint64(out.data_ptr()),))
+    return launch
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=None, help="N:K,N:K")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     shapes = [tuple(map(int, s.split(":"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
-    ptx = compile_to_ptx(_SOURCE, "read_floor.cu")
-    module = cupy.cuda.function.Module()
-    module.load(ptx.encode())
+    launch = read_kernels()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    out = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
 
     def time_read(name, grid, block, *params):
-        """Median µs of one read kernel launched on torch's stream (captured in the timing graph)."""
-        fn = module.get_function(name)
-
-        def run():
-            with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):  # as plugins/launch.py
-                fn(grid, block, params + (np.uint64(out.data_ptr()),))
-        return bench(run)
+        """Median µs of one read kernel (captured in the timing graph)."""
+        return bench(lambda: launch(name, grid, block, *params))
 
     lines = [f"# Read floor of the packed INT4 weight (g{BLOCK}) on {torch.cuda.get_device_name()}", "",
              "| N | K | packed MB | fp16 M=1 µs | stream read µs | stream TB/s | pattern read µs | pattern TB/s | "
