@@ -4,9 +4,11 @@ For each benchmark shape it times, side by side in one run (CUDA-graph replay, L
 replay): torch fp16 ``F.linear`` at M = 1; a plain streaming read of the packed weight (16 bytes per
 lane, consecutive lanes on consecutive bytes, a grid-stride loop, one value written per CTA); the same
 bytes read in the CUDA C++ INT4 kernel's pattern (lane (g, t) of a quad takes 16 bytes of row g, a
-warp 8 rows x 64 bytes per load, warps interleaved along K, one span ahead) with no arithmetic; and the
-fastest INT4 tactic. The read kernels set the floor the INT4 kernel is measured against: if the pattern
-read is as slow as the kernel, the arithmetic is not what is left.
+warp 8 rows x 64 bytes per load, warps interleaved along K, one span ahead) with no arithmetic; the
+same 32 rows per CTA fed through shared memory by a producer warp's ``cp.async.bulk`` copies (a ring of
+stages and mbarriers, read back in the kernel's fragment order); and the fastest INT4 tactic. The read
+kernels set the floor the INT4 kernel is measured against: if the pattern read is as slow as the kernel,
+the arithmetic is not what is left.
 
     python -m benchmarks.read_floor [--shapes 11008:4096,...] [--out read_floor.md]
 """
@@ -80,7 +82,75 @@ extern "C" __global__ void pattern128_read(const unsigned char* __restrict__ B, 
   }
   if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;
 }
+
+// The same 32 rows per CTA fed by a producer warp: BULK_STAGES shared-memory stages of BULK_CHUNK bytes per row,
+// one cp.async.bulk per row and stage (evict-first in L2), mbarriers; 4 reading warps take the stage's 64-byte
+// spans in turn and read them in the INT4 kernel's fragment order (lane (g, t): 16 bytes of row g) with LDS.128.
+// Few instructions keep many bytes in flight: what a producer-fed kernel could reach.
+#define BULK_ROWS 32
+#define BULK_CHUNK 512
+#define BULK_STAGES 4
+#define BULK_READERS 4
+#define BULK_PITCH (BULK_CHUNK + 64)  // rows g and g + 1 on other banks
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void bar_wait(u32 bar, int parity) {
+  asm volatile("{ .reg .pred done; WAIT_%=: mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1; "
+               "@!done bra WAIT_%=; }" :: "r"(bar), "r"(parity) : "memory");
+}
+extern "C" __global__ void __launch_bounds__(32 * (BULK_READERS + 1)) bulk_read(const unsigned char* __restrict__ B,
+                                                                               int row_bytes, u32* out) {
+  extern __shared__ __align__(128) unsigned char stages[];
+  __shared__ __align__(8) unsigned long long full[BULK_STAGES], empty[BULK_STAGES];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < BULK_STAGES; ++i) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_u32(&full[i])));
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_u32(&empty[i])), "n"(BULK_READERS));
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  const int chunks = (row_bytes + BULK_CHUNK - 1) / BULK_CHUNK;
+  if (warp == BULK_READERS) {
+    unsigned long long policy;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    const unsigned char* rows = B + (long long)blockIdx.x * BULK_ROWS * row_bytes;
+    for (int c = 0; c < chunks; ++c) {
+      const int slot = c % BULK_STAGES, size = min(BULK_CHUNK, row_bytes - c * BULK_CHUNK);
+      bar_wait(smem_u32(&empty[slot]), ((c / BULK_STAGES) & 1) ^ 1);
+      if (lane == 0)
+        asm volatile("{ .reg .b64 s; mbarrier.arrive.expect_tx.shared::cta.b64 s, [%0], %1; }"
+                     :: "r"(smem_u32(&full[slot])), "r"(BULK_ROWS * size) : "memory");
+      __syncwarp();
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
+                   :: "r"(smem_u32(stages + (slot * BULK_ROWS + lane) * BULK_PITCH)),
+                      "l"(rows + (long long)lane * row_bytes + c * BULK_CHUNK), "r"(size), "r"(smem_u32(&full[slot])),
+                      "l"(policy) : "memory");
+    }
+    return;
+  }
+  const int g = lane >> 2, t = lane & 3;
+  u32 acc = 0;
+  for (int c = 0; c < chunks; ++c) {
+    const int slot = c % BULK_STAGES;
+    bar_wait(smem_u32(&full[slot]), (c / BULK_STAGES) & 1);
+    const int spans = min(BULK_CHUNK, row_bytes - c * BULK_CHUNK) / 64;
+    for (int sp = warp; sp < spans; sp += BULK_READERS)
+      for (int j = 0; j < BULK_ROWS / 8; ++j) {
+        u32 a, b, d, e;
+        asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(a), "=r"(b), "=r"(d), "=r"(e)
+                     : "r"(smem_u32(stages + (slot * BULK_ROWS + 8 * j + g) * BULK_PITCH + 64 * sp + 16 * t)));
+        acc ^= a ^ b ^ d ^ e;
+      }
+    // Hand the stage back only after the loads returned (an arrive does not wait for them): it takes acc.
+    __syncwarp();
+    if (lane == 0) asm volatile("{ .reg .b64 s; mbarrier.arrive.shared::cta.b64 s, [%0]; }"
+                                :: "r"(smem_u32(&empty[slot])), "r"(acc) : "memory");
+  }
+  if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;
+}
 """
+BULK_SHARED_BYTES = 4 * 32 * (512 + 64)  # BULK_STAGES * BULK_ROWS * BULK_PITCH
 
 
 def read_kernels():
@@ -91,10 +161,12 @@ def read_kernels():
     module = cupy.cuda.function.Module()
     module.load(compile_to_ptx(_SOURCE, "read_floor.cu").encode())
     out = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
+    cupy.cuda.driver.funcSetAttribute(module.get_function("bulk_read").ptr, 8, BULK_SHARED_BYTES)  # > 48 KiB: opt in
 
     def launch(name, grid, block, *params):
+        shared = BULK_SHARED_BYTES if name == "bulk_read" else 0
         with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):  # as plugins/launch.py
-            module.get_function(name)(grid, block, params + (np.uint64(out.data_ptr()),))
+            module.get_function(name)(grid, block, params + (np.uint64(out.data_ptr()),), shared_mem=shared)
     return launch
 
 
@@ -113,8 +185,9 @@ def main(argv=None):
 
     lines = [f"# Read floor of the packed INT4 weight (g{BLOCK}) on {torch.cuda.get_device_name()}", "",
              "| N | K | packed MB | fp16 M=1 µs | stream read µs | stream TB/s | pattern read µs | pattern TB/s | "
-             "pattern 4x128B µs | int4 M=1 µs | tactic | fp16 / stream read | fp16 / int4 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "pattern 4x128B µs | bulk read µs | bulk TB/s | int4 M=1 µs | tactic | fp16 / stream read | "
+             "fp16 / bulk read | fp16 / int4 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for N, K in shapes:
         w, b, s = _weights(N, K)
@@ -127,12 +200,14 @@ def main(argv=None):
         t_stream = min(time_read(name, (sms * 8,), (256,), *flat) for name in ("stream_read", "stream4_read"))
         t_pattern = time_read("pattern_read", (N // 32,), (128,), *rows)
         t_p128 = time_read("pattern128_read", (N // 32,), (128,), *rows)
+        t_bulk = time_read("bulk_read", (N // 32,), (160,), *rows[:2])
         t4 = {name: bench(lambda cfg=cfg: int4_gemm(x, b, s, block_size=BLOCK, config=cfg))
               for name, cfg in TACTICS.items() if name.startswith(("mma", "gemv"))}
         best = min(t4, key=t4.get)
         row = (f"| {N} | {K} | {nbytes / 1e6:.1f} | {t16:.1f} | {t_stream:.1f} | {nbytes / t_stream / 1e6:.2f} | "
-               f"{t_pattern:.1f} | {nbytes / t_pattern / 1e6:.2f} | {t_p128:.1f} | {t4[best]:.1f} | {best} | "
-               f"{t16 / t_stream:.2f}x | {t16 / t4[best]:.2f}x |")
+               f"{t_pattern:.1f} | {nbytes / t_pattern / 1e6:.2f} | {t_p128:.1f} | {t_bulk:.1f} | "
+               f"{nbytes / t_bulk / 1e6:.2f} | {t4[best]:.1f} | {best} | {t16 / t_stream:.2f}x | {t16 / t_bulk:.2f}x | "
+               f"{t16 / t4[best]:.2f}x |")
         lines.append(row)
         print(row, flush=True)
     if args.out:
