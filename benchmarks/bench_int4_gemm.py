@@ -189,26 +189,27 @@ def precompile(points: dict, jobs: int, before: str | None) -> None:
           file=sys.stderr, flush=True)
 
 
-def bench(fn, warmup=25, rep=100):
-    """Median µs of a CUDA-graph replay of fn (L2 cleared before each replay by do_bench)."""
-    fn()
+def graph_of(calls) -> torch.cuda.CUDAGraph:
+    """The calls captured in order as one CUDA graph, each run once first (compiles and allocations stay outside)."""
+    for call in calls:
+        call()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        for call in calls:
+            call()
+    return graph
+
+
+def bench(fn, warmup=25, rep=100):
+    """Median µs of a CUDA-graph replay of fn (L2 cleared before each replay by do_bench)."""
+    graph = graph_of([fn])
     return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") * 1e3
 
 
 def bench_stream(make_fns, copies, warmup=10, rep=50):
     """µs per call of ``copies`` calls replayed back to back in one CUDA graph (L2 cleared before each replay)."""
-    fns = make_fns(copies)
-    for fn in fns:
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
+    graph = graph_of(make_fns(copies))
     return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") * 1e3 / copies
 
 
