@@ -34,9 +34,12 @@ class SmiLog:
     """``nvidia-smi`` sampling clocks and power every 100 ms in the background; ``mean(t0, t1)`` averages a window."""
 
     def __init__(self):
-        self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}",
-                                      "--format=csv,noheader,nounits", "-lms", "100"],
-                                     stdout=subprocess.PIPE, text=True)
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}",
+                                          "--format=csv,noheader,nounits", "-lms", "100"],
+                                         stdout=subprocess.PIPE, text=True)
+        except FileNotFoundError:
+            raise SystemExit("sustained: nvidia-smi not found (it samples the clock and power)") from None
         self.samples: list[tuple[float, float, float]] = []
 
     def stop(self):
@@ -82,10 +85,20 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    points = ([tuple(map(int, p.split(":"))) for p in args.points.split(",")] if args.points else
-              [(M, N, K) for N, K in SHAPES for M in (256, 1024, 4096)])
+    try:
+        points = ([tuple(map(int, p.split(":"))) for p in args.points.split(",")] if args.points else
+                  [(M, N, K) for N, K in SHAPES for M in (256, 1024, 4096)])
+    except ValueError:
+        raise SystemExit(f"sustained: --points wants M:N:K,... of integers, got {args.points!r}") from None
+    if any(len(p) != 3 or min(p) <= 0 for p in points):
+        raise SystemExit(f"sustained: --points wants M:N:K,... of positive integers, got {args.points!r}")
+    if args.seconds < 1 or args.rounds < 1:
+        raise SystemExit("sustained: --seconds must be >= 1 (the first 0.5 s is left out of the sampled window) "
+                         "and --rounds >= 1")
     if args.tactic is not None and args.tactic not in TACTICS:
         raise SystemExit(f"sustained: unknown tactic {args.tactic!r}; one of {', '.join(TACTICS)}")
+    if not torch.cuda.is_available():
+        raise SystemExit("sustained: needs a CUDA GPU (torch.cuda.is_available() is False)")
     smi = SmiLog()
     rows = []
     try:
