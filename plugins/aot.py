@@ -255,16 +255,22 @@ def _cuda_module(cfg):
 def build_int4_cuda(c: Int4GemmPlugin, cfg) -> AotKernel:
     """A hand-written CUDA C++ kernel for ``cfg`` (an Int4MmaConfig or Int4WgmmaConfig), compiled by NVRTC;
     no scratch parameters. ``c.tactic`` is not read, so sweeps can build configs outside the tables."""
-    from .nvrtc import compile_to_ptx
-
     module = _cuda_module(cfg)
     name, source = module.kernel_source(cfg, c.dtype, c.N, c.K, c.block_size, c.has_zero_points, c.has_bias)
-    ptx = compile_to_ptx(source, name + ".cu", options=(f"--gpu-architecture={module.ARCH}", "-std=c++17"),
-                         ptx_version=module.PTX_ISA)
     params = [("X", "in", "X"), ("B", "in", "B"), ("S", "in", "scales")]
     params += [("ZP", "in", "zero_points")] * c.has_zero_points + [("BIAS", "in", "bias")] * c.has_bias
     params += [("M", "i32", Expr.of("M")), ("Y", "out", "Y")]
     grid = (Expr(-(-c.N // cfg.rows)), Expr(1, (("M", cfg.tokens),)), Expr(1))
+    return _nvrtc_kernel(module, cfg, name, source, params, grid)
+
+
+def _nvrtc_kernel(module, cfg, name: str, source: str, params: list, grid: tuple) -> AotKernel:
+    """A hand-written kernel's source compiled by NVRTC for its module's ``ARCH`` and ``PTX_ISA``, with the block
+    and shared memory its config declares."""
+    from .nvrtc import compile_to_ptx
+
+    ptx = compile_to_ptx(source, name + ".cu", options=(f"--gpu-architecture={module.ARCH}", "-std=c++17"),
+                         ptx_version=module.PTX_ISA)
     return AotKernel(name, ptx, cfg.num_warps, cfg.dynamic_shared_bytes, tuple(params), grid)
 
 
@@ -351,15 +357,12 @@ def build_attn_cuda(c: FlashAttentionPlugin, cfg) -> AotKernel:
     """The CUDA C++ wgmma attention kernel (flash_attention_wgmma.py) for ``cfg``, compiled by NVRTC; no
     scratch parameters. ``c.tactic`` is not read, so sweeps can build configs outside the table."""
     from . import flash_attention_wgmma as fa
-    from .nvrtc import compile_to_ptx
 
     if c.head_dim != cfg.D:
         raise ValueError(f"FlashAttention plugin: tactic {cfg.describe()} is for head dim {cfg.D}, not {c.head_dim}")
     name, source = fa.kernel_source(cfg, c.dtype, c.num_heads, c.kv_num_heads, c.causal, c.scale, c.has_seqlens_k)
-    ptx = compile_to_ptx(source, name + ".cu", options=(f"--gpu-architecture={fa.ARCH}", "-std=c++17"),
-                         ptx_version=fa.PTX_ISA)
     params = [("Q", "in", "Q"), ("K", "in", "K"), ("V", "in", "V")]
     params += [("SEQLENS_K", "in", "seqlens_k")] * c.has_seqlens_k
     params += [("SQ", "i32", Expr.of("SQ")), ("SK", "i32", Expr.of("SK")), ("O", "out", "O"), ("LSE", "out", "LSE")]
     grid = (Expr(1, (("SQ", cfg.BLOCK_M),)), Expr(c.num_heads, (("B", 1),)), Expr(1))
-    return AotKernel(name, ptx, cfg.num_warps, cfg.dynamic_shared_bytes, tuple(params), grid)
+    return _nvrtc_kernel(fa, cfg, name, source, params, grid)
