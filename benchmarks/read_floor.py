@@ -5,6 +5,7 @@ replay): torch fp16 ``F.linear`` at M = 1; a plain streaming read of the packed 
 lane, consecutive lanes on consecutive bytes, a grid-stride loop, one value written per CTA); the same
 bytes read in the CUDA C++ INT4 kernel's pattern (lane (g, t) of a quad takes 16 bytes of row g, a
 warp 8 rows x 64 bytes per load, warps interleaved along K, one span ahead) with no arithmetic; the
+same pattern with the kernel's x loads at M = 1 added; the
 same 32 rows per CTA fed through shared memory by a producer warp's ``cp.async.bulk`` copies (a ring of
 stages and mbarriers, read back in the kernel's fragment order); and the fastest INT4 tactic. The read
 kernels set the floor the INT4 kernel is measured against: if the pattern read is as slow as the kernel,
@@ -55,20 +56,50 @@ extern "C" __global__ void stream4_read(const uint4* __restrict__ p, long long n
   if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;
 }
 
-// The INT4 kernel's load pattern (4 warps along K, 32 rows per CTA, 128-weight spans, one span ahead).
-extern "C" __global__ void pattern_read(const unsigned char* __restrict__ B, int row_bytes, int spans, u32* out) {
+// The INT4 kernel's weight load (int4_gemm_mma.py's load_weights): read-only path, not kept in L1, and L2 fetches
+// 256-byte sector groups on a miss. A plain __ldg here made the pattern read ~15% slower than the kernel's own loads.
+__device__ __forceinline__ uint4 weight_load(const unsigned char* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+
+// The INT4 kernel's load pattern (4 warps along K, 32 rows per CTA, 128-weight spans, one span ahead); WITH_X adds
+// its x loads at M = 1 (each lane 64 bytes of row 0 at its 32 k per span, L1-cached): every load the kernel issues
+// at M = 1 except the scales.
+template <bool WITH_X>
+__device__ __forceinline__ void pattern(const unsigned char* __restrict__ B, const uint4* __restrict__ X, int row_bytes,
+                                        int spans, u32* out) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const unsigned char* base = B + (long long)(blockIdx.x * 32 + g) * row_bytes + 16 * t;
   u32 acc = 0;
-  uint4 cur[4], nxt[4];
-  for (int j = 0; j < 4; ++j) cur[j] = __ldg((const uint4*)(base + 8 * j * row_bytes + 64 * warp));
+  uint4 cur[4], nxt[4], xc[4], xn[4];
+  for (int j = 0; j < 4; ++j) cur[j] = weight_load(base + 8 * j * row_bytes + 64 * warp);
+  if (WITH_X)
+    for (int v = 0; v < 4; ++v) xc[v] = __ldg(X + 16 * warp + 4 * t + v);
   for (int s = warp; s < spans; s += 4) {
     const int sn = min(s + 4, spans - 1);
-    for (int j = 0; j < 4; ++j) nxt[j] = __ldg((const uint4*)(base + 8 * j * row_bytes + 64 * sn));
+    for (int j = 0; j < 4; ++j) nxt[j] = weight_load(base + 8 * j * row_bytes + 64 * sn);
+    if (WITH_X)
+      for (int v = 0; v < 4; ++v) xn[v] = __ldg(X + 16 * sn + 4 * t + v);
     for (int j = 0; j < 4; ++j) acc ^= cur[j].x ^ cur[j].y ^ cur[j].z ^ cur[j].w;
+    if (WITH_X)
+      for (int v = 0; v < 4; ++v) acc += xc[v].x ^ xc[v].w;
     for (int j = 0; j < 4; ++j) cur[j] = nxt[j];
+    if (WITH_X)
+      for (int v = 0; v < 4; ++v) xc[v] = xn[v];
   }
   if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;
+}
+
+extern "C" __global__ void pattern_read(const unsigned char* __restrict__ B, int row_bytes, int spans, u32* out) {
+  pattern<false>(B, nullptr, row_bytes, spans, out);
+}
+
+extern "C" __global__ void pattern_x_read(const unsigned char* __restrict__ B, const uint4* __restrict__ X,
+                                          int row_bytes, int spans, u32* out) {
+  pattern<true>(B, X, row_bytes, spans, out);
 }
 
 // The same CTA geometry and bytes, but warp loads of 4 rows x 128 contiguous bytes (pairs of spans,
@@ -79,10 +110,10 @@ extern "C" __global__ void pattern128_read(const unsigned char* __restrict__ B, 
   u32 acc = 0;
   uint4 cur[8], nxt[8];
   const int pairs = spans / 2;
-  for (int j = 0; j < 8; ++j) cur[j] = __ldg((const uint4*)(base + 4 * j * row_bytes + 128 * warp));
+  for (int j = 0; j < 8; ++j) cur[j] = weight_load(base + 4 * j * row_bytes + 128 * warp);
   for (int s = warp; s < pairs; s += 4) {
     const int sn = min(s + 4, pairs - 1);
-    for (int j = 0; j < 8; ++j) nxt[j] = __ldg((const uint4*)(base + 4 * j * row_bytes + 128 * sn));
+    for (int j = 0; j < 8; ++j) nxt[j] = weight_load(base + 4 * j * row_bytes + 128 * sn);
     for (int j = 0; j < 8; ++j) acc ^= cur[j].x ^ cur[j].y ^ cur[j].z ^ cur[j].w;
     for (int j = 0; j < 8; ++j) cur[j] = nxt[j];
   }
@@ -187,9 +218,9 @@ def main(argv=None):
 
     lines = [f"# Read floor of the packed INT4 weight (g{BLOCK}) on {torch.cuda.get_device_name()}", "",
              "| N | K | packed MB | fp16 M=1 µs | stream read µs | stream TB/s | pattern read µs | pattern TB/s | "
-             "pattern 4x128B µs | bulk read µs | bulk TB/s | int4 M=1 µs | tactic | fp16 / stream read | "
-             "fp16 / bulk read | fp16 / int4 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "pattern + x µs | pattern 4x128B µs | bulk read µs | bulk TB/s | int4 M=1 µs | tactic | "
+             "fp16 / stream read | fp16 / bulk read | fp16 / pattern + x | fp16 / int4 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for N, K in shapes:
         w, b, s = _weights(N, K)
@@ -201,15 +232,16 @@ def main(argv=None):
         rows = (np.uint64(b.data_ptr()), np.int32(nbytes // N), np.int32(nbytes // N // 64))
         t_stream = min(time_read(name, (sms * 8,), (256,), *flat) for name in ("stream_read", "stream4_read"))
         t_pattern = time_read("pattern_read", (N // 32,), (128,), *rows)
+        t_px = time_read("pattern_x_read", (N // 32,), (128,), rows[0], np.uint64(x.data_ptr()), *rows[1:])
         t_p128 = time_read("pattern128_read", (N // 32,), (128,), *rows)
         t_bulk = time_read("bulk_read", (N // 32,), (160,), *rows[:2])
         t4 = {name: bench(lambda cfg=cfg: int4_gemm(x, b, s, block_size=BLOCK, config=cfg))
               for name, cfg in TACTICS.items() if name.startswith(("mma", "gemv"))}
         best = min(t4, key=t4.get)
         row = (f"| {N} | {K} | {nbytes / 1e6:.1f} | {t16:.1f} | {t_stream:.1f} | {nbytes / t_stream / 1e6:.2f} | "
-               f"{t_pattern:.1f} | {nbytes / t_pattern / 1e6:.2f} | {t_p128:.1f} | {t_bulk:.1f} | "
+               f"{t_pattern:.1f} | {nbytes / t_pattern / 1e6:.2f} | {t_px:.1f} | {t_p128:.1f} | {t_bulk:.1f} | "
                f"{nbytes / t_bulk / 1e6:.2f} | {t4[best]:.1f} | {best} | {t16 / t_stream:.2f}x | {t16 / t_bulk:.2f}x | "
-               f"{t16 / t4[best]:.2f}x |")
+               f"{t16 / t_px:.2f}x | {t16 / t4[best]:.2f}x |")
         lines.append(row)
         print(row, flush=True)
     if args.out:

@@ -6,7 +6,7 @@ import pytest
 
 from tests.plugins.cuda_kernels import assemble, ptxas_or_skip
 
-KERNELS = ("stream_read", "stream4_read", "pattern_read", "pattern128_read", "bulk_read")
+KERNELS = ("stream_read", "stream4_read", "pattern_read", "pattern_x_read", "pattern128_read", "bulk_read")
 
 
 def test_read_kernels_compile_without_spills(tmp_path):
@@ -14,7 +14,9 @@ def test_read_kernels_compile_without_spills(tmp_path):
     from benchmarks.read_floor import _SOURCE, PTX_ISA
     from qcompiler.plugins.nvrtc import compile_to_ptx
 
-    log, sass = assemble(compile_to_ptx(_SOURCE, "read_floor.cu", ptx_version=PTX_ISA), "sm_90", tmp_path)
+    ptx = compile_to_ptx(_SOURCE, "read_floor.cu", ptx_version=PTX_ISA)
+    assert "ld.global.nc.L1::no_allocate.L2::256B.v4.u32" in ptx  # the pattern reads load like the INT4 kernel
+    log, sass = assemble(ptx, "sm_90", tmp_path)
     assert "0 bytes spill stores" in log and all(f"Function : {k}" in sass for k in KERNELS), log
     assert "UBLKCP" in sass  # the bulk read really issues bulk copies
 
