@@ -34,6 +34,7 @@ import importlib.util
 import itertools
 import math
 import multiprocessing as mp
+import os
 import sys
 import time
 
@@ -213,6 +214,34 @@ def bench_stream(make_fns, copies, warmup=10, rep=50):
     return triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") * 1e3 / copies
 
 
+def parse_shapes(spec: str | None, default: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``N:K,N:K`` as (N, K) pairs; ``default`` when no spec is given."""
+    return [tuple(map(int, s.split(":"))) for s in spec.split(",")] if spec else list(default)
+
+
+class Table:
+    """A markdown report: the head (title, notes, column header) is printed at once and each row as it is added;
+    :meth:`write` saves head, rows and any ``after`` lines (e.g. a detail section) to ``out``, if one was given,
+    through a temporary file, so an interrupted write leaves the previous file whole."""
+
+    def __init__(self, head: list[str], out: str | None = None):
+        self.lines = list(head)
+        self.out = out
+        print("\n".join(self.lines), flush=True)
+
+    def add(self, row: str) -> None:
+        self.lines.append(row)
+        print(row, flush=True)
+
+    def write(self, after: list[str] = ()) -> None:
+        if not self.out:
+            return
+        tmp = f"{self.out}.tmp"
+        with open(tmp, "w") as f:
+            f.write("\n".join(self.lines + list(after)) + "\n")
+        os.replace(tmp, self.out)
+
+
 def rel_err(y, ref):
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
@@ -236,7 +265,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     ms = [int(m) for m in args.ms.split(",")]
-    shapes = [tuple(map(int, s.split(":"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    shapes = parse_shapes(args.shapes, SHAPES)
     old = _load_module(args.before) if args.before else None
 
     def extras(M):
@@ -270,7 +299,7 @@ def main(argv=None):
              "| dq+cuBLAS µs | dq x | before µs | before x | rel err | stream fp16 µs | stream int4 µs | stream x "
              "| sweep µs | sweep x | sweep config |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
+    table = Table(lines, args.out)
     detail = ["", "## Every timed tactic", "", "| M | N | K | tactic | config | µs | speedup | rel err |",
               "|---|---|---|---|---|---|---|---|"]
     for N, K in shapes:
@@ -343,14 +372,9 @@ def main(argv=None):
             row = (f"| {M} | {N} | {K} | {t16:.1f} | {t4:.1f} | {t16 / t4:.2f}x | {2 * M * N * K / t4 / 1e6:.1f} | "
                    f"{wbytes / t4 / 1e6:.2f} | {best} | {col(tp)[0]} | {col(tp)[1]} | {dq[0]} | {dq[1]} | "
                    f"{bf[0]} | {bf[1]} | {errs[best]:.1e} | {' | '.join(stream)} | {sw[0]} | {sw[1]} | {sw_name} |")
-            lines.append(row)
-            print(row, flush=True)
-            if args.out:  # rewritten after every point, so a run cut short keeps what it measured
-                with open(args.out, "w") as f:
-                    f.write("\n".join(lines + detail) + "\n")
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines + detail) + "\n")
+            table.add(row)
+            table.write(detail)  # after every point, so a run cut short keeps what it measured
+    table.write(detail)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import argparse
 import numpy as np
 import torch
 
-from benchmarks.bench_int4_gemm import BLOCK, SHAPES, TACTICS, _weights
+from benchmarks.bench_int4_gemm import BLOCK, SHAPES, TACTICS, Table, _weights, parse_shapes
 from benchmarks.read_floor import read_kernels
 from qcompiler.plugins.int4_gemm import int4_gemm
 
@@ -30,7 +30,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default=None, help="N:K,N:K")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    shapes = [tuple(map(int, s.split(":"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    shapes = parse_shapes(args.shapes, SHAPES)
     write_buf = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     read_buf = torch.ones(64 << 20, dtype=torch.float32, device="cuda")
     sink = torch.empty((), device="cuda")
@@ -62,10 +62,9 @@ def main(argv=None):
 
     launch = read_kernels()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    lines = [f"# fp16, a plain read and INT4 at small M after three L2 clears on {torch.cuda.get_device_name()}", "",
+    table = Table([f"# fp16, a plain read and INT4 at small M after three L2 clears on {torch.cuda.get_device_name()}", "",
              "| N | K | M | L2 clear | fp16 µs | read µs | int4 µs | tactic | fp16 / read | fp16 / int4 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
+             "|---|---|---|---|---|---|---|---|---|---|"], args.out)
     for N, K in shapes:
         w, b, s = _weights(N, K)
         w16 = w.half()
@@ -84,11 +83,8 @@ def main(argv=None):
                 best = min(t4, key=t4.get)
                 row = (f"| {N} | {K} | {M} | {mode} | {t16:.1f} | {t_read:.1f} | {t4[best]:.1f} | {best} | "
                        f"{t16 / t_read:.2f}x | {t16 / t4[best]:.2f}x |")
-                lines.append(row)
-                print(row, flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+                table.add(row)
+    table.write()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import argparse
 import numpy as np
 import torch
 
-from benchmarks.bench_int4_gemm import BLOCK, SHAPES, TACTICS, _weights, bench
+from benchmarks.bench_int4_gemm import BLOCK, SHAPES, TACTICS, Table, _weights, bench, parse_shapes
 from qcompiler.plugins.cuda_source import fill
 from qcompiler.plugins.int4_gemm import int4_gemm
 from qcompiler.plugins.nvrtc import compile_to_ptx
@@ -208,7 +208,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default=None, help="N:K,N:K")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    shapes = [tuple(map(int, s.split(":"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
+    shapes = parse_shapes(args.shapes, SHAPES)
     launch = read_kernels()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
 
@@ -216,12 +216,11 @@ def main(argv=None):
         """Median µs of one read kernel (captured in the timing graph)."""
         return bench(lambda: launch(name, grid, block, *params))
 
-    lines = [f"# Read floor of the packed INT4 weight (g{BLOCK}) on {torch.cuda.get_device_name()}", "",
+    table = Table([f"# Read floor of the packed INT4 weight (g{BLOCK}) on {torch.cuda.get_device_name()}", "",
              "| N | K | packed MB | fp16 M=1 µs | stream read µs | stream TB/s | pattern read µs | pattern TB/s | "
              "pattern + x µs | pattern 4x128B µs | bulk read µs | bulk TB/s | int4 M=1 µs | tactic | "
              "fp16 / stream read | fp16 / bulk read | fp16 / pattern + x | fp16 / int4 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"], args.out)
     for N, K in shapes:
         w, b, s = _weights(N, K)
         w16 = w.half()
@@ -242,11 +241,8 @@ def main(argv=None):
                f"{t_pattern:.1f} | {nbytes / t_pattern / 1e6:.2f} | {t_px:.1f} | {t_p128:.1f} | {t_bulk:.1f} | "
                f"{nbytes / t_bulk / 1e6:.2f} | {t4[best]:.1f} | {best} | {t16 / t_stream:.2f}x | {t16 / t_bulk:.2f}x | "
                f"{t16 / t_px:.2f}x | {t16 / t4[best]:.2f}x |")
-        lines.append(row)
-        print(row, flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        table.add(row)
+    table.write()
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks.bench_int4_gemm import BLOCK, SHAPES, TACTICS, _weights, graph_of
+from benchmarks.bench_int4_gemm import BLOCK, SHAPES, TACTICS, Table, _weights, graph_of
 from qcompiler.plugins.int4_gemm import int4_gemm, pick_int4_config
 
 L2_SPAN = 256 << 20  # bytes each kernel cycles through per graph, several times an H100's 50 MB L2
@@ -120,18 +120,15 @@ def main(argv=None):
             torch.cuda.empty_cache()
     finally:
         smi.stop()
-    lines = [f"# INT4 vs fp16 under sustained load on {torch.cuda.get_device_name()} ({args.seconds:g} s per kernel "
+    table = Table([f"# INT4 vs fp16 under sustained load on {torch.cuda.get_device_name()} ({args.seconds:g} s per kernel "
              f"and round, weight copies cycled past L2)", "",
              "| M | N | K | int4 tactic | round | copies | fp16 µs | int4 µs | fp16 / int4 | fp16 MHz | int4 MHz "
-             "| fp16 W | int4 W |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| fp16 W | int4 W |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"], args.out)
     for M, N, K, name, rnd, copies, t16, t4, window16, window4 in rows:
         (c16, p16), (c4, p4) = smi.mean(*window16), smi.mean(*window4)
-        lines.append(f"| {M} | {N} | {K} | {name} | {rnd} | {copies} | {t16:.1f} | {t4:.1f} | {t16 / t4:.3f}x | "
+        table.add(f"| {M} | {N} | {K} | {name} | {rnd} | {copies} | {t16:.1f} | {t4:.1f} | {t16 / t4:.3f}x | "
                      f"{c16:.0f} | {c4:.0f} | {p16:.0f} | {p4:.0f} |")
-    print("\n".join(lines), flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    table.write()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,31 @@
+"""The report helpers the INT4 benchmark scripts share (benchmarks/bench_int4_gemm.py), without a GPU."""
+
+import pytest
+
+pytest.importorskip("triton")
+
+from benchmarks.bench_int4_gemm import Table, parse_shapes  # noqa: E402
+
+
+def test_parse_shapes():
+    assert parse_shapes("11008:4096,4096:11008", [(1, 2)]) == [(11008, 4096), (4096, 11008)]
+    assert parse_shapes(None, [(1, 2)]) == [(1, 2)]
+
+
+def test_table_prints_rows_as_added_and_writes_head_rows_and_after(tmp_path, capsys):
+    out = tmp_path / "t.md"
+    table = Table(["# title", "", "| a |", "|---|"], str(out))
+    table.add("| 1 |")
+    assert capsys.readouterr().out == "# title\n\n| a |\n|---|\n| 1 |\n"
+    assert not out.exists()  # nothing is written before write()
+    table.write(["", "detail"])
+    table.add("| 2 |")
+    table.write()
+    assert out.read_text() == "# title\n\n| a |\n|---|\n| 1 |\n| 2 |\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.md"]  # no temporary file left behind
+
+
+def test_table_without_out_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Table(["| a |"]).write(["x"])
+    assert list(tmp_path.iterdir()) == []
