@@ -95,11 +95,13 @@ def sweep_configs(M, mma_only=False):
             except ValueError:  # over the shared-memory limit, or no K split for that form
                 pass
     if M <= 16:
-        # The CUDA C++ kernel: n8 tiles per warp x warps (along N x along K) x span buffers in flight.
-        # (Session 6 also swept the weights through 3-8 cp.async shared-memory stages: slower everywhere.)
-        for nt, (wn, wk), depth in itertools.product((1, 2, 4), ((1, 4), (1, 8), (1, 16), (2, 4), (4, 4)), (2, 3)):
-            if wn * wk * nt * 512 <= 48 * 1024:
-                yield Int4MmaConfig(nt, wn * wk, wn, depth)
+        # The CUDA C++ kernel: n8 tiles per warp x warps (along N x along K) x span buffers in flight x plain or
+        # swap-AB (session 14). (Session 6 also swept the weights through 3-8 cp.async shared-memory stages:
+        # slower everywhere.)
+        for nt, (wn, wk), depth, swap in itertools.product((1, 2, 4), ((1, 4), (1, 8), (1, 16), (2, 4), (4, 4)), (2, 3),
+                                                           (False, True)):
+            if wn * wk * nt * 512 <= 48 * 1024 and not (swap and nt % 2):
+                yield Int4MmaConfig(nt, wn * wk, wn, depth, SWAP=swap)
     if mma_only:
         return
     if 4 < M <= 16:

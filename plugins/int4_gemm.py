@@ -494,16 +494,15 @@ def takes_dequant_path(M: int, N: int, K: int, block_size: int) -> bool:
 def pick_int4_config(M: int, N: int, K: int, block_size: int) -> Int4GemmConfig | Int4MmaConfig | Int4WgmmaConfig:
     """Heuristic tactic by M and weight shape (the torch wrapper's choice).
 
-    Fitted to the H100 measurements in benchmarks/gpu_notes.md (M <= 16: session 6, the CUDA C++ kernel
+    Fitted to the H100 measurements in benchmarks/gpu_notes.md (M <= 16: session 14, the CUDA C++ kernel
     where it won, else sessions 3-4; M < 64: the second pass's run 2; M >= 64: session 7's wgmma kernel
-    where it can run, else session 5); TensorRT times every tactic instead. M = 5..8 takes the M = 4
-    choice: the CUDA C++ kernel runs the same single-row-of-fragments path for every M <= 8 (not timed
-    separately).
+    where it can run, else session 5); TensorRT times every tactic instead.
     """
     small_n = N <= 4096
     if M <= 16:
-        if M <= 8 or small_n:
-            mma = INT4_MMA_TACTICS["mma_n32_w16" if small_n else "mma_n32_w4"]
+        large = N * K >= 1 << 27  # session 14: Triton's m16 tactics still win M = 16 on the largest weights
+        if M <= 8 or not large:
+            mma = INT4_MMA_TACTICS["mma_n32_w16_sw" if small_n or large else "mma_n32_w4_sw"]
             if supports(mma, N, K, block_size) and cuda_kernels_available():
                 return mma
         if M == 1:  # the GEMV won or tied every M = 1 point of the session-4 sweep

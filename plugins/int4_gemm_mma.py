@@ -16,6 +16,13 @@ the exponent of 1024.0 / 128.0, as in int4_gemm.py, so ``q - zp`` is exact). Eac
 two MMAs' B fragments, and the A fragment (x rows g and g + 8) is x at exactly the same k, which the
 lane also loads itself (64 contiguous bytes per row) and pairs with one ``prmt`` per register.
 
+Swap-AB (``SWAP``): the same loads, but the MMA computes W x^T. Tiles 2p and 2p + 1 of a warp (weight
+rows g and g + 8 of lane (g, t)) are the 16 rows of the A fragment, which asks for exactly the k of the
+B fragment above, and x (token g, then g + 8 when M > 8) is the B fragment. At M <= 8 one MMA then
+covers 16 weight rows instead of 8 (half the MMAs of the plain form, whose A rows 8-15 are padding),
+and each output element of a lane belongs to one of its own two weight rows, so the scales it applies
+after the MMA are one per tile (the plain form needs the scales of two output columns per tile).
+
 Launch geometry: a CTA owns ``8 * NT`` weight rows (NT n8 tiles) and one 16-row tile of x; its
 ``WARPS`` warps take interleaved 128-wide K spans, each warp's fp32 accumulators are summed across
 warps through shared memory once at the end, and the next span's weights and x are loaded before
@@ -24,8 +31,9 @@ the current span is multiplied (registers, one span ahead). Correct for any M (g
 
 Supports any (K, block_size) with ``block_size % 32 == 0`` (so a 32-weight chunk lies in one quant
 group; per-channel counts when the padded K is a multiple of 32) and ``K % 8 == 0`` (16-byte x
-loads); :func:`supports` says so, and the Triton tactics cover the rest. The scale is multiplied
-into the 16-bit weight, as in every other path, so numerics match the tensor-core tactics.
+loads); :func:`supports` says so, and the Triton tactics cover the rest. Groups of 32 or 64 multiply
+the scale into the 16-bit weight, as the tensor-core tactics do; groups that hold whole 128-wide spans
+apply it to each span's fp32 partial sums.
 This module never imports Triton or graph code: it returns CUDA source and its launch geometry;
 ``aot.py`` compiles it with NVRTC into the same :class:`~qcompiler.plugins.aot.AotKernel` as the
 Triton kernels.
@@ -61,6 +69,9 @@ class Int4MmaConfig:
             multiplied.
         L2_256B: ask L2 to fetch 256-byte sector groups on a weight miss (neighbouring warps read the
             rest of the row's 256 bytes right after).
+        SWAP: multiply W x^T instead of x W^T: pairs of the warp's n8 tiles make the 16 rows of the MMA's A
+            operand and 8 tokens its n, so at M <= 8 one MMA covers 16 weight rows (half the MMAs), and a lane
+            scales only its own two weight rows (half the scale loads). NT must be even.
     """
 
     NT: int
@@ -68,12 +79,15 @@ class Int4MmaConfig:
     WN: int = 1
     DEPTH: int = 2
     L2_256B: bool = True
+    SWAP: bool = False
 
     def __post_init__(self):
         if self.NT not in (1, 2, 4, 8) or self.WARPS not in (1, 2, 4, 8, 16) or self.WARPS % self.WN:
             raise ValueError(f"Int4MmaConfig: NT in (1, 2, 4, 8), WARPS in (1, 2, 4, 8, 16), WN | WARPS; got {self}")
         if self.DEPTH not in (2, 3, 4):
             raise ValueError(f"Int4MmaConfig: DEPTH in (2, 3, 4), got {self.DEPTH}")
+        if self.SWAP and self.NT % 2:
+            raise ValueError(f"Int4MmaConfig: SWAP pairs n8 tiles into m16 tiles, so NT must be even; got {self.NT}")
         if self.reduction_bytes > 48 * 1024:
             raise ValueError(f"Int4MmaConfig: {self} needs {self.reduction_bytes} B of static shared memory (> 48 KiB)")
 
@@ -101,17 +115,18 @@ class Int4MmaConfig:
 
     def describe(self) -> str:
         return (f"mma {self.rows} rows x {self.WARPS} warps (WN {self.WN}) "
-                f"depth {self.DEPTH}{' L2:256B' if self.L2_256B else ''}")
+                f"depth {self.DEPTH}{' L2:256B' if self.L2_256B else ''}{' swap' if self.SWAP else ''}")
 
 
-# Each was fastest (or within 3% of it) at >= 1 point of M in {1, 4, 16} x the four benchmark shapes, among the
-# 84 swept on an H100 (benchmarks/gpu_notes.md, session 6).
+# Each was fastest (or within 3% of it) at >= 1 point of M in {1, 4, 8, 16} x the four benchmark shapes on an H100,
+# among the session-6 tactics and their swap-AB forms (benchmarks/gpu_notes.md, session 14). mma_n8_w8 is also the
+# one tactic for weights of 8-31 rows.
 INT4_MMA_TACTICS: dict[str, Int4MmaConfig] = {
     "mma_n8_w8": Int4MmaConfig(1, 8),
-    "mma_n16_w8_d3": Int4MmaConfig(2, 8, DEPTH=3),
-    "mma_n32_w4": Int4MmaConfig(4, 4),
     "mma_n32_w16": Int4MmaConfig(4, 16),
-    "mma_n32_w16_d3": Int4MmaConfig(4, 16, DEPTH=3),
+    "mma_n16_w8_d3_sw": Int4MmaConfig(2, 8, DEPTH=3, SWAP=True),
+    "mma_n32_w4_sw": Int4MmaConfig(4, 4, SWAP=True),
+    "mma_n32_w16_sw": Int4MmaConfig(4, 16, SWAP=True),
 }
 
 
@@ -140,6 +155,8 @@ _SOURCE = r"""
 #define WK (WARPS / WN)                // warps along K
 #define DEPTH @DEPTH@                  // span buffers per warp
 #define SCALE_AFTER (BLOCK_SIZE % 128 == 0)  // a quad's 128-wide span lies in one group
+#define SWAP @SWAP@                    // weights as the MMA's A operand (m16 = two n8 tiles), tokens as its n
+#define ROW_SCALES (SWAP || !SCALE_AFTER)   // a lane needs the scales of its own weight rows g + 8 j only
 
 @HALF2_HELPERS@
 
@@ -177,10 +194,10 @@ __device__ __forceinline__ void mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u3
 struct Span {
   v4 w[NT];
   v4 xa[4], xb[4];
-#if SCALE_AFTER
-  u16 s0[NT], s1[NT];  // scales of the lane's two output columns (2t, 2t + 1) of each tile
+#if ROW_SCALES
+  u16 s[NT];           // scale of the lane's weight row of each tile
 #else
-  u16 s[NT];           // scale of the lane's weight row
+  u16 s0[NT], s1[NT];  // scales of the lane's two output columns (2t, 2t + 1) of each tile
 #endif
 #if HAS_ZP
   u8 z[NT];
@@ -190,7 +207,7 @@ struct Span {
 // The lane's base addresses; tile j adds the compile-time 8 * j rows, so every load is base + immediate.
 struct Rows {
   const u8* w;    // B + (n0 + g) * ROW_BYTES + 16 t
-  const u16* s;   // S + (n0 + 2t) * NBLK (SCALE_AFTER: output columns 2t, 2t + 1) or S + (n0 + g) * NBLK
+  const u16* s;   // S + (n0 + g) * NBLK (ROW_SCALES) or S + (n0 + 2t) * NBLK (output columns 2t, 2t + 1)
   const u8* z;    // ZP + (n0 + g) * ZSTRIDE
   const u16* xa;  // X + row(g) * K + 32 t (rows past M clamped to M - 1: computed, never stored)
   const u16* xb;  // the same for row g + 8
@@ -228,11 +245,11 @@ __device__ __forceinline__ void load_span(Span& sp, const Rows& r, int span, int
   const int grp = min(group_of(span, t), NBLK - 1);
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
-#if SCALE_AFTER
+#if ROW_SCALES
+    sp.s[j] = r.s[8 * j * NBLK + grp];
+#else
     sp.s0[j] = r.s[8 * j * NBLK + grp];
     sp.s1[j] = r.s[8 * j * NBLK + NBLK + grp];
-#else
-    sp.s[j] = r.s[8 * j * NBLK + grp];
 #endif
 #if HAS_ZP
     sp.z[j] = r.z[8 * j * ZSTRIDE + (grp >> 1)];
@@ -240,9 +257,46 @@ __device__ __forceinline__ void load_span(Span& sp, const Rows& r, int span, int
   }
 }
 
+// The zero point of a weight row as the constants dequant_word subtracts, both halves.
+struct Zero {
+  u32 lo;  // 1024 + zp (128 + zp)
+  u32 hi;  // fp16: -(64 + zp), added to the high nibble read as 1024 + 16 q and scaled by 1/16
+};
+
+__device__ __forceinline__ Zero zero_of(const Span& sp, int j, int grp) {
+#if HAS_ZP
+  const u32 zp = (sp.z[j] >> ((grp & 1) * 4)) & 0xFu;
+#else
+  const u32 zp = 8u;
+#endif
+  return {(MAGIC2 | zp) | (zp << 16), (0xD400u | (zp << 4)) * 0x00010001u};
+}
+
+// One packed word (8 nibbles) -> the pairs (k0, k4), (k1, k5), (k2, k6), (k3, k7) as q - zp, times scale2 when
+// the scale goes into the weight.
+__device__ __forceinline__ void dequant_word(u32 (&b)[4], u32 w, Zero z, u32 scale2) {
+#if BF16
+  b[0] = sub2(lop_mask_magic_lo(w), z.lo);
+  b[1] = sub2(lop_mask_magic_lo(w >> 4), z.lo);
+  b[2] = sub2(lop_mask_magic_lo(w >> 8), z.lo);
+  b[3] = sub2(lop_mask_magic_lo(w >> 12), z.lo);
+#else
+  // fp16: the high nibble stays in bits 4-7 (1024 + 16 q), and q - zp = h / 16 - (64 + zp), exact.
+  const u32 w8 = w >> 8;
+  b[0] = sub2(lop_mask_magic_lo(w), z.lo);
+  b[1] = fma2(lop_mask_magic_hi(w), 0x2C002C00u, z.hi);  // x 1/16
+  b[2] = sub2(lop_mask_magic_lo(w8), z.lo);
+  b[3] = fma2(lop_mask_magic_hi(w8), 0x2C002C00u, z.hi);
+#endif
+#if !SCALE_AFTER
+  b[0] = mul2(b[0], scale2); b[1] = mul2(b[1], scale2); b[2] = mul2(b[2], scale2); b[3] = mul2(b[3], scale2);
+#endif
+}
+
 template <bool TWO>
 __device__ __forceinline__ void mma_span(float (&acc)[NT][4], const Span& sp, int span, int t) {
-  // A fragments: x paired like the weight nibbles, (k0, k4), (k1, k5), (k2, k6), (k3, k7) per 8 k.
+  // x paired like the weight nibbles, (k0, k4), (k1, k5), (k2, k6), (k3, k7) per 8 k: the A fragments of rows
+  // g and g + 8 of x, or (SWAP) the B fragments of tokens g and g + 8.
   u32 pa[16], pb[16];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -258,48 +312,64 @@ __device__ __forceinline__ void mma_span(float (&acc)[NT][4], const Span& sp, in
     }
   }
   const int grp = group_of(span, t);
+#if SWAP
+  // Tiles 2p and 2p + 1 (weight rows g and g + 8 of an m16 tile) are the A operand; tokens g (and g + 8) the B.
+  // acc[2p + tt]: rows (g, g + 8) x tokens (8 tt + 2t, + 1).
+#pragma unroll
+  for (int p = 0; p < NT / 2; ++p) {
+    const Zero z0 = zero_of(sp, 2 * p, grp), z1 = zero_of(sp, 2 * p + 1, grp);
+#if SCALE_AFTER
+    float part[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float* dst0 = part[0];
+    float* dst1 = part[1];
+    const u32 scale0 = 0u, scale1 = 0u;
+#else
+    float* dst0 = acc[2 * p];
+    float* dst1 = acc[2 * p + 1];
+    const u32 scale0 = (u32)sp.s[2 * p] * 0x00010001u, scale1 = (u32)sp.s[2 * p + 1] * 0x00010001u;
+#endif
+    const u32* w0 = &sp.w[2 * p].a;
+    const u32* w1 = &sp.w[2 * p + 1].a;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      u32 b[4], c[4];
+      dequant_word(b, w0[i], z0, scale0);
+      dequant_word(c, w1[i], z1, scale1);
+      mma(dst0, b[0], c[0], b[1], c[1], pa[4 * i + 0], pa[4 * i + 1]);
+      mma(dst0, b[2], c[2], b[3], c[3], pa[4 * i + 2], pa[4 * i + 3]);
+      if (TWO) {
+        mma(dst1, b[0], c[0], b[1], c[1], pb[4 * i + 0], pb[4 * i + 1]);
+        mma(dst1, b[2], c[2], b[3], c[3], pb[4 * i + 2], pb[4 * i + 3]);
+      }
+    }
+#if SCALE_AFTER
+    const float s0 = from_16(sp.s[2 * p]), s1 = from_16(sp.s[2 * p + 1]);
+#pragma unroll
+    for (int tt = 0; tt < 2; ++tt) {
+      acc[2 * p + tt][0] += s0 * part[tt][0]; acc[2 * p + tt][1] += s0 * part[tt][1];
+      acc[2 * p + tt][2] += s1 * part[tt][2]; acc[2 * p + tt][3] += s1 * part[tt][3];
+    }
+#endif
+  }
+#else
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
-#if HAS_ZP
-    const u32 zp = (sp.z[j] >> ((grp & 1) * 4)) & 0xFu;
-#else
-    const u32 zp = 8u;
-#endif
-    const u32 z_lo = (MAGIC2 | zp) | (zp << 16);  // 1024 + zp (128 + zp), both halves
-#if !BF16
-    // fp16: the high nibble stays in bits 4-7 (1024 + 16 q), and q - zp = h / 16 - (64 + zp), exact.
-    const u32 z_hi = (0xD400u | (zp << 4)) * 0x00010001u;  // -(64 + zp)
-#endif
-#if !SCALE_AFTER
-    const u32 scale2 = (u32)sp.s[j] * 0x00010001u;
-#endif
-    float part[4] = {0.f, 0.f, 0.f, 0.f};
+    const Zero z = zero_of(sp, j, grp);
 #if SCALE_AFTER
+    float part[4] = {0.f, 0.f, 0.f, 0.f};
     float* dst = part;
+    const u32 scale2 = 0u;
 #else
     float* dst = acc[j];
+    const u32 scale2 = (u32)sp.s[j] * 0x00010001u;
 #endif
     const u32* wq = &sp.w[j].a;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      u32 b0, b1, b2, b3;  // (k0, k4), (k1, k5), (k2, k6), (k3, k7) as q - zp
-#if BF16
-      b0 = sub2(lop_mask_magic_lo(wq[i]), z_lo);
-      b1 = sub2(lop_mask_magic_lo(wq[i] >> 4), z_lo);
-      b2 = sub2(lop_mask_magic_lo(wq[i] >> 8), z_lo);
-      b3 = sub2(lop_mask_magic_lo(wq[i] >> 12), z_lo);
-#else
-      const u32 w8 = wq[i] >> 8;
-      b0 = sub2(lop_mask_magic_lo(wq[i]), z_lo);
-      b1 = fma2(lop_mask_magic_hi(wq[i]), 0x2C002C00u, z_hi);  // x 1/16
-      b2 = sub2(lop_mask_magic_lo(w8), z_lo);
-      b3 = fma2(lop_mask_magic_hi(w8), 0x2C002C00u, z_hi);
-#endif
-#if !SCALE_AFTER
-      b0 = mul2(b0, scale2); b1 = mul2(b1, scale2); b2 = mul2(b2, scale2); b3 = mul2(b3, scale2);
-#endif
-      mma(dst, pa[4 * i + 0], pb[4 * i + 0], pa[4 * i + 1], pb[4 * i + 1], b0, b1);
-      mma(dst, pa[4 * i + 2], pb[4 * i + 2], pa[4 * i + 3], pb[4 * i + 3], b2, b3);
+      u32 b[4];
+      dequant_word(b, wq[i], z, scale2);
+      mma(dst, pa[4 * i + 0], pb[4 * i + 0], pa[4 * i + 1], pb[4 * i + 1], b[0], b[1]);
+      mma(dst, pa[4 * i + 2], pb[4 * i + 2], pa[4 * i + 3], pb[4 * i + 3], b[2], b[3]);
     }
 #if SCALE_AFTER
     const float s0 = from_16(sp.s0[j]), s1 = from_16(sp.s1[j]);
@@ -307,6 +377,7 @@ __device__ __forceinline__ void mma_span(float (&acc)[NT][4], const Span& sp, in
     acc[j][2] += s0 * part[2]; acc[j][3] += s1 * part[3];
 #endif
   }
+#endif
 }
 
 // The warp's spans wk, wk + WK, ...: DEPTH span buffers in turn (a rotation unrolled at compile time, so no
@@ -357,10 +428,10 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) @NAME@(
 
   Rows r;
   r.w = B + (long long)(n0 + g) * ROW_BYTES + 16 * t;
-#if SCALE_AFTER
-  r.s = S + (long long)(n0 + 2 * t) * NBLK;
-#else
+#if ROW_SCALES
   r.s = S + (long long)(n0 + g) * NBLK;
+#else
+  r.s = S + (long long)(n0 + 2 * t) * NBLK;
 #endif
 #if HAS_ZP
   r.z = ZP + (long long)(n0 + g) * ZSTRIDE;
@@ -378,7 +449,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) @NAME@(
   else
     k_loop<false>(acc, r, wk, t);
 
-  // Sum the K warps' partial tiles, then write: c0, c1 -> (row g, cols 2t, 2t+1), c2, c3 -> row g + 8.
+  // Sum the K warps' partial tiles, then write: c0, c1 -> (row g, cols 2t, 2t+1), c2, c3 -> row g + 8 (SWAP: rows
+  // g, g + 8 x tokens 2t, 2t + 1).
 #if WK > 1
   __shared__ float red[WARPS * NT * 4 * 32];  // [wk][wn][NT * 4 * 32]
 #pragma unroll
@@ -398,8 +470,13 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) @NAME@(
     const int l = lane, jr = idx;
     const int nw = n0;
 #endif
+#if SWAP
+    const int m = m0 + 8 * ((jr >> 2) & 1) + 2 * (l & 3) + (jr & 1);  // acc[2p + tt][q]: see mma_span
+    const int n = nw + 16 * (jr >> 3) + (l >> 2) + 8 * ((jr & 3) >> 1);
+#else
     const int m = m0 + (l >> 2) + 8 * ((jr & 3) >> 1);
     const int n = nw + 8 * (jr >> 2) + 2 * (l & 3) + (jr & 1);
+#endif
     if (m < M) {
 #if HAS_BIAS
       Y[(long long)m * N_ + n] = to_out(v + from_16(BIAS[n]));
@@ -419,7 +496,7 @@ def _even_k(K: int, block_size: int) -> bool:
 def kernel_name(cfg: Int4MmaConfig, dtype: str, N: int, K: int, block_size: int, has_zp: bool, has_bias: bool
                 ) -> str:
     return (f"qc_int4_mma_{'bf16' if dtype == 'bfloat16' else 'f16'}_n{cfg.rows}_w{cfg.WARPS}n{cfg.WN}d{cfg.DEPTH}"
-            f"{'_l2' if cfg.L2_256B else ''}_{N}x{K}_g{block_size}{'_zp' if has_zp else ''}"
+            f"{'_l2' if cfg.L2_256B else ''}{'_swap' if cfg.SWAP else ''}_{N}x{K}_g{block_size}{'_zp' if has_zp else ''}"
             f"{'_bias' if has_bias else ''}")
 
 
@@ -443,6 +520,7 @@ def kernel_source(cfg: Int4MmaConfig, dtype: str, N: int, K: int, block_size: in
             "@WARPS@": str(cfg.WARPS), "@BLOCK_SIZE@": str(block_size), "@HAS_ZP@": str(int(has_zp)),
             "@HAS_BIAS@": str(int(has_bias)), "@EVEN_K@": str(int(_even_k(K, block_size))),
             "@N@": str(N), "@K@": str(K), **weight_layout(K, block_size),
-            "@L2HINT@": ".L2::256B" if cfg.L2_256B else "", "@WN@": str(cfg.WN), "@DEPTH@": str(cfg.DEPTH)}
+            "@L2HINT@": ".L2::256B" if cfg.L2_256B else "", "@WN@": str(cfg.WN), "@DEPTH@": str(cfg.DEPTH),
+            "@SWAP@": str(int(cfg.SWAP))}
     return name, fill(_SOURCE, subs)
 

@@ -16,7 +16,8 @@ from tests.plugins.cuda_kernels import check_against_reference, check_padding_ni
 
 CONFIGS = list(INT4_MMA_TACTICS.values()) + [Int4MmaConfig(4, 1), Int4MmaConfig(1, 4, L2_256B=False), Int4MmaConfig(8, 2),
                                              Int4MmaConfig(2, 8, WN=2, DEPTH=3), Int4MmaConfig(4, 4, WN=4, DEPTH=4),
-                                             Int4MmaConfig(1, 16, WN=4, DEPTH=3)]
+                                             Int4MmaConfig(1, 16, WN=4, DEPTH=3), Int4MmaConfig(4, 4, SWAP=True),
+                                             Int4MmaConfig(2, 8, WN=2, DEPTH=3, SWAP=True), Int4MmaConfig(8, 2, SWAP=True)]
 # dtype, N, K, block_size, symmetric, bias (see test_int4_mma_ptx.py for the code path each one takes)
 CASES = [(torch.float16, 300, 1000, 32, False, True), (torch.bfloat16, 333, 4096, 128, True, True),
          (torch.float16, 256, 11008, 128, True, False), (torch.bfloat16, 200, 4096, 4096, False, False),

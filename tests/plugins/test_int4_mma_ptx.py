@@ -118,9 +118,11 @@ def test_pick_takes_the_mma_kernel_only_when_it_can_run(monkeypatch):
     from qcompiler.plugins import int4_gemm as mod
 
     monkeypatch.setattr(mod, "cuda_kernels_available", lambda: True)
-    assert mod.pick_int4_config(1, 11008, 4096, 128) == INT4_MMA_TACTICS["mma_n32_w4"]
-    assert mod.pick_int4_config(16, 4096, 11008, 128) == INT4_MMA_TACTICS["mma_n32_w16"]
-    assert not isinstance(mod.pick_int4_config(16, 11008, 4096, 128), Int4MmaConfig)  # Triton won there
+    assert mod.pick_int4_config(1, 11008, 4096, 128) == INT4_MMA_TACTICS["mma_n32_w4_sw"]
+    assert mod.pick_int4_config(16, 4096, 11008, 128) == INT4_MMA_TACTICS["mma_n32_w16_sw"]
+    assert mod.pick_int4_config(16, 11008, 4096, 128) == INT4_MMA_TACTICS["mma_n32_w4_sw"]
+    assert not isinstance(mod.pick_int4_config(16, 28672, 8192, 128), Int4MmaConfig)  # Triton won there
+    assert mod.pick_int4_config(4, 28672, 8192, 128) == INT4_MMA_TACTICS["mma_n32_w16_sw"]
     assert not isinstance(mod.pick_int4_config(1, 4096, 4096, 16), Int4MmaConfig)  # g16: not supported
     monkeypatch.setattr(mod, "cuda_kernels_available", lambda: False)  # no NVRTC or no CuPy: the Triton tactics
     assert not isinstance(mod.pick_int4_config(1, 11008, 4096, 128), Int4MmaConfig)
