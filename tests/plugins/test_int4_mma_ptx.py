@@ -77,6 +77,8 @@ def test_refusals():
         kernel_source(Int4MmaConfig(4, 8), "float32", 256, 4096, 128, False, False)
     with pytest.raises(ValueError, match="NT in"):
         Int4MmaConfig(3, 8)
+    with pytest.raises(ValueError, match="NT must be even"):
+        Int4MmaConfig(1, 8, SWAP=True)
     with pytest.raises(ValueError, match="shared memory"):
         Int4MmaConfig(8, 16)
 
