@@ -221,6 +221,15 @@ def parse_shapes(spec: str | None, default: list[tuple[int, int]]) -> list[tuple
     return [tuple(map(int, s.split(":"))) for s in spec.split(",")] if spec else list(default)
 
 
+def shapes_and_out(argv=None) -> tuple[list[tuple[int, int]], str | None]:
+    """The command line of the scripts that take only ``--shapes N:K,...`` (default SHAPES) and ``--out``."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=None, help="N:K,N:K")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    return parse_shapes(args.shapes, SHAPES), args.out
+
+
 class Table:
     """A markdown report: the head (title, notes, column header) is printed at once and each row as it is added;
     :meth:`write` saves head, rows and any ``after`` lines (e.g. a detail section) to ``out``, if one was given,

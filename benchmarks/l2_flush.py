@@ -13,12 +13,10 @@ GEMM) and ``write+read``.
 # ruff: noqa: B023  (each closure is timed inside the iteration that defines it)
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 
-from benchmarks.bench_int4_gemm import BLOCK, SHAPES, TACTICS, Table, _weights, parse_shapes
+from benchmarks.bench_int4_gemm import BLOCK, TACTICS, Table, _weights, shapes_and_out
 from benchmarks.read_floor import read_kernels
 from qcompiler.plugins.int4_gemm import int4_gemm
 
@@ -26,11 +24,7 @@ CLEARS = ("write", "read", "write+read")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default=None, help="N:K,N:K")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    shapes = parse_shapes(args.shapes, SHAPES)
+    shapes, out = shapes_and_out(argv)
     write_buf = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     read_buf = torch.ones(64 << 20, dtype=torch.float32, device="cuda")
     sink = torch.empty((), device="cuda")
@@ -64,7 +58,7 @@ def main(argv=None):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     table = Table([f"# fp16, a plain read and INT4 at small M after three L2 clears on {torch.cuda.get_device_name()}", "",
              "| N | K | M | L2 clear | fp16 µs | read µs | int4 µs | tactic | fp16 / read | fp16 / int4 |",
-             "|---|---|---|---|---|---|---|---|---|---|"], args.out)
+             "|---|---|---|---|---|---|---|---|---|---|"], out)
     for N, K in shapes:
         w, b, s = _weights(N, K)
         w16 = w.half()

@@ -17,12 +17,10 @@ the arithmetic is not what is left.
 # ruff: noqa: B023  (each closure is timed inside the iteration that defines it)
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 
-from benchmarks.bench_int4_gemm import BLOCK, SHAPES, TACTICS, Table, _weights, bench, parse_shapes
+from benchmarks.bench_int4_gemm import BLOCK, TACTICS, Table, _weights, bench, shapes_and_out
 from qcompiler.plugins.cuda_source import fill
 from qcompiler.plugins.int4_gemm import int4_gemm
 from qcompiler.plugins.nvrtc import compile_to_ptx
@@ -204,11 +202,7 @@ def read_kernels():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default=None, help="N:K,N:K")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    shapes = parse_shapes(args.shapes, SHAPES)
+    shapes, out = shapes_and_out(argv)
     launch = read_kernels()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
 
@@ -220,7 +214,7 @@ def main(argv=None):
              "| N | K | packed MB | fp16 M=1 µs | stream read µs | stream TB/s | pattern read µs | pattern TB/s | "
              "pattern + x µs | pattern 4x128B µs | bulk read µs | bulk TB/s | int4 M=1 µs | tactic | "
              "fp16 / stream read | fp16 / bulk read | fp16 / pattern + x | fp16 / int4 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"], args.out)
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"], out)
     for N, K in shapes:
         w, b, s = _weights(N, K)
         w16 = w.half()

@@ -4,12 +4,17 @@ import pytest
 
 pytest.importorskip("triton")
 
-from benchmarks.bench_int4_gemm import Table, parse_shapes  # noqa: E402
+from benchmarks.bench_int4_gemm import SHAPES, Table, parse_shapes, shapes_and_out  # noqa: E402
 
 
 def test_parse_shapes():
     assert parse_shapes("11008:4096,4096:11008", [(1, 2)]) == [(11008, 4096), (4096, 11008)]
     assert parse_shapes(None, [(1, 2)]) == [(1, 2)]
+
+
+def test_shapes_and_out():
+    assert shapes_and_out(["--shapes", "11008:4096", "--out", "t.md"]) == ([(11008, 4096)], "t.md")
+    assert shapes_and_out([]) == (list(SHAPES), None)
 
 
 def test_table_prints_rows_as_added_and_writes_head_rows_and_after(tmp_path, capsys):
