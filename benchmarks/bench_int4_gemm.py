@@ -253,6 +253,14 @@ class Table:
         os.replace(tmp, self.out)
 
 
+def fastest_tactic(names, x, b, s, timer=bench) -> tuple[str, float]:
+    """(name, µs) of the fastest of the named INT4 tactics on ``x`` and the packed weight ``(b, s)``, each timed
+    with ``timer(fn)`` (default: :func:`bench`)."""
+    times = {n: timer(lambda c=TACTICS[n]: int4_gemm(x, b, s, block_size=BLOCK, config=c)) for n in names}
+    best = min(times, key=times.get)
+    return best, times[best]
+
+
 def rel_err(y, ref):
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 

@@ -21,9 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from benchmarks.bench_int4_gemm import BLOCK, TACTICS, Table, _weights, bench, shapes_and_out
-from benchmarks.read_floor import read_kernels
-from qcompiler.plugins.int4_gemm import int4_gemm
+from benchmarks.bench_int4_gemm import BLOCK, Table, _weights, bench, fastest_tactic, shapes_and_out
+from benchmarks.read_floor import STREAM_READS, read_kernels
 from qcompiler.plugins.int4_gemm_mma import INT4_MMA_TACTICS
 
 FRACTIONS = (0.5, 0.625, 0.75, 0.875, 1.0)
@@ -47,7 +46,6 @@ def rows_for(N: int) -> list[int]:
 def main(argv=None):
     shapes, out = shapes_and_out(argv)
     launch = read_kernels()
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     table = Table([f"# Fixed and per-byte cost of one call (g{BLOCK}) on {torch.cuda.get_device_name()}", "",
                    "fp16 and the plain read fitted over N x {1/2 .. 1} at fixed K: µs = fixed + bytes / rate. int4 = "
                    "fastest CUDA C++ tactic (at M = 16 also the Triton m16 tactics) at the shape's N.", "",
@@ -67,15 +65,11 @@ def main(argv=None):
             x1 = torch.randn(1, K, device="cuda", dtype=torch.float16)
             x16 = torch.randn(16, K, device="cuda", dtype=torch.float16)
             t16 = bench(lambda: torch.nn.functional.linear(x1, w16))
-            t_read = min(bench(lambda name=name: launch(name, (sms * 8,), (256,), np.uint64(b.data_ptr()),
-                                                        np.int64(b.numel() // 16)))
-                         for name in ("stream_read", "stream4_read"))
+            t_read = min(bench(lambda name=name: launch.stream(b, name)) for name in STREAM_READS)
             t4, picked = {}, []
             for M, x, extra in ((1, x1, ()), (16, x16, ("m16", "m16_n32", "m16_n64"))):
-                names = [n for n in (*INT4_MMA_TACTICS, *extra) if n in TACTICS]
-                times = {n: bench(lambda c=TACTICS[n]: int4_gemm(x, b, s, block_size=BLOCK, config=c)) for n in names}
-                picked.append(min(times, key=times.get))
-                t4[M] = times[picked[-1]]
+                name, t4[M] = fastest_tactic([*INT4_MMA_TACTICS, *extra], x, b, s)
+                picked.append(name)
             fp16_points.append((2 * N * K, t16))
             read_points.append((b.numel() + s.numel() * s.element_size(), t_read))
             detail.append(f"| {N} | {K} | {t16:.1f} | {t_read:.1f} | {t4[1]:.1f} | {t4[16]:.1f} | "

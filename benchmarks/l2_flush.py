@@ -16,9 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from benchmarks.bench_int4_gemm import BLOCK, TACTICS, Table, _weights, shapes_and_out
+from benchmarks.bench_int4_gemm import TACTICS, Table, _weights, fastest_tactic, shapes_and_out
 from benchmarks.read_floor import read_kernels
-from qcompiler.plugins.int4_gemm import int4_gemm
 
 CLEARS = ("write", "read", "write+read")
 
@@ -55,7 +54,6 @@ def main(argv=None):
         return float(np.median([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)])) * 1e3
 
     launch = read_kernels()
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     table = Table([f"# fp16, a plain read and INT4 at small M after three L2 clears on {torch.cuda.get_device_name()}", "",
              "| N | K | M | L2 clear | fp16 µs | read µs | int4 µs | tactic | fp16 / read | fp16 / int4 |",
              "|---|---|---|---|---|---|---|---|---|---|"], out)
@@ -63,20 +61,15 @@ def main(argv=None):
         w, b, s = _weights(N, K)
         w16 = w.half()
 
-        def read():
-            launch("stream_read", (sms * 8,), (256,), np.uint64(b.data_ptr()), np.int64(b.numel() // 16))
-
         for M in (1, 16):
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             names = [n for n in TACTICS if n.startswith(("mma", "m16")) or (M <= 4 and n.startswith("gemv"))]
             for mode in CLEARS:
                 t16 = time_us(lambda: torch.nn.functional.linear(x, w16), mode)
-                t_read = time_us(read, mode)
-                t4 = {n: time_us(lambda c=TACTICS[n]: int4_gemm(x, b, s, block_size=BLOCK, config=c), mode)
-                      for n in names}
-                best = min(t4, key=t4.get)
-                row = (f"| {N} | {K} | {M} | {mode} | {t16:.1f} | {t_read:.1f} | {t4[best]:.1f} | {best} | "
-                       f"{t16 / t_read:.2f}x | {t16 / t4[best]:.2f}x |")
+                t_read = time_us(lambda: launch.stream(b), mode)
+                best, t4 = fastest_tactic(names, x, b, s, timer=lambda fn: time_us(fn, mode))
+                row = (f"| {N} | {K} | {M} | {mode} | {t16:.1f} | {t_read:.1f} | {t4:.1f} | {best} | "
+                       f"{t16 / t_read:.2f}x | {t16 / t4:.2f}x |")
                 table.add(row)
     table.write()
 

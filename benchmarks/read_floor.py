@@ -20,9 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from benchmarks.bench_int4_gemm import BLOCK, TACTICS, Table, _weights, bench, shapes_and_out
+from benchmarks.bench_int4_gemm import BLOCK, TACTICS, Table, _weights, bench, fastest_tactic, shapes_and_out
 from qcompiler.plugins.cuda_source import fill
-from qcompiler.plugins.int4_gemm import int4_gemm
 from qcompiler.plugins.nvrtc import compile_to_ptx
 
 _SOURCE = fill(r"""
@@ -181,11 +180,13 @@ extern "C" __global__ void __launch_bounds__(32 * (BULK_READERS + 1)) bulk_read(
 BULK_SHARED_BYTES = 4 * 32 * (512 + 64)  # BULK_STAGES * BULK_ROWS * BULK_PITCH
 PTX_ISA = "8.0"  # cp.async.bulk and mbarrier expect_tx: loads on CUDA 12.0 drivers and later, assembles with ptxas 12.x
 READ_MARK = 0x9E3779B9  # the value a read kernel writes out when a thread's XOR of its words equals it
+STREAM_READS = ("stream_read", "stream4_read")  # the grid-stride plain reads (``launch.stream``)
 
 
 def read_kernels():
     """Loads the read kernels; returns ``launch(name, grid, block, *params)``, which runs one on torch's current
-    stream (so a CUDA graph being captured there records it) with the per-CTA output buffer appended."""
+    stream (so a CUDA graph being captured there records it) with the per-CTA output buffer appended, and
+    ``launch.stream(tensor, name)``, a grid-stride plain read (one of STREAM_READS) of a tensor's bytes."""
     import cupy
 
     module = cupy.cuda.function.Module()
@@ -197,14 +198,18 @@ def read_kernels():
         shared = BULK_SHARED_BYTES if name == "bulk_read" else 0
         with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):  # as plugins/launch.py
             module.get_function(name)(grid, block, params + (np.uint64(out.data_ptr()),), shared_mem=shared)
+    def stream(tensor, name="stream_read"):
+        sms = torch.cuda.get_device_properties(tensor.device).multi_processor_count
+        launch(name, (sms * 8,), (256,), np.uint64(tensor.data_ptr()), np.int64(tensor.numel() * tensor.element_size() // 16))
+
     launch.out = out  # a CTA writes its slot only if a thread's XOR of what it read is READ_MARK (tests plant one)
+    launch.stream = stream
     return launch
 
 
 def main(argv=None):
     shapes, out = shapes_and_out(argv)
     launch = read_kernels()
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
 
     def time_read(name, grid, block, *params):
         """Median µs of one read kernel (captured in the timing graph)."""
@@ -221,20 +226,17 @@ def main(argv=None):
         x = torch.randn(1, K, device="cuda", dtype=torch.float16)
         nbytes = b.numel()
         t16 = bench(lambda: torch.nn.functional.linear(x, w16))
-        flat = (np.uint64(b.data_ptr()), np.int64(nbytes // 16))
         rows = (np.uint64(b.data_ptr()), np.int32(nbytes // N), np.int32(nbytes // N // 64))
-        t_stream = min(time_read(name, (sms * 8,), (256,), *flat) for name in ("stream_read", "stream4_read"))
+        t_stream = min(bench(lambda name=name: launch.stream(b, name)) for name in STREAM_READS)
         t_pattern = time_read("pattern_read", (N // 32,), (128,), *rows)
         t_px = time_read("pattern_x_read", (N // 32,), (128,), rows[0], np.uint64(x.data_ptr()), *rows[1:])
         t_p128 = time_read("pattern128_read", (N // 32,), (128,), *rows)
         t_bulk = time_read("bulk_read", (N // 32,), (160,), *rows[:2])
-        t4 = {name: bench(lambda cfg=cfg: int4_gemm(x, b, s, block_size=BLOCK, config=cfg))
-              for name, cfg in TACTICS.items() if name.startswith(("mma", "gemv"))}
-        best = min(t4, key=t4.get)
+        best, t4 = fastest_tactic([n for n in TACTICS if n.startswith(("mma", "gemv"))], x, b, s)
         row = (f"| {N} | {K} | {nbytes / 1e6:.1f} | {t16:.1f} | {t_stream:.1f} | {nbytes / t_stream / 1e6:.2f} | "
                f"{t_pattern:.1f} | {nbytes / t_pattern / 1e6:.2f} | {t_px:.1f} | {t_p128:.1f} | {t_bulk:.1f} | "
-               f"{nbytes / t_bulk / 1e6:.2f} | {t4[best]:.1f} | {best} | {t16 / t_stream:.2f}x | {t16 / t_bulk:.2f}x | "
-               f"{t16 / t_px:.2f}x | {t16 / t4[best]:.2f}x |")
+               f"{nbytes / t_bulk / 1e6:.2f} | {t4:.1f} | {best} | {t16 / t_stream:.2f}x | {t16 / t_bulk:.2f}x | "
+               f"{t16 / t_px:.2f}x | {t16 / t4:.2f}x |")
         table.add(row)
     table.write()
 

@@ -34,3 +34,11 @@ def test_table_without_out_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Table(["| a |"]).write(["x"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fastest_tactic_returns_the_name_and_time_of_the_smallest_timing():
+    from benchmarks.bench_int4_gemm import fastest_tactic
+
+    timings = iter([3.0, 1.5, 2.0])  # the timer is handed one closure per name, in order; none is run here
+    names = ["mma_n8_w8", "mma_n32_w4_sw", "mma_n32_w16_sw"]
+    assert fastest_tactic(names, None, None, None, timer=lambda fn: next(timings)) == ("mma_n32_w4_sw", 1.5)

@@ -41,3 +41,23 @@ def test_bulk_read_reads_every_stage_to_the_last_bytes():
     torch.cuda.synchronize()
     assert launch.out[: rows // 32].tolist() == [mark, mark]
     assert not launch.out[rows // 32:].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["stream_read", "stream4_read"])
+def test_stream_read_covers_every_16_bytes_of_a_tensor(name):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("cupy")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from benchmarks.read_floor import READ_MARK, read_kernels
+
+    threads = torch.cuda.get_device_properties(0).multi_processor_count * 8 * 256  # launch.stream's grid
+    data = torch.zeros(2 * threads * 4, dtype=torch.int32, device="cuda")  # two 16-byte pieces per thread
+    data[-4] = READ_MARK - (1 << 32)  # the last piece: the last thread's second trip; its XOR is the mark
+    launch = read_kernels()
+    launch.out.zero_()
+    launch.stream(data, name)
+    torch.cuda.synchronize()
+    flagged = launch.out.nonzero().flatten().tolist()
+    assert flagged == [(threads - 1) // 256]
