@@ -217,8 +217,22 @@ def bench_stream(make_fns, copies, warmup=10, rep=50):
 
 
 def parse_shapes(spec: str | None, default: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``N:K,N:K`` as (N, K) pairs; ``default`` when no spec is given."""
-    return [tuple(map(int, s.split(":"))) for s in spec.split(",")] if spec else list(default)
+    """``N:K,N:K`` as (N, K) pairs; ``default`` when no spec is given. Anything else exits with a one-line error."""
+    if not spec:
+        return list(default)
+    try:
+        shapes = [tuple(map(int, s.split(":"))) for s in spec.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(shape) != 2 or min(shape) <= 0 for shape in shapes):
+        raise SystemExit(f"--shapes wants N:K,... of positive integers, got {spec!r}")
+    return shapes
+
+
+def require_cuda(script: str) -> None:
+    """Exits with a one-line error when there is no CUDA GPU (the GPU benchmarks' first check)."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script}: needs a CUDA GPU (torch.cuda.is_available() is False)")
 
 
 def shapes_and_out(argv=None) -> tuple[list[tuple[int, int]], str | None]:

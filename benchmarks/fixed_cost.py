@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from benchmarks.bench_int4_gemm import BLOCK, Table, _weights, bench, fastest_tactic, shapes_and_out
+from benchmarks.bench_int4_gemm import BLOCK, Table, _weights, bench, fastest_tactic, require_cuda, shapes_and_out
 from benchmarks.read_floor import STREAM_READS, read_kernels
 from qcompiler.plugins.int4_gemm_mma import INT4_MMA_TACTICS
 
@@ -45,6 +45,7 @@ def rows_for(N: int) -> list[int]:
 
 def main(argv=None):
     shapes, out = shapes_and_out(argv)
+    require_cuda("fixed_cost")
     launch = read_kernels()
     table = Table([f"# Fixed and per-byte cost of one call (g{BLOCK}) on {torch.cuda.get_device_name()}", "",
                    "fp16 and the plain read fitted over N x {1/2 .. 1} at fixed K: µs = fixed + bytes / rate. int4 = "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from benchmarks.bench_int4_gemm import TACTICS, Table, _weights, fastest_tactic, shapes_and_out
+from benchmarks.bench_int4_gemm import TACTICS, Table, _weights, fastest_tactic, require_cuda, shapes_and_out
 from benchmarks.read_floor import read_kernels
 
 CLEARS = ("write", "read", "write+read")
@@ -24,6 +24,7 @@ CLEARS = ("write", "read", "write+read")
 
 def main(argv=None):
     shapes, out = shapes_and_out(argv)
+    require_cuda("l2_flush")
     write_buf = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
     read_buf = torch.ones(64 << 20, dtype=torch.float32, device="cuda")
     sink = torch.empty((), device="cuda")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from benchmarks.bench_int4_gemm import BLOCK, TACTICS, Table, _weights, bench, fastest_tactic, shapes_and_out
+from benchmarks.bench_int4_gemm import BLOCK, TACTICS, Table, _weights, bench, fastest_tactic, require_cuda, shapes_and_out
 from qcompiler.plugins.cuda_source import fill
 from qcompiler.plugins.nvrtc import compile_to_ptx
 
@@ -209,6 +209,7 @@ def read_kernels():
 
 def main(argv=None):
     shapes, out = shapes_and_out(argv)
+    require_cuda("read_floor")
     launch = read_kernels()
 
     def time_read(name, grid, block, *params):

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from benchmarks.bench_int4_gemm import BLOCK, SHAPES, TACTICS, Table, _weights, graph_of
+from benchmarks.bench_int4_gemm import BLOCK, SHAPES, TACTICS, Table, _weights, graph_of, require_cuda
 from qcompiler.plugins.int4_gemm import int4_gemm, pick_int4_config
 
 L2_SPAN = 256 << 20  # bytes each kernel cycles through per graph, several times an H100's 50 MB L2
@@ -97,8 +97,7 @@ def main(argv=None):
                          "and --rounds >= 1")
     if args.tactic is not None and args.tactic not in TACTICS:
         raise SystemExit(f"sustained: unknown tactic {args.tactic!r}; one of {', '.join(TACTICS)}")
-    if not torch.cuda.is_available():
-        raise SystemExit("sustained: needs a CUDA GPU (torch.cuda.is_available() is False)")
+    require_cuda("sustained")
     smi = SmiLog()
     rows = []
     try:

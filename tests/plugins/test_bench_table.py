@@ -42,3 +42,22 @@ def test_fastest_tactic_returns_the_name_and_time_of_the_smallest_timing():
     timings = iter([3.0, 1.5, 2.0])  # the timer is handed one closure per name, in order; none is run here
     names = ["mma_n8_w8", "mma_n32_w4_sw", "mma_n32_w16_sw"]
     assert fastest_tactic(names, None, None, None, timer=lambda fn: next(timings)) == ("mma_n32_w4_sw", 1.5)
+
+
+@pytest.mark.parametrize("spec", ["11008", "11008:4096:1", "a:b", "0:4096", "11008:-1", ","])
+def test_parse_shapes_refuses_malformed_specs_in_one_line(spec):
+    with pytest.raises(SystemExit, match=r"^--shapes wants N:K,\.\.\. of positive integers, got "):
+        parse_shapes(spec, [(1, 2)])
+
+
+@pytest.mark.parametrize("module", ["read_floor", "l2_flush", "fixed_cost"])
+def test_gpu_scripts_refuse_a_machine_without_a_gpu_in_one_line(module, monkeypatch):
+    import importlib
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    main = importlib.import_module(f"benchmarks.{module}").main
+    with pytest.raises(SystemExit) as err:
+        main(["--shapes", "4096:4096"])
+    assert str(err.value) == f"{module}: needs a CUDA GPU (torch.cuda.is_available() is False)"
