@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from benchmarks.bench_int4_gemm import BLOCK, Table, _weights, bench, fastest_tactic, require_cuda, shapes_and_out
-from benchmarks.read_floor import STREAM_READS, read_kernels
+from benchmarks.read_floor import read_kernels, stream_read_us
 from qcompiler.plugins.int4_gemm_mma import INT4_MMA_TACTICS
 
 FRACTIONS = (0.5, 0.625, 0.75, 0.875, 1.0)
@@ -66,7 +66,7 @@ def main(argv=None):
             x1 = torch.randn(1, K, device="cuda", dtype=torch.float16)
             x16 = torch.randn(16, K, device="cuda", dtype=torch.float16)
             t16 = bench(lambda: torch.nn.functional.linear(x1, w16))
-            t_read = min(bench(lambda name=name: launch.stream(b, name)) for name in STREAM_READS)
+            t_read = stream_read_us(launch, b)
             t4, picked = {}, []
             for M, x, extra in ((1, x1, ()), (16, x16, ("m16", "m16_n32", "m16_n64"))):
                 name, t4[M] = fastest_tactic([*INT4_MMA_TACTICS, *extra], x, b, s)

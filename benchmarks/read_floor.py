@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.bench_int4_gemm import BLOCK, TACTICS, Table, _weights, bench, fastest_tactic, require_cuda, shapes_and_out
 from qcompiler.plugins.cuda_source import fill
+from qcompiler.plugins.launch import allow_dynamic_shared
 from qcompiler.plugins.nvrtc import compile_to_ptx
 
 _SOURCE = fill(r"""
@@ -192,12 +193,13 @@ def read_kernels():
     module = cupy.cuda.function.Module()
     module.load(compile_to_ptx(_SOURCE, "read_floor.cu", ptx_version=PTX_ISA).encode())
     out = torch.zeros(1 << 16, dtype=torch.int32, device="cuda")
-    cupy.cuda.driver.funcSetAttribute(module.get_function("bulk_read").ptr, 8, BULK_SHARED_BYTES)  # > 48 KiB: opt in
+    allow_dynamic_shared(module.get_function("bulk_read"), BULK_SHARED_BYTES)
 
     def launch(name, grid, block, *params):
         shared = BULK_SHARED_BYTES if name == "bulk_read" else 0
         with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):  # as plugins/launch.py
             module.get_function(name)(grid, block, params + (np.uint64(out.data_ptr()),), shared_mem=shared)
+
     def stream(tensor, name="stream_read"):
         sms = torch.cuda.get_device_properties(tensor.device).multi_processor_count
         launch(name, (sms * 8,), (256,), np.uint64(tensor.data_ptr()), np.int64(tensor.numel() * tensor.element_size() // 16))
@@ -205,6 +207,11 @@ def read_kernels():
     launch.out = out  # a CTA writes its slot only if a thread's XOR of what it read is READ_MARK (tests plant one)
     launch.stream = stream
     return launch
+
+
+def stream_read_us(launch, tensor) -> float:
+    """Median µs of the faster of the plain reads (STREAM_READS) of a tensor's bytes, timed by ``bench``."""
+    return min(bench(lambda name=name: launch.stream(tensor, name)) for name in STREAM_READS)
 
 
 def main(argv=None):
@@ -228,7 +235,7 @@ def main(argv=None):
         nbytes = b.numel()
         t16 = bench(lambda: torch.nn.functional.linear(x, w16))
         rows = (np.uint64(b.data_ptr()), np.int32(nbytes // N), np.int32(nbytes // N // 64))
-        t_stream = min(bench(lambda name=name: launch.stream(b, name)) for name in STREAM_READS)
+        t_stream = stream_read_us(launch, b)
         t_pattern = time_read("pattern_read", (N // 32,), (128,), *rows)
         t_px = time_read("pattern_x_read", (N // 32,), (128,), rows[0], np.uint64(x.data_ptr()), *rows[1:])
         t_p128 = time_read("pattern128_read", (N // 32,), (128,), *rows)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .aot import AotKernel
 
-__all__ = ["load_kernel", "launch", "cuda_kernels_available", "sm90a_kernels_available"]
+__all__ = ["load_kernel", "launch", "allow_dynamic_shared", "cuda_kernels_available", "sm90a_kernels_available"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,15 @@ def sm90a_kernels_available(device: int) -> bool:
     return cuda_kernels_available() and torch.cuda.get_device_capability(device) == (9, 0)
 
 
+def allow_dynamic_shared(func, nbytes: int) -> None:
+    """Lets a CuPy function launch with ``nbytes`` of dynamic shared memory: above the 48 KiB default a kernel must
+    opt in."""
+    import cupy
+
+    if nbytes > 48 * 1024:
+        cupy.cuda.driver.funcSetAttribute(func.ptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+
+
 def load_kernel(kernel: AotKernel):
     """Loads the PTX module (cached) and returns the CuPy function with its shared-memory limit raised."""
     import cupy
@@ -54,9 +63,7 @@ def load_kernel(kernel: AotKernel):
         module = cupy.cuda.function.Module()
         module.load(kernel.ptx.encode())
         func = module.get_function(kernel.kernel_name)
-        if kernel.shared_mem > 48 * 1024:  # above the static default a kernel must opt in
-            cupy.cuda.driver.funcSetAttribute(func.ptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                              kernel.shared_mem)
+        allow_dynamic_shared(func, kernel.shared_mem)
         _MODULES[key] = (module, func)
     return _MODULES[key][1]
 
