@@ -16,7 +16,10 @@ still pays the graph's own launch on the GPU (~4-5 µs, which ncu does not count
 a 10-20 µs GEMV; so with ``--stream R`` the fp16 and the chosen INT4 kernel are also timed as R
 back-to-back calls in one graph, each call on its own copy of the weights (so no call finds its
 weights in L2), divided by R: the per-GEMM time inside a decode
-step, where an engine runs one layer's GEMMs after another. Every point is
+step, where an engine runs one layer's GEMMs after another. When the chosen tactic is the mma kernel
+(the only one that waits for the grid before it), the chain is also timed with every call launched
+programmatically (PDL: each call may start while the one before finishes); torch launches cuBLAS
+plainly, so the fp16 chain has no such column. Every point is
 timed in two passes and the faster median kept; the GPU is kept busy for 0.5 s before each shape so
 its clocks are up. Each tactic's output is checked against the fp16 product of the dequantized
 weight; a wrong one is marked BAD and never chosen. Kernels are compiled first by ``--jobs`` worker
@@ -330,8 +333,8 @@ def main(argv=None):
              "sweep = fastest --sweep candidate outside INT4_TACTICS.", "",
              "| M | N | K | fp16 µs | int4 µs | speedup | int4 TFLOPS | int4 weight TB/s | tactic | pick µs | pick x "
              "| dq+cuBLAS µs | dq x | before µs | before x | rel err | stream fp16 µs | stream int4 µs | stream x "
-             "| sweep µs | sweep x | sweep config |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| stream int4 PDL µs | stream PDL x | sweep µs | sweep x | sweep config |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     table = Table(lines, args.out)
     detail = ["", "## Every timed tactic", "", "| M | N | K | tactic | config | µs | speedup | rel err |",
               "|---|---|---|---|---|---|---|---|"]
@@ -392,16 +395,23 @@ def main(argv=None):
             dq, bf = col(times.get("dq", math.nan)), col(times.get("before", math.nan))
             sw_name = min(extra, key=extra.get) if extra else "-"
             sw = col(extra.get(sw_name, math.nan))
-            stream = ("-", "-", "-")
+            stream = ("-",) * 5
             if args.stream and M <= 64:
                 best_cfg = next(c for n, c, _ in runs if n == best)
                 copies = [(w16.clone(), b.clone(), s.clone()) for _ in range(args.stream)]
                 s16 = bench_stream(lambda r: [lambda w=c[0]: torch.nn.functional.linear(x, w) for c in copies[:r]],
                                    args.stream)
-                s4 = bench_stream(lambda r: [lambda c=c: int4_gemm(x, c[1], c[2], block_size=BLOCK, config=best_cfg)
-                                             for c in copies[:r]], args.stream)
+
+                def chain_us(pdl):
+                    return bench_stream(lambda r: [lambda c=c: int4_gemm(x, c[1], c[2], block_size=BLOCK, config=best_cfg,
+                                                                         programmatic_launch=pdl) for c in copies[:r]],
+                                        args.stream)
+
+                s4 = chain_us(False)
+                s4p = chain_us(True) if isinstance(best_cfg, Int4MmaConfig) else math.nan
                 del copies
-                stream = (f"{s16:.1f}", f"{s4:.1f}", f"{s16 / s4:.2f}x")
+                pdl = ("-", "-") if math.isnan(s4p) else (f"{s4p:.1f}", f"{s16 / s4p:.2f}x")
+                stream = (f"{s16:.1f}", f"{s4:.1f}", f"{s16 / s4:.2f}x", *pdl)
             row = (f"| {M} | {N} | {K} | {t16:.1f} | {t4:.1f} | {t16 / t4:.2f}x | {2 * M * N * K / t4 / 1e6:.1f} | "
                    f"{wbytes / t4 / 1e6:.2f} | {best} | {col(tp)[0]} | {col(tp)[1]} | {dq[0]} | {dq[1]} | "
                    f"{bf[0]} | {bf[1]} | {errs[best]:.1e} | {' | '.join(stream)} | {sw[0]} | {sw[1]} | {sw_name} |")

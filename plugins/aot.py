@@ -74,6 +74,11 @@ class AotKernel:
             or "i32" with source an :class:`Expr`; then ("scratch", "ptr", None) for Triton's trailing
             scratch pointers (always null).
         grid: three :class:`Expr`.
+        programmatic: the kernel executes ``griddepcontrol.wait`` before its first memory access, so a launcher may
+            give it programmatic stream serialization (PDL: it may start while the previous grid in the stream
+            finishes). TensorRT's AOT plugin interface declares no launch attributes, so TensorRT launches it
+            plainly; a runtime that launches the PTX itself may set it, as ``launch.launch(..., programmatic=True)``
+            does.
     """
 
     kernel_name: str
@@ -82,6 +87,7 @@ class AotKernel:
     shared_mem: int
     params: tuple[tuple[str, str, Any], ...]
     grid: tuple[Expr, Expr, Expr]
+    programmatic: bool = False
 
     @property
     def block(self) -> tuple[int, int, int]:
@@ -271,7 +277,7 @@ def _nvrtc_kernel(module, cfg, name: str, source: str, params: list, grid: tuple
 
     ptx = compile_to_ptx(source, name + ".cu", options=(f"--gpu-architecture={module.ARCH}", "-std=c++17"),
                          ptx_version=module.PTX_ISA)
-    return AotKernel(name, ptx, cfg.num_warps, cfg.dynamic_shared_bytes, tuple(params), grid)
+    return AotKernel(name, ptx, cfg.num_warps, cfg.dynamic_shared_bytes, tuple(params), grid, module.PROGRAMMATIC_LAUNCH)
 
 
 def _build_w8a8(c: W8A8GemmPlugin) -> AotKernel:

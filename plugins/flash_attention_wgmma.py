@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 PTX_ISA = "8.0"  # wgmma and fence.proxy.async
 ARCH = "compute_90a"
+PROGRAMMATIC_LAUNCH = False  # reads its inputs without griddepcontrol.wait: plain launches only
 _SMEM_LIMIT = 227 * 1024
 
 

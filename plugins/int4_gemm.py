@@ -595,8 +595,8 @@ def _check(x, b, scales, zero_points, bias, block_size):
 
 def int4_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, *, block_size: int,
-              config: Int4GemmConfig | Int4MmaConfig | Int4WgmmaConfig | None = None
-              ) -> torch.Tensor:
+              config: Int4GemmConfig | Int4MmaConfig | Int4WgmmaConfig | None = None,
+              programmatic_launch: bool = False) -> torch.Tensor:
     """``X @ dequant(B)^T (+ bias)`` with B in the MatMulNBits INT4 layout.
 
     Args:
@@ -611,11 +611,19 @@ def int4_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_point
             plugin PTX through CuPy). When None: where :func:`takes_dequant_path` says so, the two-kernel
             path :func:`int4_gemm_dequant_matmul` (faster there, measured), otherwise the fused kernel with
             :func:`pick_int4_config`'s tactic.
+        programmatic_launch: launch with programmatic stream serialization (PDL), so that back-to-back calls overlap
+            one's start with the previous one's end; only the mma kernel (int4_gemm_mma.py) waits for the grid
+            before it, so ``config`` must be one of its tactics.
 
     Returns:
         [M, N] tensor of x's dtype.
+
+    Raises:
+        ValueError: bad shapes or dtypes, or ``programmatic_launch`` with a tactic other than the mma kernel's.
     """
     M, N, K = _check(x, b, scales, zero_points, bias, block_size)
+    if programmatic_launch and not isinstance(config, Int4MmaConfig):
+        raise ValueError(f"Int4Gemm: programmatic_launch needs an Int4MmaConfig tactic, got {config}")
     if config is None:
         if takes_dequant_path(M, N, K, block_size):
             return int4_gemm_dequant_matmul(x, b, scales, zero_points, bias, block_size=block_size)
@@ -623,7 +631,7 @@ def int4_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_point
     else:
         cfg = config if isinstance(config, CUDA_CONFIGS) else fit_int4_config(config, K, block_size)
     if isinstance(cfg, CUDA_CONFIGS):
-        return _int4_gemm_cuda(x, b, scales, zero_points, bias, block_size, cfg)
+        return _int4_gemm_cuda(x, b, scales, zero_points, bias, block_size, cfg, programmatic_launch)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y
@@ -647,7 +655,7 @@ def _cuda_kernel(dtype: str, N: int, K: int, block_size: int, has_zp: bool, has_
     return build_int4_cuda(Int4GemmPlugin(dtype, N, K, block_size, has_zp, has_bias), cfg)
 
 
-def _int4_gemm_cuda(x, b, scales, zero_points, bias, block_size: int, cfg) -> torch.Tensor:
+def _int4_gemm_cuda(x, b, scales, zero_points, bias, block_size: int, cfg, programmatic: bool) -> torch.Tensor:
     """A CUDA C++ tactic (int4_gemm_mma.py, int4_gemm_wgmma.py): the plugin's own PTX, launched as the plugin
     would be."""
     from .launch import launch
@@ -659,7 +667,7 @@ def _int4_gemm_cuda(x, b, scales, zero_points, bias, block_size: int, cfg) -> to
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     tensors = {"X": x.contiguous(), "B": b, "scales": scales.to(x.dtype).contiguous(), "zero_points": zero_points,
                "bias": None if bias is None else bias.to(x.dtype).contiguous(), "Y": y}
-    launch(kernel, tensors, {"M": M})
+    launch(kernel, tensors, {"M": M}, programmatic=programmatic)
     return y
 
 

@@ -46,13 +46,15 @@ from dataclasses import dataclass
 
 from .cuda_source import fill, weight_layout
 
-__all__ = ["Int4MmaConfig", "INT4_MMA_TACTICS", "supports", "kernel_source", "MMA_M", "PTX_ISA", "ARCH"]
+__all__ = ["Int4MmaConfig", "INT4_MMA_TACTICS", "supports", "kernel_source", "MMA_M", "PTX_ISA", "ARCH",
+           "PROGRAMMATIC_LAUNCH"]
 
 logger = logging.getLogger(__name__)
 
 MMA_M = 16  # rows of x per CTA (the m of m16n8k16)
-PTX_ISA = "7.8"  # the newest PTX feature used: sub/mul.rn.bf16x2 on sm_90 (CUDA 11.8 and later load it)
+PTX_ISA = "7.8"  # the newest PTX features used: sub/mul.rn.bf16x2, griddepcontrol (CUDA 11.8 and later load it)
 ARCH = "compute_90"
+PROGRAMMATIC_LAUNCH = True  # the kernel waits (griddepcontrol.wait) before its first memory access
 
 
 @dataclass(frozen=True)
@@ -425,6 +427,11 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32) @NAME@(
   // values, a few rows of its neighbour instead of clamping rows, which keeps tile offsets immediate.
   const int n0 = min(blockIdx.x * (8 * NT * WN), N_ - 8 * NT * WN) + 8 * NT * wn;
   const int m0 = blockIdx.y * 16;
+  // Programmatic dependent launch (no-ops for a plain launch): the next grid in the stream may start now, its CTAs
+  // taking SM slots as ours retire (it waits in turn), and this grid touches no memory before the grids it depends
+  // on have finished and flushed. Across back-to-back calls that hides one call's start-up behind the last one's tail.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
 
   Rows r;
   r.w = B + (long long)(n0 + g) * ROW_BYTES + 16 * t;

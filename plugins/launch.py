@@ -3,11 +3,13 @@
 This is the plugin boundary tested for real without TensorRT: the module is loaded from the PTX text
 (``cuModuleLoadData``), the kernel gets exactly the declared block, grid, dynamic shared memory and
 parameter list (tensor pointers, int32 scalars evaluated from the runtime symbols, null scratch
-pointers), on the caller's torch stream. No Triton runtime is involved.
+pointers), on the caller's torch stream. No Triton runtime is involved. A programmatic launch (PDL) goes
+through the driver's ``cuLaunchKernelEx``, which CuPy does not wrap.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
 from functools import lru_cache
@@ -22,6 +24,7 @@ __all__ = ["load_kernel", "launch", "allow_dynamic_shared", "cuda_kernels_availa
 logger = logging.getLogger(__name__)
 
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute value
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID value (cuda.h, CUDA 12.0 on)
 _MODULES: dict[tuple[str, int], Any] = {}  # (kernel name, hash of ptx) -> (module, function); loading is slow
 
 
@@ -54,6 +57,37 @@ def allow_dynamic_shared(func, nbytes: int) -> None:
         cupy.cuda.driver.funcSetAttribute(func.ptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
 
 
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: the id, padding to 8 bytes, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int), ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+@lru_cache(maxsize=1)
+def _launch_kernel_ex():
+    """The driver's cuLaunchKernelEx: CuPy wraps no launch with attributes."""
+    fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _launch_programmatic(func, grid, block, shared_mem: int, stream_handle: int, args: list) -> None:
+    """Launches with programmatic stream serialization: the grid may start before the previous one in the stream
+    has finished (the kernel itself waits before reading anything)."""
+    values = [ctypes.c_uint64(int(a)) if isinstance(a, np.uint64) else ctypes.c_int32(int(a)) for a in args]
+    pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+    attribute = _LaunchAttribute(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem,
+                           ctypes.c_void_p(stream_handle), ctypes.pointer(attribute), 1)
+    status = _launch_kernel_ex()(ctypes.byref(config), ctypes.c_void_p(func.ptr), pointers, None)
+    if status:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {status}")
+
+
 def load_kernel(kernel: AotKernel):
     """Loads the PTX module (cached) and returns the CuPy function with its shared-memory limit raised."""
     import cupy
@@ -68,7 +102,8 @@ def load_kernel(kernel: AotKernel):
     return _MODULES[key][1]
 
 
-def launch(kernel: AotKernel, tensors: dict[str, Any], env: dict[str, int], stream: Any = None) -> None:
+def launch(kernel: AotKernel, tensors: dict[str, Any], env: dict[str, int], stream: Any = None,
+           programmatic: bool = False) -> None:
     """Launches ``kernel`` with tensors by op name and runtime symbols ``env`` (e.g. {"M": 17}).
 
     Args:
@@ -76,10 +111,16 @@ def launch(kernel: AotKernel, tensors: dict[str, Any], env: dict[str, int], stre
         tensors: op input/output name -> torch tensor (CUDA, contiguous) for every "in"/"out" parameter.
         env: runtime symbol values used by the grid and scalar expressions.
         stream: a torch.cuda.Stream (default: the current stream).
+        programmatic: launch with programmatic stream serialization (PDL), for kernels that declare
+            ``kernel.programmatic``.
 
     Raises:
-        ValueError: a missing or misaligned tensor, or a scalar that does not fit int32.
+        ValueError: a missing or misaligned tensor, a scalar that does not fit int32, or a programmatic launch of a
+            kernel that does not wait for the grids before it.
     """
+    if programmatic and not kernel.programmatic:
+        raise ValueError(f"{kernel.kernel_name}: reads its inputs without griddepcontrol.wait, so it cannot be "
+                         "launched programmatically")
     import cupy
     import torch
 
@@ -106,6 +147,9 @@ def launch(kernel: AotKernel, tensors: dict[str, Any], env: dict[str, int], stre
         return
     func = load_kernel(kernel)
     torch_stream = stream or torch.cuda.current_stream()
+    if programmatic:
+        _launch_programmatic(func, grid, kernel.block, kernel.shared_mem, torch_stream.cuda_stream, args)
+        return
     with cupy.cuda.Stream.from_external(torch_stream) if hasattr(cupy.cuda.Stream, "from_external") \
             else cupy.cuda.ExternalStream(torch_stream.cuda_stream):
         func(grid, kernel.block, tuple(args), shared_mem=kernel.shared_mem)

@@ -34,3 +34,37 @@ def test_int4_mma_matches_reference(cfg, case):
 
 def test_int4_mma_ignores_padding_nibbles():
     check_padding_nibbles_ignored(Int4MmaConfig(4, 8), 5)
+
+
+@pytest.mark.parametrize("tactic", list(INT4_MMA_TACTICS))
+@pytest.mark.parametrize("M", [1, 9])  # one row of CTAs, second token half at 9
+def test_programmatic_chain_equals_plain_launches(tactic, M):
+    """Eight calls, each reading the one before's output, in one CUDA graph. Launched programmatically a call may
+    start while the one before still runs, so a kernel reading x before griddepcontrol.wait would read memory its
+    producer has not written yet (the kernel without its wait failed this on the H100, gpu_notes session 17)."""
+    from qcompiler.plugins.int4_gemm import int4_gemm
+    from qcompiler.plugins.ops import pack_int4_matmulnbits
+
+    torch.manual_seed(M)
+    N = K = 4096
+    b, s, _ = pack_int4_matmulnbits(torch.randn(N, K, device="cuda") * 0.02, 128, scale_dtype=torch.float16)
+    x0 = torch.randn(M, K, device="cuda", dtype=torch.float16)
+
+    def chain(programmatic: bool) -> torch.Tensor:
+        def run():
+            y = x0
+            for _ in range(8):
+                y = int4_gemm(y, b, s, block_size=128, config=INT4_MMA_TACTICS[tactic], programmatic_launch=programmatic)
+            return y
+
+        run()  # loads the module outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = run()  # each output in fresh graph memory, so a read before its producer ends finds no result
+        graph.replay()
+        torch.cuda.synchronize()
+        return y.clone()
+
+    plain, programmatic = chain(False), chain(True)
+    assert plain.abs().max() > 1  # eight products of a random weight, far from what a stale read would give
+    assert torch.equal(plain, programmatic)

@@ -38,6 +38,11 @@ def test_every_tactic_compiles_without_spills_or_loop_barriers(tactic, path, tmp
     entry = re.search(r"\.entry\s+" + re.escape(kern.kernel_name) + r"\s*\((.*?)\)", kern.ptx, re.S)
     assert entry and entry.group(1).count(".param") == len(kern.params)
     assert [k for _, k, _ in kern.params] == ["in"] * (3 + path[4] + path[5]) + ["i32", "out"]
+    # Declared PDL-safe, so it must wait for the grids before it ahead of its first load or store.
+    assert kern.programmatic
+    wait = kern.ptx.index("griddepcontrol.wait")
+    assert kern.ptx.index("griddepcontrol.launch_dependents") < wait
+    assert wait < min(kern.ptx.index(op) for op in ("ld.global", "st.global"))
     log, sass = assemble(kern.ptx, "sm_90", tmp_path)
     assert "0 bytes spill stores" in log, log
     # Shared memory and the CTA barrier appear once, in the cross-warp reduction after the K loop.
@@ -81,6 +86,28 @@ def test_refusals():
         Int4MmaConfig(1, 8, SWAP=True)
     with pytest.raises(ValueError, match="shared memory"):
         Int4MmaConfig(8, 16)
+
+
+def test_programmatic_launch_is_refused_for_kernels_that_do_not_wait():
+    from qcompiler.plugins.aot import AotKernel, Expr
+    from qcompiler.plugins.launch import launch
+
+    plain = AotKernel("plain_kernel", ".version 7.8", 4, 0, (), (Expr(1), Expr(1), Expr(1)))
+    with pytest.raises(ValueError, match="plain_kernel: reads its inputs without griddepcontrol.wait"):
+        launch(plain, {}, {}, programmatic=True)
+
+
+def test_torch_wrapper_refuses_a_programmatic_launch_of_other_tactics():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from qcompiler.plugins.int4_gemm import INT4_TACTICS, int4_gemm
+
+    x = torch.zeros(1, 4096, dtype=torch.float16)
+    b = torch.zeros(64, 32, 64, dtype=torch.uint8)
+    s = torch.ones(64, 32, dtype=torch.float16)
+    for config in (None, INT4_TACTICS["gemv"]):
+        with pytest.raises(ValueError, match="programmatic_launch needs an Int4MmaConfig"):
+            int4_gemm(x, b, s, block_size=128, config=config, programmatic_launch=True)
 
 
 def test_compile_error_carries_the_nvrtc_log():

@@ -34,6 +34,7 @@ def test_every_tactic_compiles_with_asynchronous_mmas(tactic, path, tmp_path):
     assert entry and entry.group(1).count(".param") == len(kern.params)
     assert [k for _, k, _ in kern.params] == ["in"] * (3 + path[4] + path[5]) + ["i32", "out"]
     assert kern.num_warps == 4 * (cfg.WG * cfg.KS + cfg.WS) and kern.shared_mem == cfg.shared_bytes <= 227 * 1024
+    assert not kern.programmatic and "griddepcontrol" not in kern.ptx  # plain launches only
     log, sass = assemble(kern.ptx, "sm_90a", tmp_path)
     assert "0 bytes spill stores" in log, log
     assert "serialized" not in log, log  # C7513-C7515: ptxas waiting after every wgmma
