@@ -18,8 +18,9 @@ A *fold site* is a set of ``width`` channels that leave some parameters ("produc
 Used to move real weights off a quantization grid without changing the model (``random_rescale_``)
 and, with one chosen factor vector, to inject activation outliers into built models. Sites are found
 by module structure: Llama-style decoders (``input_layernorm``, ``post_attention_layernorm``,
-``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``; Llama, Mistral, Qwen2 and the like, whose
-norm computes ``weight * normalized``), GPT-2 blocks (``ln_1 -> attn.c_attn``, ``ln_2 -> mlp.c_fc``,
+``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``; Llama, Mistral, Qwen2 and the like; norm
+sites only where the norm computes ``weight * normalized``, checked numerically, so Gemma's
+``(1 + weight) * normalized`` gets none), GPT-2 blocks (``ln_1 -> attn.c_attn``, ``ln_2 -> mlp.c_fc``,
 Conv1D weights ``[in, out]``) and BERT layers (``attention.self.value -> attention.output.dense``).
 Sites touching a tied parameter (an LM head shared with the embedding) are skipped: dividing it would
 change the embedding as well.
@@ -98,7 +99,7 @@ def _llama_sites(model, kinds: set[str]) -> list[FoldSite]:
             continue
         layer = names[id(module)]
         n = lambda m: names[id(m)]  # noqa: E731
-        if "norm" in kinds:
+        if "norm" in kinds and _scales_with_weight(module.input_layernorm):
             norm = module.input_layernorm
             sites.append(
                 FoldSite(
@@ -113,7 +114,7 @@ def _llama_sites(model, kinds: set[str]) -> list[FoldSite]:
                 )
             )
             norm = module.post_attention_layernorm
-            if all(hasattr(mlp, a) for a in ("gate_proj", "up_proj")):
+            if all(hasattr(mlp, a) for a in ("gate_proj", "up_proj")) and _scales_with_weight(norm):
                 sites.append(
                     FoldSite(
                         f"{n(norm)}",
@@ -162,6 +163,8 @@ def _llama_sites(model, kinds: set[str]) -> list[FoldSite]:
             if inner is None or head is None or not hasattr(inner, "norm") or not hasattr(inner, "layers"):
                 continue
             norm = inner.norm
+            if not _scales_with_weight(norm):
+                continue
             sites.append(
                 FoldSite(
                     names[id(norm)],
@@ -172,6 +175,30 @@ def _llama_sites(model, kinds: set[str]) -> list[FoldSite]:
                 )
             )
     return sites
+
+
+def _scales_with_weight(norm) -> bool:
+    """True if the norm computes ``weight * n(x) (+ bias)``, so that scaling ``weight`` scales its output;
+    not so for Gemma-style ``(1 + weight) * n(x)``, which a norm site would silently change. Checked
+    numerically on a fixed input (the weight is restored)."""
+    import torch
+
+    weight = getattr(norm, "weight", None)
+    if weight is None or weight.dim() != 1:
+        return False
+    x = torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    bias = getattr(norm, "bias", None)
+    offset = bias if isinstance(bias, torch.Tensor) else 0.0
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        base = norm(x) - offset
+        weight.mul_(2.0)
+        doubled = norm(x) - offset
+        weight.copy_(saved)
+    if not torch.allclose(doubled, 2.0 * base, rtol=1e-3, atol=1e-5):
+        logger.debug("no norm fold site at %s: its output does not scale with its weight", type(norm).__name__)
+        return False
+    return True
 
 
 def _attention_shape(attn) -> tuple[int, int, int]:

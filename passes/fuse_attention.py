@@ -15,7 +15,9 @@ Targets:
     when the mask is a compile-time constant equal to the causal mask (checked numerically: every kept
     position is kept, every dropped one is dropped or pushed below -1e4); any other mask is declined.
   * ``"onnxruntime"``: ``com.microsoft.MultiHeadAttention`` (CPU, float32) on [B, S, H*D] views of
-    Q/K/V (Transpose+Reshape, the GQA repeat kept), every mask turned into its additive
+    Q/K/V (Transpose+Reshape, the GQA repeat kept; K/V whose single head the MatMuls broadcast over
+    Q's heads, multi-query attention without a repeat as Falcon exports it, are expanded to Q's heads
+    first, since MultiHeadAttention takes as many K/V heads as Q heads), every mask turned into its additive
     ``attention_bias``: ``Add(m)`` contributes m and ``Where(c, s, f)`` contributes ``Where(c, 0, f)``,
     because ``softmax(where(c, s, f)) = softmax(s + where(c, 0, f))`` whenever f is a large negative
     number (f + s rounds to f, exactly as f does) and exactly when f is -inf. The result is the
@@ -68,6 +70,13 @@ def _scalar(t: gs.Tensor) -> float | None:
     return float(np.asarray(v).reshape(-1)[0])
 
 
+def _dim(t: gs.Tensor, axis: int) -> int | None:
+    """Static size of ``t``'s 4-D shape along ``axis``, else None."""
+    if t.shape is None or len(t.shape) != 4 or not isinstance(t.shape[axis], int):
+        return None
+    return t.shape[axis]
+
+
 def _producer(t: gs.Tensor, op: str) -> gs.Node | None:
     if len(t.inputs) == 1 and t.inputs[0].op == op:
         return t.inputs[0]
@@ -113,7 +122,8 @@ class FuseAttention:
             return f"Softmax axis {axis} is not the last axis"
         out_t = softmax.outputs[0]
         if len(out_t.outputs) != 1 or out_t.outputs[0].op != "MatMul" or out_t.outputs[0].inputs[0] is not out_t:
-            return "Softmax output does not feed exactly one MatMul as its left operand"
+            return (f"Softmax output does not feed exactly one MatMul as its left operand "
+                    f"(it feeds {[n.op for n in out_t.outputs]})")
         pv = out_t.outputs[0]
         nodes = [softmax, pv]
         masks: list[tuple[str, gs.Node]] = []
@@ -327,7 +337,20 @@ class FuseAttention:
             graph.nodes.append(gs.Node("Concat", attrs={"axis": 0}, inputs=[bhs, t_len], outputs=[shape]))
             graph.nodes.append(gs.Node("Expand", inputs=[bias, shape], outputs=[full]))
             bias = full
-        q3, k3, v3 = to_bsh(m.q, "q"), to_bsh(m.k, "k"), to_bsh(m.v, "v")
+        def all_heads(t: gs.Tensor, known: int | None, tag: str) -> gs.Tensor:
+            # MatMul broadcasts K/V with one head over Q's heads (multi-query attention without a
+            # repeat, e.g. Falcon); MultiHeadAttention wants as many K/V heads as Q has: Expand them.
+            if known == heads:
+                return t
+            full = gs.Variable(f"{name}_{tag}_all_heads", dtype=t.dtype)
+            shape = gs.Constant(f"{name}_{tag}_heads_shape", np.array([1, heads, 1, 1], np.int64))
+            graph.nodes.append(gs.Node("Expand", inputs=[t, shape], outputs=[full]))
+            return full
+
+        k_heads = _dim(m.k_bshd, 2) if m.k_bshd is not None else _dim(m.k, 1)
+        k = all_heads(m.k, k_heads, "k")
+        v = all_heads(m.v, _dim(m.v, 1), "v")
+        q3, k3, v3 = to_bsh(m.q, "q"), to_bsh(k, "k"), to_bsh(v, "v")
         empty = gs.Variable.empty()
         inputs = [q3, k3, v3] + ([empty, empty, bias] if bias is not None else [])
         o3 = gs.Variable(f"{name}_mha_out", dtype=m.out.dtype)

@@ -17,11 +17,14 @@ X / s, must be absorbed by whatever produces X; this pass handles:
      GQA) is read off one ONNX Runtime run in which V is replaced by its column index: P's rows sum
      to 1, so X_j = m(j) exactly. Channels sharing a V column then share one factor (their maxima
      are pooled before s is computed).
+   Either may read a column slice of a fused projection (Phi-3's gate_up split in two by ``Split``,
+   q/k/v cut out of qkv by constant ``Slice``s of disjoint columns): only the columns X reads are
+   divided, and no other reader of the fused output reads them.
    Optional bias Adds along the way are divided by s too.
 
-X itself may feed only the GEMMs of the group (if anything else reads it, e.g. a post-norm residual,
-nothing can absorb 1/s). Where nothing can absorb it, the group is left unsmoothed, or with
-``insert_mul=True`` an explicit Mul(X, 1/s) is inserted; both are reported.
+X itself may feed only the GEMMs of the group and Shape ops, which read no values (if anything else
+reads it, e.g. a post-norm residual, nothing can absorb 1/s). Where nothing can absorb it, the group
+is left unsmoothed, or with ``insert_mul=True`` an explicit Mul(X, 1/s) is inserted; both are reported.
 
 ``alpha="auto"`` searches ``alpha_grid`` per group, minimising the group's relative W8A8 output error
 (fake-quantised with the recipe's activation scheme) on a token subsample of calibration data.
@@ -159,7 +162,7 @@ class SmoothQuant:
     def _find_absorber(self, graph: gs.Graph, group: _Group) -> tuple[_Absorber | None, str]:
         x = group.activation
         group_nodes = {id(g.node) for g in group.gemms}
-        others = [n.op for n in x.outputs if id(n) not in group_nodes]
+        others = [n.op for n in x.outputs if id(n) not in group_nodes and n.op != "Shape"]  # Shape reads no values
         if others:
             return None, f"{x.name} also feeds {others}"
         if x in graph.outputs or x in graph.inputs or not x.inputs:
@@ -200,7 +203,10 @@ class SmoothQuant:
             zeroed = gs.Variable(gemm_out + "/probe_zeroed", dtype=t.dtype)
             probe.nodes.append(gs.Node("Mul", inputs=[replaced, zero], outputs=[zeroed]))
             probe.nodes.append(gs.Node("Add", inputs=[zeroed, index], outputs=[t]))
-            outputs.append(probe_tensors[group.activation.name])
+            activation = probe_tensors[group.activation.name]
+            if activation.dtype is None:  # exports without value_info (TorchScript) leave intermediates untyped
+                activation.dtype = group.absorber.gemm.weight.dtype
+            outputs.append(activation)
         probe.outputs = outputs
         probe.cleanup().toposort()
         feed = next(iter(context.calibration_feeds()))
@@ -304,7 +310,7 @@ def _affine_absorber(x: gs.Variable, k: int) -> _Absorber | None:
         if bias_index is None:
             return None
         inner = producer.inputs[1 - bias_index]
-        if len(inner.outputs) != 1 or not inner.inputs:
+        if not _exclusive(inner, producer) or not inner.inputs:
             return None
         mul = inner.inputs[0]
     else:
@@ -330,6 +336,7 @@ def _linear_absorber(graph: gs.Graph, x: gs.Variable, k: int) -> tuple[_Absorber
     graph_outputs = {t.name for t in graph.outputs}
     biases: list[gs.Constant] = []
     needs_probe = False
+    offset = None  # the first GEMM output column X reads, when a sliced gate operand leads to the GEMM
     tensor = x
     for _ in range(32):
         if tensor.name in graph_outputs or not tensor.inputs:
@@ -344,8 +351,8 @@ def _linear_absorber(graph: gs.Graph, x: gs.Variable, k: int) -> tuple[_Absorber
                 if not isinstance(bias, gs.Constant):
                     return None, f"{node.name} has a dynamic bias"
                 biases.append(_own_constant(node, 2))
-            mapping = None if needs_probe else np.arange(k)
-            if not needs_probe and gemm.n != k:
+            mapping = None if needs_probe else (offset or 0) + np.arange(k)
+            if not needs_probe and offset is None and gemm.n != k:
                 return None, f"{node.name} has {gemm.n} outputs for {k} channels"
             if any(b.values.size != gemm.n for b in biases):
                 return None, f"a bias on the path from {node.name} is not per output column"
@@ -358,11 +365,18 @@ def _linear_absorber(graph: gs.Graph, x: gs.Variable, k: int) -> tuple[_Absorber
             biases.append(_own_constant(node, bias_index))
             nxt = node.inputs[1 - bias_index]
         elif node.op == "Mul" and not needs_probe:
-            # Elementwise gate: follow the operand produced by a GEMM that nothing else reads.
+            # Elementwise gate: follow the operand produced by a GEMM that nothing else reads, or by a
+            # column slice of one (a fused gate_up projection split in two).
             candidates = [t for t in node.inputs if id(t) in gemms_by_output and _exclusive(t, node)
                           and gemms_by_output[id(t)].n == k]
-            if len(candidates) != 1 or any(isinstance(t, gs.Constant) for t in node.inputs):
+            sliced = [(t, c) for t in node.inputs if _exclusive(t, node)
+                      for c in [_sliced_gemm_columns(t, gemms_by_output)] if c is not None and c[1] - c[0] == k]
+            if len(candidates) + len(sliced) != 1 or any(isinstance(t, gs.Constant) for t in node.inputs):
                 return None, f"{node.name} is not an elementwise gate of one linear op"
+            if sliced:
+                t, (offset, _) = sliced[0]
+                tensor = t.inputs[0].inputs[0]
+                continue
             nxt = candidates[0]
         elif node.op in _PATH_OPS:
             if node.op == "MatMul":
@@ -374,10 +388,74 @@ def _linear_absorber(graph: gs.Graph, x: gs.Variable, k: int) -> tuple[_Absorber
             needs_probe = True
         else:
             return None, f"producer {node.op} {node.name} cannot absorb 1/s"
-        if not _exclusive(nxt, node):
+        if not _exclusive(nxt, node) and not (node.op == "Slice" and _disjoint_column_slices(nxt, gemms_by_output)):
             return None, f"{nxt.name} has other readers"
         tensor = nxt
     return None, "path too long"
+
+
+def _slice_columns(node: gs.Node, index: int, width: int | None) -> tuple[int, int] | None:
+    """[lo, hi) of the last axis (``width`` long, if its shape does not say) of ``node.inputs[0]`` that
+    output ``index`` of a Split, or of a single-axis unit-step Slice, with constant parameters reads;
+    None for anything else."""
+    x = node.inputs[0]
+    width = x.shape[-1] if x.shape and isinstance(x.shape[-1], int) else width
+    rank = len(x.shape) if x.shape is not None else None
+
+    def last(axis) -> bool:
+        return int(axis) == -1 or (rank is not None and int(axis) == rank - 1)
+
+    def given(i: int) -> np.ndarray | None:
+        return constant_value(node.inputs[i]) if len(node.inputs) > i and node.inputs[i].name else None
+
+    if node.op == "Split" and last(node.attrs.get("axis", 0)):
+        sizes = given(1) if given(1) is not None else node.attrs.get("split")
+        if sizes is None:  # equal parts (the last one shorter), as Split-18's num_outputs defines them
+            if width is None:
+                return None
+            size = -(-width // len(node.outputs))
+            sizes = [size] * (len(node.outputs) - 1) + [width - size * (len(node.outputs) - 1)]
+        offsets = np.cumsum([0, *np.asarray(sizes).reshape(-1).tolist()])
+        return int(offsets[index]), int(offsets[index + 1])
+    if node.op != "Slice" or width is None or given(1) is None or given(2) is None:
+        return None
+    starts, ends = given(1).reshape(-1), given(2).reshape(-1)
+    axes = given(3).reshape(-1) if given(3) is not None else np.arange(starts.size)
+    steps = given(4).reshape(-1) if given(4) is not None else np.ones(1)
+    if starts.size != 1 or not last(axes[0]) or steps.size != 1 or steps[0] != 1:
+        return None
+    lo, hi = (int(np.clip(v + width if v < 0 else v, 0, width)) for v in (starts[0], ends[0]))
+    return lo, hi
+
+
+def _disjoint_column_slices(tensor: gs.Tensor, gemms_by_output: dict) -> bool:
+    """True if every reader of ``tensor`` (Shape aside) is a constant Slice of its own last-axis columns
+    (fused q/k/v sliced apart): scaling the columns one of them reads changes nothing the others read."""
+    width = gemms_by_output[id(tensor)].n if id(tensor) in gemms_by_output else None
+    ranges = []
+    for reader in tensor.outputs:
+        if reader.op == "Shape":
+            continue
+        columns = _slice_columns(reader, 0, width) if reader.op == "Slice" else None
+        if columns is None:
+            return False
+        ranges.append(columns)
+    ranges.sort()
+    return all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+
+
+def _sliced_gemm_columns(t: gs.Tensor, gemms_by_output: dict) -> tuple[int, int] | None:
+    """[lo, hi) if ``t`` is a column slice (Split output or Slice) of a GEMM output that nothing else
+    reads but that Split or disjoint Slices."""
+    if len(t.inputs) != 1 or t.inputs[0].op not in ("Split", "Slice"):
+        return None
+    node = t.inputs[0]
+    source = node.inputs[0]
+    if id(source) not in gemms_by_output:
+        return None
+    if not (_exclusive(source, node) or (node.op == "Slice" and _disjoint_column_slices(source, gemms_by_output))):
+        return None
+    return _slice_columns(node, node.outputs.index(t), gemms_by_output[id(source)].n)
 
 
 def _scale_weight_rows(gemm: WeightedGemm, s: np.ndarray) -> None:

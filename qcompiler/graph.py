@@ -111,15 +111,96 @@ def export_graph(graph: gs.Graph) -> onnx.ModelProto:
 
 
 def ensure_opset(graph: gs.Graph, minimum: int, reason: str) -> None:
-    """Raises the default-domain opset to ``minimum`` if lower, logging why (never lowers it)."""
+    """Raises the default-domain opset to ``minimum`` if lower, logging why (never lowers it).
+
+    Nodes whose operator changed its signature in between are rewritten to the new version (e.g.
+    ReduceMean's ``axes`` moves from an attribute to an input at opset 18), so a model exported at an
+    older opset (TorchScript exports use 14-17) stays valid.
+
+    Raises:
+        InputModelError: a node has no conversion to the new opset.
+    """
     if graph.opset >= minimum:
         return
     logger.warning("raising opset %d -> %d: %s", graph.opset, minimum, reason)
+    _upgrade_nodes(graph, graph.opset, minimum, reason)
     graph.opset = minimum
+    # graphsurgeon shares the opset_import protos with the ModelProto it imported: replace, never edit them.
     if graph.import_domains:
-        for d in graph.import_domains:
-            if d.domain in ("", "ai.onnx"):
-                d.version = minimum
+        graph.import_domains = [onnx.helper.make_opsetid(d.domain, minimum if d.domain in ("", "ai.onnx") else d.version)
+                                for d in graph.import_domains]
+
+
+def _signature_changed(op: str, old: int, new: int) -> bool:
+    try:
+        return onnx.defs.get_schema(op, old).since_version != onnx.defs.get_schema(op, new).since_version
+    except onnx.defs.SchemaError:  # not a standard operator at one of the two versions
+        return False
+
+
+def _upgrade_nodes(graph: gs.Graph, old: int, new: int, reason: str) -> None:
+    """Converts every default-domain node whose operator has a newer version in (old, new] with ONNX's
+    version converter, run once on a weightless model of just those nodes, and splices the result back:
+    a node converted to the same op is edited in place (passes may hold it); new Constant nodes become
+    constants; any other node the converter adds (or one whose op it replaced) is added to the graph.
+    If/Loop/Scan nodes are left as they are: their bodies read outer tensors the small model lacks (and
+    their own signatures only gained types up to opset 21)."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    changed = [n for n in graph.nodes if n.domain in (None, "", "ai.onnx") and _signature_changed(n.op, old, new)
+               and not any(isinstance(v, gs.Graph) for v in n.attrs.values())]
+    if not changed:
+        return
+    produced = {t.name: t for n in changed for t in n.outputs}
+    outer = {t.name: t for n in changed for t in n.inputs if t.name and t.name not in produced}
+    mini = onnx.helper.make_model(
+        onnx.helper.make_graph([OnnxExporter.export_node(n) for n in changed], "upgrade",
+                               [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None) for name in outer],
+                               [onnx.helper.make_empty_tensor_value_info(name) for name in produced]),
+        opset_imports=[onnx.helper.make_opsetid("", old)])
+    try:
+        converted = gs.import_onnx(onnx.version_converter.convert_version(mini, new))
+    except Exception as err:  # the converter raises RuntimeError/ValueError/C++ errors with one message
+        ops = sorted({n.op for n in changed})
+        raise InputModelError(f"cannot raise the model's opset {old} -> {new} ({reason}): converting {ops} failed: "
+                              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+                              f"export the model at opset >= {new}") from None
+    known = {**outer, **produced}
+    new_tensors: dict[str, gs.Tensor] = {}
+
+    def mapped(tensor: gs.Tensor) -> gs.Tensor:
+        if not tensor.name:
+            return gs.Variable.empty()
+        if tensor.name in known:
+            return known[tensor.name]
+        if tensor.name not in new_tensors:
+            new_tensors[tensor.name] = gs.Variable(f"{tensor.name}/opset{new}", dtype=tensor.dtype)
+        return new_tensors[tensor.name]
+
+    for node in converted.nodes:  # constants first: the nodes below read them
+        value = node.attrs.get("value")
+        if node.op == "Constant" and isinstance(value, gs.Constant) and node.outputs[0].name not in known:
+            new_tensors[node.outputs[0].name] = gs.Constant(f"{node.outputs[0].name}/opset{new}", value.values)
+    by_output = {n.outputs[0].name: n for n in changed if n.outputs}
+    kept = set()
+    for node in converted.nodes:
+        if node.outputs[0].name in new_tensors and isinstance(new_tensors[node.outputs[0].name], gs.Constant):
+            continue
+        original = by_output.get(node.outputs[0].name)
+        if original is not None and original.op == node.op and len(original.outputs) == len(node.outputs):
+            original.attrs = dict(node.attrs)
+            inputs = [mapped(t) for t in node.inputs]
+            original.inputs.clear()
+            original.inputs.extend(inputs)
+            kept.add(id(original))
+            continue
+        graph.nodes.append(gs.Node(node.op, node.name, attrs=dict(node.attrs), inputs=[mapped(t) for t in node.inputs],
+                                   outputs=[mapped(t) for t in node.outputs], domain=node.domain))
+    for node in changed:
+        if id(node) not in kept:  # replaced by the converter's nodes, which now produce its outputs
+            node.inputs.clear()
+            node.outputs.clear()
+            graph.nodes.remove(node)
 
 
 def add_domain(graph: gs.Graph, domain: str, version: int = 1) -> None:

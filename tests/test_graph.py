@@ -7,7 +7,7 @@ import pytest
 import qcompiler.graph as graph_io
 from qcompiler.errors import InputModelError, OutputPathError
 from tests.helpers import run_ort
-from tests.passes.graphs import two_linear_model
+from tests.passes.graphs import make_model, two_linear_model
 
 
 def test_external_data_written_when_the_model_is_too_big(tmp_path, monkeypatch):
@@ -48,3 +48,35 @@ def test_ensure_opset_only_raises(caplog):
     model = graph_io.export_graph(g)
     assert {o.domain: o.version for o in model.opset_import}[""] == 21
     onnx.checker.check_model(model)
+
+
+def test_ensure_opset_rewrites_nodes_whose_signature_changed():
+    """A TorchScript-style opset-17 RMSNorm: ReduceMean(axes=[-1]) takes axes as an input from opset 18,
+    and Softmax over axis 1 meant "flatten to 2-D" before opset 13. Raising the opset must rewrite both
+    (else the model no longer validates or computes something else) and leave the input model alone.
+
+        x --Pow--ReduceMean(axes attr)--Add--Sqrt--Div(x, .)--> y
+        x --Softmax(axis=1, opset 11 semantics)--> p
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Pow", ["x", "two"], ["sq"]),
+             helper.make_node("ReduceMean", ["sq"], ["ms"], name="rms_mean", axes=[-1], keepdims=1),
+             helper.make_node("Add", ["ms", "eps"], ["mse"]), helper.make_node("Sqrt", ["mse"], ["rms"]),
+             helper.make_node("Div", ["x", "rms"], ["y"]), helper.make_node("Softmax", ["x"], ["p"], axis=1)]
+    inits = [numpy_helper.from_array(np.array(2.0, np.float32), "two"), numpy_helper.from_array(np.array(1e-6, np.float32), "eps")]
+    f32 = TensorProto.FLOAT
+    for opset, outputs in ((17, ["y"]), (11, ["y", "p"])):  # Softmax's meaning changed at 13: test it from 11
+        model = make_model(nodes[:4 + len(outputs)], inits, [helper.make_tensor_value_info("x", f32, [2, 3, 8])],
+                           [helper.make_tensor_value_info(n, f32, [2, 3, 8]) for n in outputs], opset=opset)
+        g = graph_io.import_graph(model)
+        graph_io.ensure_opset(g, 21, "per-token int8 activations")
+        g.cleanup().toposort()
+        raised = graph_io.export_graph(g)
+        onnx.checker.check_model(raised, full_check=True)
+        assert {o.domain: o.version for o in model.opset_import}[""] == opset, "the input model's opset was edited"
+        (mean,) = [n for n in raised.graph.node if n.op_type == "ReduceMean"]
+        assert mean.name == "rms_mean" and len(mean.input) == 2 and [a.name for a in mean.attribute] == ["keepdims"]
+        feed = {"x": np.random.default_rng(opset).normal(size=(2, 3, 8)).astype(np.float32)}
+        for a, b in zip(run_ort(model, feed), run_ort(raised, feed), strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)

@@ -404,6 +404,25 @@ def test_wrong_gqa_mapping_would_not_be_exact():
     assert rel_err(_logits(mod, feeds), before) > 1e-3
 
 
+def test_random_rescale_is_exact_on_gemma_one_plus_weight_norms():
+    # Gemma's RMSNorm computes (1 + w) * n(x): scaling w by f does not scale its output by f, so its norms
+    # are no fold site (they were, and "exact" rescaling changed the logits by ~60%); V->O and up->down are.
+    import transformers
+
+    config = transformers.GemmaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=1, head_dim=16, intermediate_size=128, use_cache=False)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        hf = transformers.GemmaForCausalLM(config)
+    builders._reinit_(hf, 0)
+    mod = builders.TensorOutput(hf.eval(), "logits", ("input_ids",)).eval()
+    feeds = feeds_for("gemma", 2, 9)
+    before = _logits(mod, feeds)
+    assert sorted({site.kind for site in fold_sites(mod)}) == ["up_down", "v_o"]
+    random_rescale_(mod, seed=3)
+    assert rel_err(_logits(mod, feeds), before) < 1e-5
+
+
 def test_fold_sites_reject_bad_input():
     mod = builders.llama_module(layers=1)
     (site, *_) = fold_sites(mod, ["norm"])

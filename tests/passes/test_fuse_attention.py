@@ -21,15 +21,19 @@ from qcompiler.passes.fuse_attention import FuseAttention
 B, HQ, S, D = 2, 4, 7, 8
 
 
-def _graph(kind, hkv=HQ, const_causal=False):
-    """kind: 'bert' (Div + Add mask input), 'gpt2' (Mul + Where causal + Add mask), 'llama' (GQA, Mul, Where)."""
+def _graph(kind, hkv=HQ, const_causal=False, repeat_kv=True):
+    """kind: 'bert' (Div + Add mask input), 'gpt2' (Mul + Where causal + Add mask), 'llama' (GQA, Mul, Where).
+
+    With ``repeat_kv=False`` fewer K/V heads reach the MatMuls as they are (one head broadcast over
+    Q's heads: Falcon's multi-query attention).
+    """
     nodes, inits = [], []
     f32 = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info("q", f32, [B, HQ, S, D]),
               helper.make_tensor_value_info("k", f32, [B, hkv, S, D]),
               helper.make_tensor_value_info("v", f32, [B, hkv, S, D])]
     k, v = "k", "v"
-    if hkv != HQ:  # HF repeat_kv
+    if hkv != HQ and repeat_kv:  # HF repeat_kv
         rep = HQ // hkv
         inits += [numpy_helper.from_array(np.array([2], np.int64), "ax2"),
                   numpy_helper.from_array(np.array([B, hkv, rep, S, D], np.int64), "eshape"),
@@ -100,6 +104,18 @@ def test_onnxruntime_target_is_exact(kind, hkv):
     feeds = _feeds(model)
     np.testing.assert_allclose(_run(fused, feeds), _run(model, feeds), rtol=1e-5, atol=1e-5)
     assert any(n.op_type == "Softmax" for n in model.graph.node)  # input model untouched
+
+
+def test_onnxruntime_target_expands_a_broadcast_kv_head():
+    # MatMul broadcasts one K/V head over the 4 query heads; MultiHeadAttention needs them spelled out.
+    model = _graph("llama", 1, repeat_kv=False)
+    graph = import_graph(model)
+    result = FuseAttention("onnxruntime").run(graph, PassContext())
+    assert result.changed, result.not_fired
+    fused = export_graph(graph)
+    assert [n.op_type for n in fused.graph.node].count("Expand") >= 2  # K and V (the mask bias has its own)
+    feeds = _feeds(model)
+    np.testing.assert_allclose(_run(fused, feeds), _run(model, feeds), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("hkv", [HQ, 2])

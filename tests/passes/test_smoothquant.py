@@ -153,3 +153,109 @@ def test_needs_statistics():
     model = rmsnorm_qk_model(np.random.default_rng(5))
     with pytest.raises(ValueError, match="calibration statistics"):
         SmoothQuant().run(import_graph(model), PassContext())
+
+
+def test_shape_readers_do_not_block_folding():
+    """TorchScript exports read the norm output's shape (Shape -> Gather -> Reshape targets): Shape
+    reads no values, so the gain still absorbs 1/s.
+
+        x --rmsnorm--> *gain --> h --+--> MatMul(Wq), MatMul(Wk)
+                                     +--> Shape --> h_shape
+    """
+    rng = np.random.default_rng(6)
+    model = rmsnorm_qk_model(rng)
+    model.graph.node.append(helper.make_node("Shape", ["h"], ["h_shape"]))
+    model.graph.output.append(helper.make_tensor_value_info("h_shape", TensorProto.INT64, [3]))
+    smoothed, result = _smooth(model, _calib(rng), config=SmoothQuantConfig(alpha=0.5))
+    assert result.changed and not result.not_fired and "norm_gain" in result.details[0]["absorbed_by"]
+    feed = {"x": rng.normal(size=(1, T, K)).astype(np.float32)}
+    for a, b in zip(run_ort(model, feed), run_ort(smoothed, feed), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_value_path_folds_in_a_graph_without_value_info():
+    """The V -> O fold probes the channel map with the activation as an extra output; TorchScript exports
+    carry no value_info, so that tensor's dtype is unknown to the graph and must be supplied.
+
+        x --MatMul(Wv)--> v ------------+
+        s --Softmax--> p --------- MatMul(p, v) --> ctx --MatMul(Wo)--> y
+    """
+    rng = np.random.default_rng(7)
+    wv = rng.normal(size=(K, N))
+    wv[:, 2] *= 30.0  # an outlier channel in o_proj's input
+    nodes = [helper.make_node("MatMul", ["x", "wv"], ["v"], name="v_proj"),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["ctx"], name="pv"),
+             helper.make_node("MatMul", ["ctx", "wo"], ["y"], name="o_proj")]
+    model = _model(nodes, [_init("wv", wv), _init("wo", rng.normal(size=(N, K)))],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, T, K]),
+                    helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, T, T])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    assert not model.graph.value_info
+    arrays = {"x": rng.normal(size=(4, T, K)).astype(np.float32), "s": rng.normal(size=(4, T, T)).astype(np.float32)}
+    smoothed, result = _smooth(model, arrays, config=SmoothQuantConfig(alpha=0.5))
+    folded = [d for d in result.details if d["gemms"] == ["o_proj"]]
+    assert folded and "v_proj" in folded[0]["absorbed_by"], result.not_fired
+    feed = {k: v[:1] for k, v in arrays.items()}
+    np.testing.assert_allclose(run_ort(smoothed, feed)[0], run_ort(model, feed)[0], rtol=1e-4, atol=1e-4)
+
+
+def _fused_model(rng, kind):
+    """Fused projections sliced apart along the last axis (Phi-3's gate_up_proj and qkv_proj).
+
+    kind "split" / "slice":   x --MatMul(Wgu [K, 2N])--+--Split/Slice[0:N]--> g --silu--+
+                                                        +--Split/Slice[N:2N]--> u ------*--> MatMul(Wd) --> y
+    kind "qkv" / "overlap":   x --MatMul(Wqkv [K, 3N])--Slice--> q, k, v;  softmax(q kᵀ) v --> MatMul(Wo) --> y
+                              ("overlap": k's slice also reads v's first columns, so V cannot be scaled alone)
+    The outlier channel sits in the up / V columns.
+    """
+    def slice_node(src, out, lo, hi):
+        inits.extend([numpy_helper.from_array(np.array([lo], np.int64), f"{out}_lo"),
+                      numpy_helper.from_array(np.array([hi], np.int64), f"{out}_hi"),
+                      numpy_helper.from_array(np.array([-1], np.int64), f"{out}_axis")])
+        return helper.make_node("Slice", [src, f"{out}_lo", f"{out}_hi", f"{out}_axis"], [out])
+
+    inits, io = [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, T, K])]
+    if kind in ("split", "slice"):
+        w = rng.normal(size=(K, 2 * N))
+        w[:, N + 5] *= 30.0
+        nodes = [helper.make_node("MatMul", ["x", "wgu"], ["gu"], name="gate_up_proj")]
+        if kind == "split":
+            nodes.append(helper.make_node("Split", ["gu"], ["g", "u"], axis=-1, num_outputs=2))
+        else:
+            nodes += [slice_node("gu", "g", 0, N), slice_node("gu", "u", N, 2 * N)]
+        nodes += [helper.make_node("Sigmoid", ["g"], ["sg"]), helper.make_node("Mul", ["g", "sg"], ["silu"]),
+                  helper.make_node("Mul", ["silu", "u"], ["hidden"], name="gate_mul"),
+                  helper.make_node("MatMul", ["hidden", "wd"], ["y"], name="down_proj")]
+        inits += [_init("wgu", w), _init("wd", rng.normal(size=(N, K)))]
+    else:
+        w = rng.normal(size=(K, 3 * N))
+        w[:, 2 * N + 5] *= 30.0
+        k_end = 2 * N + 4 if kind == "overlap" else 2 * N
+        nodes = [helper.make_node("MatMul", ["x", "wqkv"], ["qkv"], name="qkv_proj"),
+                 slice_node("qkv", "q", 0, N), slice_node("qkv", "k", k_end - N, k_end), slice_node("qkv", "v", 2 * N, 3 * N),
+                 helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+                 helper.make_node("MatMul", ["q", "kt"], ["s"]), helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+                 helper.make_node("MatMul", ["p", "v"], ["ctx"]),
+                 helper.make_node("MatMul", ["ctx", "wo"], ["y"], name="o_proj")]
+        inits += [_init("wqkv", w / 4), _init("wo", rng.normal(size=(N, K)))]
+    return _model(nodes, inits, io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+
+
+@pytest.mark.parametrize("kind", ["split", "slice", "qkv", "overlap"])
+def test_folds_into_the_columns_of_a_fused_projection(kind):
+    rng = np.random.default_rng(8)
+    model = _fused_model(rng, kind)
+    smoothed, result = _smooth(model, _calib(rng), config=SmoothQuantConfig(alpha=0.5))
+    consumer, producer = ("down_proj", "gate_up_proj") if kind in ("split", "slice") else ("o_proj", "qkv_proj")
+    folded = [d for d in result.details if d["gemms"] == [consumer]]
+    if kind == "overlap":
+        assert not folded and any("other readers" in why for _, why in result.not_fired), result.not_fired
+        return
+    assert folded and producer in folded[0]["absorbed_by"], result.not_fired
+    before, after = _weights(model), _weights(smoothed)
+    weight = "wgu" if producer == "gate_up_proj" else "wqkv"
+    scaled = np.any(after[weight] != before[weight], axis=0)
+    assert scaled.any() and not scaled[:N].any(), "only the up / V columns may change"
+    feed = {"x": rng.normal(size=(1, T, K)).astype(np.float32)}
+    np.testing.assert_allclose(run_ort(smoothed, feed)[0], run_ort(model, feed)[0], rtol=1e-4, atol=1e-4)
