@@ -162,7 +162,7 @@ class SmoothQuant:
     def _find_absorber(self, graph: gs.Graph, group: _Group) -> tuple[_Absorber | None, str]:
         x = group.activation
         group_nodes = {id(g.node) for g in group.gemms}
-        others = [n.op for n in x.outputs if id(n) not in group_nodes and n.op != "Shape"]  # Shape reads no values
+        others = [n.op for n in _value_readers(x) if id(n) not in group_nodes]
         if others:
             return None, f"{x.name} also feeds {others}"
         if x in graph.outputs or x in graph.inputs or not x.inputs:
@@ -326,9 +326,14 @@ def _affine_absorber(x: gs.Variable, k: int) -> _Absorber | None:
     return _Absorber("affine", gains=gains, description=f"per-channel gain of {mul.name}")
 
 
+def _value_readers(tensor: gs.Tensor) -> list[gs.Node]:
+    """The nodes that read ``tensor``'s values: every reader but Shape ops, which read only its shape."""
+    return [n for n in tensor.outputs if n.op != "Shape"]
+
+
 def _exclusive(tensor: gs.Tensor, consumer: gs.Node) -> bool:
-    """True if ``consumer`` is the only reader of ``tensor`` apart from Shape ops."""
-    return all(n is consumer or n.op == "Shape" for n in tensor.outputs)
+    """True if ``consumer`` is the only node that reads ``tensor``'s values."""
+    return all(n is consumer for n in _value_readers(tensor))
 
 
 def _linear_absorber(graph: gs.Graph, x: gs.Variable, k: int) -> tuple[_Absorber | None, str]:
@@ -433,9 +438,7 @@ def _disjoint_column_slices(tensor: gs.Tensor, gemms_by_output: dict) -> bool:
     (fused q/k/v sliced apart): scaling the columns one of them reads changes nothing the others read."""
     width = gemms_by_output[id(tensor)].n if id(tensor) in gemms_by_output else None
     ranges = []
-    for reader in tensor.outputs:
-        if reader.op == "Shape":
-            continue
+    for reader in _value_readers(tensor):
         columns = _slice_columns(reader, 0, width) if reader.op == "Slice" else None
         if columns is None:
             return False

@@ -612,26 +612,27 @@ def int4_gemm(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_point
             path :func:`int4_gemm_dequant_matmul` (faster there, measured), otherwise the fused kernel with
             :func:`pick_int4_config`'s tactic.
         programmatic_launch: launch with programmatic stream serialization (PDL), so that back-to-back calls overlap
-            one's start with the previous one's end; only the mma kernel (int4_gemm_mma.py) waits for the grid
-            before it, so ``config`` must be one of its tactics.
+            one's start with the previous one's end; only for a kernel whose PTX waits for the grid before it
+            (``AotKernel.programmatic``: the mma kernel, int4_gemm_mma.py).
 
     Returns:
         [M, N] tensor of x's dtype.
 
     Raises:
-        ValueError: bad shapes or dtypes, or ``programmatic_launch`` with a tactic other than the mma kernel's.
+        ValueError: bad shapes or dtypes, or ``programmatic_launch`` on a path that is not a programmatic plugin
+            kernel.
     """
     M, N, K = _check(x, b, scales, zero_points, bias, block_size)
-    if programmatic_launch and not isinstance(config, Int4MmaConfig):
-        raise ValueError(f"Int4Gemm: programmatic_launch needs an Int4MmaConfig tactic, got {config}")
     if config is None:
-        if takes_dequant_path(M, N, K, block_size):
+        if takes_dequant_path(M, N, K, block_size) and not programmatic_launch:
             return int4_gemm_dequant_matmul(x, b, scales, zero_points, bias, block_size=block_size)
         cfg = pick_int4_config(M, N, K, block_size)
     else:
         cfg = config if isinstance(config, CUDA_CONFIGS) else fit_int4_config(config, K, block_size)
     if isinstance(cfg, CUDA_CONFIGS):
         return _int4_gemm_cuda(x, b, scales, zero_points, bias, block_size, cfg, programmatic_launch)
+    if programmatic_launch:  # Triton's launcher sets no launch attributes
+        raise ValueError(f"Int4Gemm: programmatic_launch needs a CUDA C++ plugin kernel, got {cfg}")
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y

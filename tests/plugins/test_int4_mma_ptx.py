@@ -97,17 +97,20 @@ def test_programmatic_launch_is_refused_for_kernels_that_do_not_wait():
         launch(plain, {}, {}, programmatic=True)
 
 
-def test_torch_wrapper_refuses_a_programmatic_launch_of_other_tactics():
+def test_torch_wrapper_refuses_a_programmatic_launch_of_other_kernels():
     torch = pytest.importorskip("torch")
     pytest.importorskip("triton")
     from qcompiler.plugins.int4_gemm import INT4_TACTICS, int4_gemm
+    from qcompiler.plugins.int4_gemm_wgmma import INT4_WGMMA_TACTICS
 
     x = torch.zeros(1, 4096, dtype=torch.float16)
-    b = torch.zeros(64, 32, 64, dtype=torch.uint8)
-    s = torch.ones(64, 32, dtype=torch.float16)
-    for config in (None, INT4_TACTICS["gemv"]):
-        with pytest.raises(ValueError, match="programmatic_launch needs an Int4MmaConfig"):
-            int4_gemm(x, b, s, block_size=128, config=config, programmatic_launch=True)
+    b = torch.zeros(256, 32, 64, dtype=torch.uint8)
+    s = torch.ones(256, 32, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"programmatic_launch needs a CUDA C\+\+ plugin kernel"):
+        int4_gemm(x, b, s, block_size=128, config=INT4_TACTICS["gemv"], programmatic_launch=True)
+    nvrtc_or_skip()  # the wgmma kernel is compiled, then refused by its AotKernel before any launch
+    with pytest.raises(ValueError, match="reads its inputs without griddepcontrol.wait"):
+        int4_gemm(x, b, s, block_size=128, config=next(iter(INT4_WGMMA_TACTICS.values())), programmatic_launch=True)
 
 
 def test_compile_error_carries_the_nvrtc_log():
