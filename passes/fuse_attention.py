@@ -1,27 +1,34 @@
 """Fuses exported attention subgraphs into one attention op.
 
-Recognised (as torch exports them for Llama, GPT-2 and BERT, RoPE already applied upstream)::
+Recognised (as torch exports them for Llama, GPT-2 and BERT, with the dynamo or the TorchScript
+exporter; RoPE already applied upstream)::
 
     Q ─────────────────────────────┐
-    K ─[Unsqueeze─Expand─Reshape]─Transpose(0,1,3,2)─MatMul─[Mul|Div c]─[Add mask | Where(cond, ., fill)]*─Softmax(-1)─MatMul─ O
-    V ─[Unsqueeze─Expand─Reshape]──────────────────────────────────────────────────────────────────────────────────────┘
+    K ─[Unsqueeze─Expand─Reshape]─Transpose(0,1,3,2)─MatMul─[Mul|Div c]─[Add mask | Where(cond, ., fill) | Cast f32]*─Softmax─[Cast]─MatMul─ O
+    V ─[Unsqueeze─Expand─Reshape]──────────────────────────────────────────────────────────────────────────────────────────────────┘
 
 with an optional scalar Mul on Q (or on K^T) folded into the scale. The bracketed GQA repeat of K/V
-(``repeat_kv``) is stripped for the plugin target, whose kernel indexes kv head ``h // (Hq/Hkv)``.
+(``repeat_kv``) is stripped for the plugin target, whose kernel indexes kv head ``h // (Hq/Hkv)``. A
+Cast to float32 before Softmax and one to a float type after it (``softmax(x, dtype=float32).to(v.dtype)``)
+are what the fused kernels do inside: float32 softmax, probabilities in V's type.
 
 Targets:
   * ``"plugin"``: one ``qcompiler::FlashAttention(Q, K, V) -> (O, LSE)`` node, with ``scale`` and
     ``causal``. The kernel takes no arbitrary additive mask, so the pass fires only without a mask or
-    when the mask is a compile-time constant equal to the causal mask (checked numerically: every kept
-    position is kept, every dropped one is dropped or pushed below -1e4); any other mask is declined.
+    when the mask is the causal one: a compile-time constant checked as it is, or a mask computed at
+    run time that reads only shapes (as decoder exports build it from the sequence length), computed
+    with ONNX Runtime at lengths up to ``max_seq_len`` and checked at each. Checked means every kept
+    position is kept and every dropped one is dropped or pushed below -1e4. A mask that reads an
+    input's values (a padding mask) or that is not causal at some length (a sliding window) is declined.
   * ``"onnxruntime"``: ``com.microsoft.MultiHeadAttention`` (CPU, float32) on [B, S, H*D] views of
     Q/K/V (Transpose+Reshape, the GQA repeat kept; K/V whose single head the MatMuls broadcast over
     Q's heads, multi-query attention without a repeat as Falcon exports it, are expanded to Q's heads
     first, since MultiHeadAttention takes as many K/V heads as Q heads), every mask turned into its additive
     ``attention_bias``: ``Add(m)`` contributes m and ``Where(c, s, f)`` contributes ``Where(c, 0, f)``,
     because ``softmax(where(c, s, f)) = softmax(s + where(c, 0, f))`` whenever f is a large negative
-    number (f + s rounds to f, exactly as f does) and exactly when f is -inf. The result is the
-    unfused graph's function up to float rounding.
+    number (f + s rounds to f, exactly as f does) and exactly when f is -inf. The head count comes from
+    Q's type, or (TorchScript exports reshape by sizes computed at run time) from ONNX Runtime's symbolic
+    shape inference. The result is the unfused graph's function up to float rounding.
 
 A candidate that does not match says why in ``PassResult.not_fired``.
 """
@@ -33,8 +40,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import TensorProto
 
-from qcompiler.graph import add_domain, constant_value
+from qcompiler.graph import add_domain, constant_value, subgraph_model, symbolic_shapes
 from qcompiler.pass_manager import PassContext, PassResult
 from qcompiler.plugins.ops import DOMAIN, FLASH_ATTENTION
 
@@ -43,6 +51,10 @@ __all__ = ["FuseAttention", "AttentionMatch"]
 logger = logging.getLogger(__name__)
 
 TARGETS = ("plugin", "onnxruntime")
+# Sequence lengths at which a mask computed at run time is checked (with max_seq_len): the smallest
+# ones, powers of two and one past them, where index arithmetic goes wrong first.
+_CHECK_LENGTHS = (1, 2, 3, 5, 8, 16, 17, 64, 129, 1024)
+_FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
 @dataclass
@@ -104,14 +116,19 @@ class FuseAttention:
     Args:
         target: "plugin" (qcompiler::FlashAttention for the TensorRT backend) or "onnxruntime"
             (com.microsoft.MultiHeadAttention, runnable and checkable on ONNX Runtime's CPU provider).
+        max_seq_len: the longest sequence the compiled model is meant for. The plugin target checks a
+            mask computed at run time at lengths up to it (the engine's profile should not exceed it).
     """
 
     name = "fuse_attention"
 
-    def __init__(self, target: str = "plugin"):
+    def __init__(self, target: str = "plugin", max_seq_len: int = 4096):
         if target not in TARGETS:
             raise ValueError(f"FuseAttention: target must be one of {TARGETS}, got {target!r}")
+        if not isinstance(max_seq_len, int) or max_seq_len < 1:
+            raise ValueError(f"FuseAttention: max_seq_len must be a positive int, got {max_seq_len!r}")
         self.target = target
+        self.max_seq_len = max_seq_len
 
     # ------------------------------------------------------------------------------------------ match
     def match(self, softmax: gs.Node) -> AttentionMatch | str:
@@ -121,16 +138,21 @@ class FuseAttention:
         if axis != -1 and not (x.shape is not None and axis == len(x.shape) - 1):
             return f"Softmax axis {axis} is not the last axis"
         out_t = softmax.outputs[0]
+        casts = []
+        # softmax(x, dtype=float32).to(v.dtype): the Cast that brings P to V's type (a no-op in a float32 graph)
+        while len(out_t.outputs) == 1 and out_t.outputs[0].op == "Cast" and out_t.outputs[0].attrs.get("to") in _FLOAT_TYPES:
+            casts.append(out_t.outputs[0])
+            out_t = casts[-1].outputs[0]
         if len(out_t.outputs) != 1 or out_t.outputs[0].op != "MatMul" or out_t.outputs[0].inputs[0] is not out_t:
             return (f"Softmax output does not feed exactly one MatMul as its left operand "
                     f"(it feeds {[n.op for n in out_t.outputs]})")
         pv = out_t.outputs[0]
-        nodes = [softmax, pv]
+        nodes = [softmax, pv, *casts]
         masks: list[tuple[str, gs.Node]] = []
         t = x
         scale = 1.0
         qk = None
-        for _ in range(6):  # a few masks and scales, in any order
+        for _ in range(8):  # a few masks, scales and casts, in any order
             if len(t.inputs) != 1:
                 return f"tensor {t.name} has no producer on the score path"
             node = t.inputs[0]
@@ -151,20 +173,24 @@ class FuseAttention:
                 t = other
             elif node.op == "Add":
                 a, b = node.inputs
-                if a.inputs and a.inputs[0].op in ("MatMul", "Mul", "Div", "Where", "Add") and self._leads_to_qk(a):
+                if a.inputs and a.inputs[0].op in ("MatMul", "Mul", "Div", "Where", "Add", "Cast") and self._leads_to_qk(a):
                     t = a
                 elif self._leads_to_qk(b):
                     t = b
                 else:
-                    return f"Add {node.name} does not sit on a QK^T path"
+                    stops = sorted({n.op for n in map(self._score_source, (a, b)) if n is not None and n.op != "Constant"})
+                    return f"Add {node.name} does not sit on a QK^T path (the walk back stops at {', '.join(stops) or 'inputs'})"
                 masks.append(("add", node))
                 nodes.append(node)
             elif node.op == "Where":
                 masks.append(("where", node))
                 nodes.append(node)
                 t = node.inputs[1]
+            elif node.op == "Cast" and node.attrs.get("to") == TensorProto.FLOAT:  # scores widened for the softmax
+                nodes.append(node)
+                t = node.inputs[0]
             else:
-                return f"{node.op} {node.name} between QK^T and Softmax is not a scale or a mask"
+                return f"{node.op} {node.name} between QK^T and Softmax is not a scale, a mask or a Cast to float32"
         if qk is None:
             return "no QK^T MatMul found within the score path"
         nodes.append(qk)
@@ -205,25 +231,37 @@ class FuseAttention:
 
     @staticmethod
     def _leads_to_qk(t: gs.Tensor) -> bool:
-        for _ in range(6):
+        source = FuseAttention._score_source(t)
+        return source is not None and source.op == "MatMul"
+
+    @staticmethod
+    def _score_source(t: gs.Tensor) -> gs.Node | None:
+        """Where the walk back from ``t`` through scales, masks and casts ends: QK^T's MatMul when ``t``
+        is on a score path, else the node that stopped it (None for a graph input or constant)."""
+        for _ in range(8):
             if len(t.inputs) != 1:
-                return False
+                return None
             node = t.inputs[0]
             if node.op == "MatMul":
-                return True
+                return node
             if node.op in ("Mul", "Div"):
                 t = node.inputs[0] if _scalar(node.inputs[1]) is not None else node.inputs[1]
             elif node.op == "Where":
                 t = node.inputs[1]
+            elif node.op == "Cast":
+                t = node.inputs[0]
             elif node.op == "Add":
-                return FuseAttention._leads_to_qk(node.inputs[0]) or FuseAttention._leads_to_qk(node.inputs[1])
+                sources = [FuseAttention._score_source(x) for x in node.inputs]
+                return next((n for n in sources if n is not None and n.op == "MatMul"), sources[0] or sources[1])
             else:
-                return False
-        return False
+                return node
+        return None
 
     # ------------------------------------------------------------------------------------------- run
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         fused, not_fired = [], []
+        mask_checks: dict[tuple[str, ...], str] = {}  # the layers share one mask: check it once
+        shapes: dict[str, list[int | str]] | None = None
         for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
             m = self.match(softmax)
             if isinstance(m, str):
@@ -232,7 +270,15 @@ class FuseAttention:
             if context.is_excluded(softmax.name):
                 not_fired.append((softmax.name, "excluded by the user"))
                 continue
-            reason = self._rewrite_plugin(graph, m) if self.target == "plugin" else self._rewrite_ort(graph, m)
+            if self.target == "plugin":
+                reason = self._rewrite_plugin(graph, m, mask_checks)
+            else:
+                heads = _dim(m.q, 1)
+                if heads is None:  # TorchScript exports reshape by sizes computed at run time
+                    shapes = symbolic_shapes(graph) if shapes is None else shapes
+                    found = (shapes.get(m.q.name) or [None, None])[1]
+                    heads = found if isinstance(found, int) and found > 0 else None
+                reason = self._rewrite_ort(graph, m, heads)
             if reason:
                 not_fired.append((softmax.name, reason))
                 continue
@@ -250,12 +296,15 @@ class FuseAttention:
         out.inputs.clear()
         return out
 
-    def _rewrite_plugin(self, graph: gs.Graph, m: AttentionMatch) -> str:
+    def _rewrite_plugin(self, graph: gs.Graph, m: AttentionMatch, mask_checks: dict[tuple[str, ...], str]) -> str:
         causal = 0
         if m.masks:
-            causal_ok = self._constant_causal(m)
-            if causal_ok is not True:
-                return causal_ok or "mask is not a constant causal mask"
+            terms = self._mask_terms(m)
+            key = tuple(t.name for term in terms for t in term[1:] if t is not None)
+            if key not in mask_checks:
+                mask_checks[key] = self._causal_reason(graph, terms)
+            if mask_checks[key]:
+                return mask_checks[key]
             causal = 1
         out = self._detach(graph, m)
         lse = gs.Variable(f"{out.name}_lse", dtype=np.float32)
@@ -266,39 +315,60 @@ class FuseAttention:
         add_domain(graph, DOMAIN)
         return ""
 
-    @staticmethod
-    def _constant_causal(m: AttentionMatch) -> bool | str:
-        """True if the (constant) masks are exactly a top-left causal mask over [S, S]."""
-        keep = None
+    def _mask_terms(self, m: AttentionMatch) -> list[tuple[str, gs.Tensor, gs.Tensor | None]]:
+        """("add", mask, None) for ``Add(scores, mask)``; ("where", cond, fill) for ``Where(cond, scores, fill)``."""
+        terms = []
         for kind, node in m.masks:
             if kind == "add":
-                mask = constant_value(node.inputs[1]) if constant_value(node.inputs[0]) is None else constant_value(node.inputs[0])
-                if mask is None:
-                    return "additive mask is computed at run time (the plugin target takes only a constant causal mask)"
-                mask = np.asarray(mask, np.float64)
-                if not np.all((mask == 0) | (mask <= -1e4)):
-                    return "additive mask holds values other than 0 and large negatives"
-                k = mask == 0
+                on_path = 0 if self._leads_to_qk(node.inputs[0]) else 1
+                terms.append(("add", node.inputs[1 - on_path], None))
             else:
-                cond = constant_value(node.inputs[0])
-                fill = _scalar(node.inputs[2])
-                if cond is None or fill is None:
-                    return "Where mask condition is computed at run time (the plugin target takes only a constant causal mask)"
-                if fill > -1e4:
-                    return f"Where fill value {fill} is not a large negative"
-                k = np.asarray(cond, bool)
-            keep = k if keep is None else (keep & k)
-        keep2 = keep.reshape(keep.shape[-2:]) if keep.size == keep.shape[-1] * keep.shape[-2] else None
-        if keep2 is None or keep2.shape[0] != keep2.shape[1]:
-            return "constant mask varies over batch or heads, or is not square"
-        if not np.array_equal(keep2, np.tril(np.ones_like(keep2, dtype=bool))):
-            return "constant mask is not the causal (lower-triangular) mask"
-        return True
+                terms.append(("where", node.inputs[0], node.inputs[2]))
+        return terms
 
-    def _rewrite_ort(self, graph: gs.Graph, m: AttentionMatch) -> str:
-        heads = m.q.shape[1] if m.q.shape is not None and isinstance(m.q.shape[1], int) else None
+    def _causal_reason(self, graph: gs.Graph, terms: list[tuple[str, gs.Tensor, gs.Tensor | None]]) -> str:
+        """Empty if the masks keep exactly the causal (lower-triangular) positions, else why not.
+
+        A constant mask is checked as it is. A mask computed at run time qualifies only if it reads no
+        input's values, only shapes: then it is a function of the sequence length (not a padding mask),
+        computed here with ONNX Runtime at lengths up to ``max_seq_len``, and must be causal at each. A
+        sliding window wider than every length checked would pass for causal, so an integer constant
+        beyond ``max_seq_len`` in the mask's computation declines the fusion.
+        """
+        tensors = [t for term in terms for t in term[1:] if t is not None]
+        if all(constant_value(t) is not None for t in tensors):
+            return _keeps_causal(terms, {t.name: np.asarray(constant_value(t)) for t in tensors})
+        closure = _shape_only_closure(tensors)
+        if isinstance(closure, str):
+            return closure
+        nodes, inputs, integers = closure
+        wide = sorted({c for c in integers if self.max_seq_len < abs(c) < 2**31 - 1})
+        if wide:
+            return (f"the mask is computed with the constant {wide[0]}, beyond max_seq_len={self.max_seq_len} "
+                    f"(a sliding window?), so it cannot be checked as causal up to there")
+        import onnxruntime as ort
+
+        computed = [t for t in tensors if constant_value(t) is None]
+        try:
+            session = ort.InferenceSession(subgraph_model(graph, nodes, inputs, computed).SerializeToString(),
+                                           providers=["CPUExecutionProvider"])
+        except Exception as err:  # ONNX Runtime raises its own error types
+            return f"the mask's computation does not run on its own in ONNX Runtime: {str(err).splitlines()[0]}"
+        constants = {t.name: np.asarray(constant_value(t)) for t in tensors if constant_value(t) is not None}
+        for length in sorted({n for n in _CHECK_LENGTHS if n < self.max_seq_len} | {self.max_seq_len}):
+            feeds = _shape_feeds(inputs, batch=2, length=length)
+            if isinstance(feeds, str):
+                return feeds
+            names = [t.name for t in computed]
+            values = dict(zip(names, session.run(names, feeds), strict=True))
+            reason = _keeps_causal(terms, {**constants, **values}, length)
+            if reason:
+                return f"{reason} (mask computed at run time, at sequence length {length})"
+        return ""
+
+    def _rewrite_ort(self, graph: gs.Graph, m: AttentionMatch, heads: int | None) -> str:
         if heads is None:
-            return "number of heads (dim 1 of Q) is not static"
+            return "number of heads (dim 1 of Q) is not static, nor found by symbolic shape inference"
         name = m.softmax.name or m.out.name
 
         def to_bsh(t: gs.Tensor, tag: str) -> gs.Tensor:
@@ -310,14 +380,13 @@ class FuseAttention:
             return r
 
         bias = None
-        for kind, node in m.masks:
+        for kind, mask, fill in self._mask_terms(m):
             if kind == "add":
-                on_path = 0 if self._leads_to_qk(node.inputs[0]) else 1
-                term = node.inputs[1 - on_path]
+                term = mask
             else:
                 term = gs.Variable(f"{name}_where_bias_{len(graph.nodes)}", dtype=np.float32)
                 zero = gs.Constant(f"{name}_zero_{len(graph.nodes)}", np.zeros((), np.float32))
-                graph.nodes.append(gs.Node("Where", inputs=[node.inputs[0], zero, node.inputs[2]], outputs=[term]))
+                graph.nodes.append(gs.Node("Where", inputs=[mask, zero, fill], outputs=[term]))
             if bias is None:
                 bias = term
             else:
@@ -363,3 +432,90 @@ class FuseAttention:
         graph.nodes.append(gs.Node("Transpose", attrs={"perm": [0, 2, 1, 3]}, inputs=[o4], outputs=[out]))
         add_domain(graph, "com.microsoft")
         return ""
+
+
+def _keeps_causal(terms: list[tuple[str, gs.Tensor, gs.Tensor | None]], values: dict[str, np.ndarray],
+                  length: int | None = None) -> str:
+    """Empty if the masks, given their tensors' values, keep exactly the lower triangle of every
+    [query, key] slice (of ``length`` x ``length`` when given), else why not."""
+    keep = None
+    for kind, mask, fill in terms:
+        if kind == "add":
+            additive = np.asarray(values[mask.name], np.float64)
+            if not np.all((additive == 0) | (additive <= -1e4)):
+                return "additive mask holds values other than 0 and large negatives"
+            kept = additive == 0
+        else:
+            fill_value = np.asarray(values[fill.name])
+            if fill_value.size != 1:
+                return "Where mask fills with a tensor, not a scalar"
+            if float(fill_value.reshape(-1)[0]) > -1e4:
+                return f"Where fill value {float(fill_value.reshape(-1)[0])} is not a large negative"
+            kept = np.asarray(values[mask.name], bool)
+        try:
+            keep = kept if keep is None else keep & kept
+        except ValueError:
+            return f"masks of shapes {keep.shape} and {kept.shape} do not broadcast"
+    if keep.ndim < 2 or keep.shape[-1] != keep.shape[-2]:
+        return f"mask of shape {list(keep.shape)} is not square over (query, key)"
+    if length is not None and keep.shape[-1] != length:
+        return f"mask is {keep.shape[-1]} x {keep.shape[-1]}, not {length} x {length}"
+    if not np.all(keep == np.tril(np.ones(keep.shape[-2:], bool))):
+        return "mask is not the causal (lower-triangular) mask, in every batch and head"
+    return ""
+
+
+def _shape_only_closure(tensors: list[gs.Tensor]) -> tuple[list[gs.Node], list[gs.Tensor], list[int]] | str:
+    """The nodes computing ``tensors``, the graph inputs they read, and the integer constants their
+    values depend on; or why the tensors depend on an input's values (through anything but Shape/Size)."""
+    nodes: dict[int, gs.Node] = {}
+    inputs: dict[str, gs.Tensor] = {}
+    integers: list[int] = []
+    seen: set[tuple[str, bool]] = set()
+    stack = [(t, True) for t in tensors]
+    while stack:
+        tensor, by_value = stack.pop()
+        if (tensor.name, True) in seen or (tensor.name, by_value) in seen:
+            continue
+        seen.add((tensor.name, by_value))
+        value = constant_value(tensor)
+        if value is not None:
+            if by_value and np.issubdtype(np.asarray(value).dtype, np.integer) and np.asarray(value).size <= 64:
+                integers += [int(c) for c in np.asarray(value).reshape(-1)]
+            if tensor.inputs:  # a Constant node
+                nodes[id(tensor.inputs[0])] = tensor.inputs[0]
+            continue
+        if not tensor.inputs:
+            if by_value:
+                return (f"the mask reads the values of graph input {tensor.name} (a padding mask?); only a causal mask "
+                        f"computed from shapes fits the plugin")
+            inputs[tensor.name] = tensor
+            continue
+        node = tensor.inputs[0]
+        if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+            return f"the mask is computed with control flow ({node.op} {node.name})"
+        nodes[id(node)] = node
+        reads_values = by_value and node.op not in ("Shape", "Size")
+        stack += [(t, reads_values) for t in node.inputs if t.name]
+    return list(nodes.values()), list(inputs.values()), integers
+
+
+def _shape_feeds(inputs: list[gs.Tensor], *, batch: int, length: int) -> dict[str, np.ndarray] | str:
+    """Zeros for the inputs whose shapes a run-time mask reads: their first dynamic dimension is the
+    batch, the second the sequence (as exports name them: batch, seq); static ones stay as they are."""
+    symbols: list[str] = []
+    feeds = {}
+    for t in inputs:
+        shape = []
+        for dim in t.shape or []:
+            if isinstance(dim, int) and dim >= 0:
+                shape.append(dim)
+                continue
+            if not isinstance(dim, str) or (dim not in symbols and len(symbols) == 2):
+                return f"cannot tell the batch and sequence dimensions of input {t.name} {list(t.shape)}"
+            symbols += [] if dim in symbols else [dim]
+            shape.append((batch, length)[symbols.index(dim)])
+        if t.shape is None or t.dtype is None:
+            return f"input {t.name} has no static rank or type"
+        feeds[t.name] = np.zeros(shape, t.dtype)
+    return feeds

@@ -21,7 +21,8 @@ from qcompiler.errors import InputModelError, OutputPathError
 
 __all__ = [
     "load_model", "save_model", "import_graph", "export_graph", "ensure_opset", "add_domain",
-    "constant_value", "single_consumer", "ONNX_PROTO_LIMIT", "WeightedGemm", "weighted_gemms", "KEEP_FLOAT_SUFFIX",
+    "constant_value", "single_consumer", "subgraph_model", "symbolic_shapes", "ONNX_PROTO_LIMIT", "WeightedGemm",
+    "weighted_gemms", "KEEP_FLOAT_SUFFIX",
 ]
 
 logger = logging.getLogger(__name__)
@@ -220,6 +221,55 @@ def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
         if isinstance(attr, gs.Constant):
             return attr.values
     return None
+
+
+def subgraph_model(graph: gs.Graph, nodes: list[gs.Node], inputs: list[gs.Tensor], outputs: list[gs.Tensor], *,
+                   weightless_above: int | None = None) -> onnx.ModelProto:
+    """A standalone model of ``nodes`` (in graph order) reading ``inputs`` and the constants they use, for
+    evaluating or inferring part of ``graph`` without exporting all of it (nor editing it).
+
+    With ``weightless_above``, constants of more elements become typed graph inputs without data: what
+    shape inference needs, at none of the weights' memory.
+    """
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    def info(t: gs.Tensor) -> onnx.ValueInfoProto:
+        if t.dtype is None:  # untyped intermediates of TorchScript exports: ONNX Runtime infers them
+            return onnx.helper.make_empty_tensor_value_info(t.name)
+        return onnx.helper.make_tensor_value_info(t.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)), t.shape)
+
+    members = {id(n) for n in nodes}
+    ordered = [n for n in graph.nodes if id(n) in members]
+    constants = {t.name: t for n in ordered for t in n.inputs if isinstance(t, gs.Constant)}
+    heavy = {name for name, t in constants.items() if weightless_above is not None and t.values.size > weightless_above}
+    initializers = [OnnxExporter.export_tensor_proto(t) for name, t in constants.items() if name not in heavy]
+    graph_inputs = [info(t) for t in inputs] + [info(constants[name]) for name in heavy]
+    body = onnx.helper.make_graph([OnnxExporter.export_node(n) for n in ordered], "subgraph", graph_inputs,
+                                  [info(t) for t in outputs], initializers)
+    domains = graph.import_domains or [onnx.helper.make_opsetid("", graph.opset)]
+    model = onnx.helper.make_model(body, opset_imports=list(domains))
+    model.ir_version = min(model.ir_version, 10)
+    return model
+
+
+def symbolic_shapes(graph: gs.Graph) -> dict[str, list[int | str]]:
+    """Each tensor's shape as ONNX Runtime's symbolic shape inference derives it (ints, or symbols such as
+    the graph inputs' ``batch``/``seq``), run on a weightless copy. It resolves what TorchScript exports
+    compute at run time (``Shape -> Gather -> Concat -> Reshape``), e.g. the head count of Q.
+    Empty when the inference fails (it does not know every contrib op)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    model = subgraph_model(graph, graph.nodes, [t for t in graph.inputs if not isinstance(t, gs.Constant)],
+                           graph.outputs, weightless_above=1024)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as err:  # an assertion or KeyError deep inside the tool, on ops it does not handle
+        logger.info("symbolic shape inference failed: %s: %s", type(err).__name__, err)
+        return {}
+    if inferred is None:
+        return {}
+    return {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
+            for v in list(inferred.graph.value_info) + list(inferred.graph.output) if v.type.tensor_type.HasField("shape")}
 
 
 def single_consumer(tensor: gs.Tensor) -> gs.Node | None:

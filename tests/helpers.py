@@ -28,3 +28,33 @@ def gemm_input_stats(model: onnx.ModelProto, arrays: dict[str, np.ndarray], thre
 def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
     noise = np.linalg.norm(reference.astype(np.float64) - approximation)
     return float("inf") if noise == 0 else float(20 * np.log10(np.linalg.norm(reference) / noise))
+
+
+def _flash_attention_op():
+    from onnx.reference.op_run import OpRun
+
+    class FlashAttention(OpRun):
+        """qcompiler::FlashAttention as plugins/ops.py defines it, in float64 numpy (no GPU, no Triton)."""
+
+        op_domain = "qcompiler"
+
+        def _run(self, q, k, v, seqlens_k=None, causal=0, scale=0.0):
+            assert seqlens_k is None, "the test reference covers dense batches only"
+            k, v = (np.repeat(t.astype(np.float64), q.shape[1] // t.shape[1], axis=1) for t in (k, v))
+            s = (scale or 1 / np.sqrt(q.shape[-1])) * (q.astype(np.float64) @ k.swapaxes(-1, -2))
+            if causal:  # bottom-right aligned: query i sees key j iff j <= i + Sk - Sq
+                sq, sk = s.shape[-2:]
+                s = np.where(np.arange(sk)[None, :] <= np.arange(sq)[:, None] + sk - sq, s, -np.inf)
+            top = s.max(-1, keepdims=True)
+            lse = np.log(np.exp(s - top).sum(-1)) + top[..., 0]
+            return (np.exp(s - lse[..., None]) @ v).astype(q.dtype), lse.astype(np.float32)
+
+    return FlashAttention
+
+
+def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``model`` run by ONNX's reference evaluator, with qcompiler::FlashAttention in numpy: checks the
+    plugin target's graphs on a CPU."""
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(model, new_ops=[_flash_attention_op()]).run(None, feeds)

@@ -34,7 +34,7 @@ from qcompiler.graph import export_graph, import_graph
 from qcompiler.pass_manager import PassContext
 from qcompiler.passes.fuse_attention import FuseAttention
 from qcompiler.passes.smoothquant import SmoothQuant
-from tests.helpers import gemm_input_stats, run_ort, sqnr_db
+from tests.helpers import gemm_input_stats, run_ort, run_reference, sqnr_db
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -181,6 +181,25 @@ def test_multi_query_attention_without_repeat_fuses_for_onnxruntime():
     np.testing.assert_allclose(_logits(fused, held), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
 
+def _fused_attention(model: onnx.ModelProto, target: str):
+    graph = import_graph(model)
+    result = FuseAttention(target, max_seq_len=256).run(graph, PassContext())
+    return export_graph(graph), result
+
+
+def test_attention_fuses_on_the_torchscript_export():
+    """TorchScript exports cast softmax's output (``softmax(x, dtype=float32).to(dtype)``) and reshape
+    heads by sizes computed at run time; their masks read ``attention_mask``, which the plugin cannot take."""
+    model = exported("qwen2", "torchscript", outliers=2)
+    fused, result = _fused_attention(model, "onnxruntime")
+    assert len(result.details) == 2, result.not_fired
+    held = _arrays(model, 2, seed=2)
+    reference = _logits(model, held)
+    np.testing.assert_allclose(_logits(fused, held), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+    _, declined = _fused_attention(model, "plugin")
+    assert not declined.changed and all("attention_mask" in why for _, why in declined.not_fired), declined.not_fired
+
+
 @pytest.mark.parametrize("arch,folded,declined", [("phi3", 9, 0), ("gemma", 9, 0), ("falcon", 3, 4)])
 def test_smoothquant_is_exact_and_explains_what_it_declines(arch, folded, declined):
     """Phi-3's fused projections fold into their V and up columns; Gemma's gains are exported as constants
@@ -209,3 +228,29 @@ def test_every_recipe_compiles_every_architecture(arch, exporter, tmp_path):
         got = _logits(compiled, held)
         assert np.all(np.isfinite(got)), recipe
         assert sqnr_db(reference, got) > 0.0, recipe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_attention_fusion_every_architecture(arch, exporter):
+    """Both targets on every architecture: what fuses is exact (the plugin's op run by its numpy
+    reference), and what does not says why: Gemma2's tanh soft-capping, Mistral's sliding window (8
+    here), and for the plugin every TorchScript export's mask, which reads ``attention_mask``."""
+    model = exported(arch, exporter)
+    softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
+    held = _arrays(model, 2, seed=2)
+    reference = _logits(model, held)
+    for target in ("onnxruntime", "plugin"):
+        fused, result = _fused_attention(model, target)
+        if arch == "gemma2":
+            assert not result.changed and all("Tanh" in why for _, why in result.not_fired), result.not_fired
+            continue
+        if target == "plugin" and (exporter == "torchscript" or arch == "mistral"):
+            why = "attention_mask" if exporter == "torchscript" else "not the causal"
+            assert not result.changed and all(why in w for _, w in result.not_fired), result.not_fired
+            continue
+        assert len(result.details) == softmaxes, (target, result.not_fired)
+        got = (np.concatenate([run_reference(fused, {k: v[i:i + 1] for k, v in held.items()})[0] for i in range(2)])
+               if target == "plugin" else _logits(fused, held))
+        np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())

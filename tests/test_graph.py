@@ -1,11 +1,14 @@
-"""Graph I/O: atomic writes, external data when needed, the input never overwritten, opset raised with a reason."""
+"""Graph I/O: atomic writes, external data when needed, the input never overwritten, opset raised with a reason;
+standalone models of part of a graph, symbolic shapes."""
 
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import qcompiler.graph as graph_io
 from qcompiler.errors import InputModelError, OutputPathError
+from qcompiler.graph import import_graph, subgraph_model, symbolic_shapes
 from tests.helpers import run_ort
 from tests.passes.graphs import make_model, two_linear_model
 
@@ -80,3 +83,38 @@ def test_ensure_opset_rewrites_nodes_whose_signature_changed():
         feed = {"x": np.random.default_rng(opset).normal(size=(2, 3, 8)).astype(np.float32)}
         for a, b in zip(run_ort(model, feed), run_ort(raised, feed), strict=True):
             np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+
+
+def _two_matmuls():
+    """x [batch, 8] ─ MatMul(W1 [8, 300]) ─ h ─ MatMul(W2 [300, 4]) ─ y"""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in (("W1", (8, 300)), ("W2", (300, 4)))]
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("MatMul", ["h", "W2"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_subgraph_model_computes_an_intermediate_and_leaves_the_graph_alone():
+    model = _two_matmuls()
+    graph = import_graph(model)
+    tensors = graph.tensors()
+    sub = subgraph_model(graph, graph.nodes[:1], [tensors["x"]], [tensors["h"]])
+    x = np.ones((2, 8), np.float32)
+    np.testing.assert_allclose(run_ort(sub, {"x": x})[0], x @ numpy_helper.to_array(model.graph.initializer[0]), rtol=1e-5)
+    assert [i.name for i in sub.graph.initializer] == ["W1"]  # only what the chosen nodes read
+    assert len(graph.nodes) == 2 and tensors["h"].outputs == [graph.nodes[1]]  # the graph is not edited
+    weightless = subgraph_model(graph, graph.nodes, [tensors["x"]], [tensors["y"]], weightless_above=2000)
+    assert [i.name for i in weightless.graph.initializer] == ["W2"] and [i.name for i in weightless.graph.input] == ["x", "W1"]
+
+
+def test_symbolic_shapes_resolve_run_time_reshapes():
+    """Reshape(x, Concat(Shape(x)[0], [2], [-1])): the 2 is static although the shape is computed."""
+    nodes = [helper.make_node("Shape", ["x"], ["xs"], start=0, end=1), helper.make_node("Concat", ["xs", "two", "minus1"], ["shape"], axis=0),
+             helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    inits = [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("two", 2), ("minus1", -1))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    graph = import_graph(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
+    assert graph.tensors()["y"].shape is None
+    assert symbolic_shapes(graph)["y"] == ["batch", 2, 4]

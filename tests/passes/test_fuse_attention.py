@@ -5,8 +5,9 @@
     V ─[repeat_kv]───────────────────────────────────────────────────────────────────────────────┘
 
 onnxruntime target: the fused graph runs in ORT (com.microsoft.MultiHeadAttention) and must equal the
-unfused one (fp32, ~1e-5). plugin target: qcompiler::FlashAttention's documented semantics (torch
-reference on CPU) must equal ORT's output of the unfused graph; runtime masks are declined.
+unfused one (fp32, ~1e-5). plugin target: qcompiler::FlashAttention's documented semantics (a numpy reference run by ONNX's
+reference evaluator) must equal ORT's output of the unfused graph; a mask computed at run time is fused
+only when it reads nothing but shapes and is causal at every length checked.
 """
 
 import numpy as np
@@ -17,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompiler.graph import export_graph, import_graph
 from qcompiler.pass_manager import PassContext
 from qcompiler.passes.fuse_attention import FuseAttention
+from tests.helpers import run_reference
 
 B, HQ, S, D = 2, 4, 7, 8
 
@@ -73,7 +75,7 @@ def _feeds(model, seed=0):
     rng = np.random.default_rng(seed)
     feeds = {}
     for i in model.graph.input:
-        shape = [d.dim_value for d in i.type.tensor_type.shape.dim]
+        shape = [d.dim_value or {"batch": B, "seq": S}[d.dim_param] for d in i.type.tensor_type.shape.dim]
         if i.name == "mask":
             keep = rng.random(shape) > 0.3
             keep[..., 0] = True
@@ -120,10 +122,6 @@ def test_onnxruntime_target_expands_a_broadcast_kv_head():
 
 @pytest.mark.parametrize("hkv", [HQ, 2])
 def test_plugin_target_causal_constant_mask(hkv):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("triton", reason="the reference lives beside the Triton kernel")
-    from qcompiler.plugins.flash_attention import flash_attention_reference
-
     model = _graph("llama", hkv, const_causal=True)
     graph = import_graph(model)
     result = FuseAttention("plugin").run(graph, PassContext())
@@ -135,17 +133,15 @@ def test_plugin_target_causal_constant_mask(hkv):
     assert attrs["causal"] == 1 and abs(attrs["scale"] - 1 / np.sqrt(D)) < 1e-7
     assert len(fused.graph.node) == 1
     feeds = _feeds(model)
-    o, _ = flash_attention_reference(*(torch.from_numpy(feeds[n]) for n in ("q", "k", "v")), causal=True,
-                                     scale=attrs["scale"])
-    np.testing.assert_allclose(o.numpy(), _run(model, feeds), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_reference(fused, feeds)[0], _run(model, feeds), rtol=1e-5, atol=1e-5)
 
 
-def test_plugin_target_declines_runtime_mask():
+def test_plugin_target_declines_a_mask_read_from_an_input():
     graph = import_graph(_graph("bert"))
     result = FuseAttention("plugin").run(graph, PassContext())
     assert not result.changed
     assert result.not_fired == [("attn_softmax", result.not_fired[0][1])]
-    assert "run time" in result.not_fired[0][1]
+    assert "values of graph input mask" in result.not_fired[0][1]
 
 
 def test_not_attention_softmax_is_left_alone():
@@ -160,7 +156,8 @@ def test_not_attention_softmax_is_left_alone():
 @pytest.mark.parametrize("builder", ["build_llama", "build_gpt2", "build_bert"])
 def test_exported_models(builder):
     """Models torch exports (models/builders.py): every layer fuses for ONNX Runtime and the logits are
-    unchanged; the plugin target declines their run-time masks with a reason."""
+    unchanged. For the plugin, the decoders' causal masks (computed at run time from the input's shape)
+    fuse and the logits are unchanged under the op's reference; BERT's padding mask is declined."""
     pytest.importorskip("torch")
     builders = pytest.importorskip("qcompiler.models.builders")
     model = getattr(builders, builder)()
@@ -179,6 +176,137 @@ def test_exported_models(builder):
             feeds[i.name] = mask
         else:
             feeds[i.name] = rng.integers(0, 200, (2, 11)).astype(np.int64)
+    reference = _run(model, feeds)
+    np.testing.assert_allclose(_run(fused, feeds), reference, rtol=1e-5, atol=1e-5)
+    graph = import_graph(model)
+    plugin = FuseAttention("plugin", max_seq_len=1024).run(graph, PassContext())
+    if builder == "build_bert":
+        assert not plugin.changed and len(plugin.not_fired) == n_softmax
+        assert all("values of graph input attention_mask" in why for _, why in plugin.not_fired), plugin.not_fired
+        return
+    assert len(plugin.details) == n_softmax and all(d["masks"] for d in plugin.details), plugin.not_fired
+    fused = export_graph(graph)
+    assert not any(n.op_type == "Softmax" for n in fused.graph.node)
+    np.testing.assert_allclose(run_reference(fused, feeds)[0], reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+
+
+def _runtime_mask_graph(*, window=None, upper=False, padding=False, casts=False):
+    """Attention whose mask is computed at run time from Q's shape, as exports build it (dims symbolic)::
+
+        q ─ Shape ─ Gather(2) ─ Range ─┬ Unsqueeze(1) = i ─┐
+                                       └ Unsqueeze(0) = j ─ i >= j [& i - j < window] [& keep[b, j]] ─ Where(., scores, fill)
+
+    ``upper`` keeps j >= i instead (not causal); ``padding`` ands in a padding mask read from the input
+    ``keep`` (a run-time value); ``casts`` adds the Cast(float) before and after Softmax that TorchScript
+    exports of ``softmax(x, dtype=float32).to(dtype)`` carry.
+    """
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info(n, f32, ["batch", HQ, "seq", D]) for n in ("q", "k", "v")]
+    inits = [numpy_helper.from_array(np.array(v, dt), n) for n, v, dt in
+             [("two", 2, np.int64), ("zero", 0, np.int64), ("one", 1, np.int64), ("ax0", [0], np.int64),
+              ("ax1", [1], np.int64), ("axes01", [1, 2], np.int64), ("isd", 1 / np.sqrt(D), np.float32),
+              ("fill", np.finfo(np.float32).min, np.float32), ("window", window or 0, np.int64)]]
+    nodes = [helper.make_node("Shape", ["q"], ["qshape"]), helper.make_node("Gather", ["qshape", "two"], ["seq"]),
+             helper.make_node("Range", ["zero", "seq", "one"], ["pos"]),
+             helper.make_node("Unsqueeze", ["pos", "ax1"], ["i"]), helper.make_node("Unsqueeze", ["pos", "ax0"], ["j"]),
+             helper.make_node("GreaterOrEqual", ["j", "i"] if upper else ["i", "j"], ["cond0"])]
+    cond = "cond0"
+    if window:
+        nodes += [helper.make_node("Sub", ["i", "j"], ["dist"]), helper.make_node("Less", ["dist", "window"], ["near"]),
+                  helper.make_node("And", [cond, "near"], ["cond1"])]
+        cond = "cond1"
+    if padding:
+        inputs.append(helper.make_tensor_value_info("keep", TensorProto.BOOL, ["batch", "seq"]))
+        nodes += [helper.make_node("Unsqueeze", ["keep", "axes01"], ["keep4"]), helper.make_node("And", [cond, "keep4"], ["cond2"])]
+        cond = "cond2"
+    nodes += [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), helper.make_node("MatMul", ["q", "kt"], ["qk"]),
+              helper.make_node("Mul", ["qk", "isd"], ["s0"]), helper.make_node("Where", [cond, "s0", "fill"], ["s1"])]
+    scores, probs = "s1", "p"
+    if casts:
+        nodes.append(helper.make_node("Cast", ["s1"], ["s1f"], to=f32))
+        scores, probs = "s1f", "p0"
+    nodes.append(helper.make_node("Softmax", [scores], [probs], axis=-1, name="attn_softmax"))
+    if casts:
+        nodes.append(helper.make_node("Cast", ["p0"], ["p"], to=f32))
+    nodes.append(helper.make_node("MatMul", ["p", "v"], ["o"]))
+    g = helper.make_graph(nodes, "attn", inputs, [helper.make_tensor_value_info("o", f32, ["batch", HQ, "seq", D])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    return m
+
+
+@pytest.mark.parametrize("casts", [False, True])
+def test_plugin_target_fuses_a_causal_mask_computed_from_shapes(casts):
+    model = _runtime_mask_graph(casts=casts)
+    graph = import_graph(model)
+    result = FuseAttention("plugin", max_seq_len=300).run(graph, PassContext())
+    assert result.changed, result.not_fired
+    fused = export_graph(graph)
+    assert [n.op_type for n in fused.graph.node] == ["FlashAttention"]  # the mask's computation is gone too
+    assert helper.get_attribute_value(fused.graph.node[0].attribute[0]) == 1  # causal
+    feeds = _feeds(model)
+    np.testing.assert_allclose(run_reference(fused, feeds)[0], _run(model, feeds), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask,max_seq_len,why", [
+    (dict(window=4), 300, "not the causal"),  # a sliding window is caught at lengths past it
+    (dict(window=200), 300, "not the causal"),  # ... also when only the longest length checked is past it
+    (dict(window=500), 300, "constant 500, beyond max_seq_len=300"),  # wider than any length checked
+    (dict(upper=True), 300, "not the causal"),
+    (dict(padding=True), 300, "values of graph input keep"),
+])
+def test_plugin_target_declines_other_run_time_masks(mask, max_seq_len, why):
+    graph = import_graph(_runtime_mask_graph(**mask))
+    result = FuseAttention("plugin", max_seq_len=max_seq_len).run(graph, PassContext())
+    assert not result.changed
+    assert why in result.not_fired[0][1], result.not_fired
+
+
+def test_a_window_wider_than_max_seq_len_is_exactly_causal_up_to_it():
+    # Up to max_seq_len the window never bites: the fused op is exact for every sequence the model is meant for.
+    result = FuseAttention("plugin", max_seq_len=500).run(import_graph(_runtime_mask_graph(window=500)), PassContext())
+    assert result.changed, result.not_fired
+
+
+def test_onnxruntime_target_with_casts_around_softmax():
+    model = _runtime_mask_graph(casts=True)
+    graph = import_graph(model)
+    result = FuseAttention("onnxruntime").run(graph, PassContext())
+    assert result.changed, result.not_fired
+    fused = export_graph(graph)
+    assert not any(n.op_type in ("Softmax", "Cast") for n in fused.graph.node)
+    feeds = _feeds(model)
     np.testing.assert_allclose(_run(fused, feeds), _run(model, feeds), rtol=1e-5, atol=1e-5)
-    declined = FuseAttention("plugin").run(import_graph(model), PassContext())
-    assert not declined.changed and len(declined.not_fired) == n_softmax
+
+
+def test_onnxruntime_target_finds_heads_reshaped_at_run_time():
+    """TorchScript exports split heads with a shape computed at run time, so Q's head count is not in
+    its type; symbolic shape inference recovers it::
+
+        x [batch, seq, H*D] ─ Reshape(x, Concat(Shape(x)[0], Shape(x)[1], H, D)) ─ Transpose(0,2,1,3) ─ q/k/v
+    """
+    f32 = TensorProto.FLOAT
+    nodes = [helper.make_node("Shape", ["x"], ["xs"]),
+             helper.make_node("Gather", ["xs", "i0"], ["b"]), helper.make_node("Gather", ["xs", "i1"], ["s"]),
+             helper.make_node("Concat", ["b", "s", "h", "d"], ["shape"], axis=0)]
+    for t in ("q", "k", "v"):
+        nodes += [helper.make_node("Reshape", ["x", "shape"], [f"{t}4"]),
+                  helper.make_node("Transpose", [f"{t}4"], [t], perm=[0, 2, 1, 3])]
+    nodes += [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), helper.make_node("MatMul", ["q", "kt"], ["qk"]),
+              helper.make_node("Div", ["qk", "sd"], ["sc"]), helper.make_node("Softmax", ["sc"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "v"], ["o"])]
+    inits = [numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("i0", 0), ("i1", 1), ("h", HQ), ("d", D))]
+    inits += [numpy_helper.from_array(np.array(np.sqrt(D), np.float32), "sd")]
+    g = helper.make_graph(nodes, "heads", [helper.make_tensor_value_info("x", f32, ["batch", "seq", HQ * D])],
+                          [helper.make_tensor_value_info("o", f32, None)], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    graph = import_graph(model)
+    assert graph.tensors()["q"].shape is None
+    result = FuseAttention("onnxruntime").run(graph, PassContext())
+    assert result.changed, result.not_fired
+    fused = export_graph(graph)
+    (mha,) = [n for n in fused.graph.node if n.op_type == "MultiHeadAttention"]
+    assert helper.get_attribute_value(mha.attribute[0]) == HQ
+    feeds = {"x": np.random.default_rng(0).standard_normal((B, S, HQ * D)).astype(np.float32)}
+    np.testing.assert_allclose(_run(fused, feeds), _run(model, feeds), rtol=1e-5, atol=1e-5)
