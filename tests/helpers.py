@@ -52,9 +52,28 @@ def _flash_attention_op():
     return FlashAttention
 
 
-def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """``model`` run by ONNX's reference evaluator, with qcompiler::FlashAttention in numpy: checks the
-    plugin target's graphs on a CPU."""
+def _int4_gemm_op():
+    from onnx.reference.op_run import OpRun
+
+    from qcompiler.plugins.ops import unpack_int4_matmulnbits
+
+    class Int4Gemm(OpRun):
+        """qcompiler::Int4Gemm as plugins/ops.py defines it: X @ ((q - zp) * scale)^T + bias, in numpy."""
+
+        op_domain = "qcompiler"
+
+        def _run(self, x, b, scales, zero_points=None, bias=None, K=0, N=0, block_size=0, bits=4):
+            w = unpack_int4_matmulnbits(b, scales.astype(np.float32), zero_points, K)
+            y = x.astype(np.float64) @ w.T.astype(np.float64) + (0 if bias is None else bias)
+            return (y.astype(x.dtype),)
+
+    return Int4Gemm
+
+
+def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray], ops=None) -> list[np.ndarray]:
+    """``model`` run by ONNX's reference evaluator with the qcompiler ops given as ``onnx.reference`` op
+    classes (default: qcompiler::FlashAttention and Int4Gemm in numpy): runs the plugin target's graphs
+    on a CPU."""
     from onnx.reference import ReferenceEvaluator
 
-    return ReferenceEvaluator(model, new_ops=[_flash_attention_op()]).run(None, feeds)
+    return ReferenceEvaluator(model, new_ops=ops or [_flash_attention_op(), _int4_gemm_op()]).run(None, feeds)
