@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from qcompiler.backends.onnxruntime import create_session, measure_latency
 from qcompiler.calibration import _session
 from qcompiler.errors import QCompileError
 
-__all__ = ["OutputAgreement", "LayerError", "Evaluation", "compare_outputs", "perplexity", "layer_sqnr",
+__all__ = ["OutputAgreement", "LayerError", "Evaluation", "compare_outputs", "perplexity", "perplexity_of", "layer_sqnr",
            "lm_feeds", "latency_pair"]
 
 logger = logging.getLogger(__name__)
@@ -122,9 +122,15 @@ def perplexity(model_path: Path, feeds: Sequence[dict[str, np.ndarray]], logits_
     """exp(mean next-token negative log-likelihood) over all windows (token t+1 predicted from <= t)."""
     session = create_session(model_path, threads)
     name = logits_name or session.get_outputs()[0].name
+    return perplexity_of(lambda feed: session.run([name], feed)[0], feeds, name)
+
+
+def perplexity_of(logits_of: Callable[[dict[str, np.ndarray]], np.ndarray], feeds: Sequence[dict[str, np.ndarray]],
+                  name: str = "logits") -> float:
+    """:func:`perplexity` of any runner: ``logits_of(feed)`` returns logits [batch, seq, vocab]."""
     total_nll, total_tokens = 0.0, 0
     for feed in feeds:
-        logits = session.run([name], feed)[0].astype(np.float64)
+        logits = np.asarray(logits_of(feed), np.float64)
         ids = feed["input_ids"]
         if logits.ndim != 3 or logits.shape[:2] != ids.shape:
             raise QCompileError(f"output {name} has shape {logits.shape}; perplexity needs logits [batch, seq, vocab]")

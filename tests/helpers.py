@@ -30,50 +30,10 @@ def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
     return float("inf") if noise == 0 else float(20 * np.log10(np.linalg.norm(reference) / noise))
 
 
-def _flash_attention_op():
-    from onnx.reference.op_run import OpRun
-
-    class FlashAttention(OpRun):
-        """qcompiler::FlashAttention as plugins/ops.py defines it, in float64 numpy (no GPU, no Triton)."""
-
-        op_domain = "qcompiler"
-
-        def _run(self, q, k, v, seqlens_k=None, causal=0, scale=0.0):
-            assert seqlens_k is None, "the test reference covers dense batches only"
-            k, v = (np.repeat(t.astype(np.float64), q.shape[1] // t.shape[1], axis=1) for t in (k, v))
-            s = (scale or 1 / np.sqrt(q.shape[-1])) * (q.astype(np.float64) @ k.swapaxes(-1, -2))
-            if causal:  # bottom-right aligned: query i sees key j iff j <= i + Sk - Sq
-                sq, sk = s.shape[-2:]
-                s = np.where(np.arange(sk)[None, :] <= np.arange(sq)[:, None] + sk - sq, s, -np.inf)
-            top = s.max(-1, keepdims=True)
-            lse = np.log(np.exp(s - top).sum(-1)) + top[..., 0]
-            return (np.exp(s - lse[..., None]) @ v).astype(q.dtype), lse.astype(np.float32)
-
-    return FlashAttention
-
-
-def _int4_gemm_op():
-    from onnx.reference.op_run import OpRun
-
-    from qcompiler.plugins.ops import unpack_int4_matmulnbits
-
-    class Int4Gemm(OpRun):
-        """qcompiler::Int4Gemm as plugins/ops.py defines it: X @ ((q - zp) * scale)^T + bias, in numpy."""
-
-        op_domain = "qcompiler"
-
-        def _run(self, x, b, scales, zero_points=None, bias=None, K=0, N=0, block_size=0, bits=4):
-            w = unpack_int4_matmulnbits(b, scales.astype(np.float32), zero_points, K)
-            y = x.astype(np.float64) @ w.T.astype(np.float64) + (0 if bias is None else bias)
-            return (y.astype(x.dtype),)
-
-    return Int4Gemm
-
 
 def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray], ops=None) -> list[np.ndarray]:
-    """``model`` run by ONNX's reference evaluator with the qcompiler ops given as ``onnx.reference`` op
-    classes (default: qcompiler::FlashAttention and Int4Gemm in numpy): runs the plugin target's graphs
-    on a CPU."""
-    from onnx.reference import ReferenceEvaluator
+    """``model`` run by ONNX's reference evaluator, its qcompiler ops by ``ops`` (default: their numpy
+    references, qcompiler.backends.plugin_graph): the plugin target's graphs on a CPU."""
+    from qcompiler.backends.plugin_graph import run_plugin_graph
 
-    return ReferenceEvaluator(model, new_ops=ops or [_flash_attention_op(), _int4_gemm_op()]).run(None, feeds)
+    return run_plugin_graph(model, feeds, ops)

@@ -10,6 +10,8 @@ MatMulNBits graph. tests/plugins/test_plugin_graph_gpu.py runs the same graph on
 
 import numpy as np
 import onnx
+import pytest
+from onnx import TensorProto, helper
 
 from qcompiler.config import WeightOnlyConfig
 from qcompiler.graph import export_graph, import_graph
@@ -45,3 +47,28 @@ def test_decoder_lowers_to_plugin_ops_and_keeps_its_function():
     feeds = {"input_ids": np.random.default_rng(1).integers(0, 384, (2, 37))}
     expected = run_ort(nbits, feeds)[0]
     np.testing.assert_allclose(run_reference(plugins, feeds)[0], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("causal", [0, 1])
+def test_flash_attention_reference_follows_the_contract(causal):
+    """ops.py: query i of batch b sees key j iff j < seqlens_k[b] and (causal) j <= i + seqlens_k[b] - Sq;
+    a row that sees no key has O = 0 and LSE = -inf. Checked one row at a time."""
+    rng = np.random.default_rng(0)
+    B, HQ, HKV, SQ, SK, D = 3, 4, 2, 5, 7, 8
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((B, HQ, SQ, D), (B, HKV, SK, D), (B, HKV, SK, D)))
+    lens = np.array([7, 3, 1], np.int32)
+    node = helper.make_node("FlashAttention", ["q", "k", "v", "lens"], ["o", "lse"], domain="qcompiler", causal=causal, scale=0.3)
+    g = helper.make_graph([node], "attn", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "qkv"]
+                          + [helper.make_tensor_value_info("lens", TensorProto.INT32, [B])],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("o", "lse")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("qcompiler", 1)])
+    o, lse = run_reference(model, {"q": q, "k": k, "v": v, "lens": lens})
+    for b, h, i in np.ndindex(B, HQ, SQ):
+        keys = [j for j in range(SK) if j < lens[b] and (not causal or j <= i + lens[b] - SQ)]
+        if not keys:
+            assert lse[b, h, i] == -np.inf and not o[b, h, i].any()
+            continue
+        s = 0.3 * k[b, h // 2, keys] @ q[b, h, i]
+        p = np.exp(s - s.max())
+        np.testing.assert_allclose(o[b, h, i], p @ v[b, h // 2, keys] / p.sum(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(lse[b, h, i], np.log(np.exp(s).sum()), rtol=1e-5)

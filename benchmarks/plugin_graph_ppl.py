@@ -1,0 +1,110 @@
+"""Perplexity of an LM's TensorRT plugin graph without TensorRT: the numpy references of the ops and the
+plugins' own kernels, side by side with the fp32 model and the INT4 MatMulNBits graph in ONNX Runtime.
+
+The plugin graph: WeightOnlyRTN (INT4, symmetric, --group-size, MatMulNBits at accuracy_level 0) ->
+LowerInt4Gemm -> FuseAttention("plugin"). Its qcompiler nodes run under ONNX's reference evaluator
+(qcompiler.backends.plugin_graph): float64 numpy references, or (--kernels, CUDA) the AOT kernels a
+TensorRT engine embeds, launched through CuPy in float16 with one tactic pair per row.
+
+    python -m benchmarks.plugin_graph_ppl --model smollm2-135m.onnx --tokenizer tokenizer.json \\
+        [--windows 4 --seq-len 512] [--save-plugin-graph plugin.onnx]              # CPU rows
+    python -m benchmarks.plugin_graph_ppl --plugin-graph plugin.onnx --ids ids.npy \\
+        --kernels wgmma_64x128:wgmma_d64,mma_n32_w4_sw:d64                         # GPU rows
+
+(--save-ids writes the token windows, so a GPU machine without the tokenizer scores the same tokens.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from qcompiler.backends.plugin_graph import kernel_ops, run_plugin_graph
+from qcompiler.config import WeightOnlyConfig
+from qcompiler.evaluation import perplexity_of
+from qcompiler.graph import export_graph, import_graph, save_model
+from qcompiler.pass_manager import PassContext
+from qcompiler.passes.fuse_attention import FuseAttention
+from qcompiler.passes.lower_int4_gemm import LowerInt4Gemm
+from qcompiler.passes.rtn import WeightOnlyRTN
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def plugin_graphs(model: onnx.ModelProto, group_size: int, max_seq_len: int) -> tuple[onnx.ModelProto, onnx.ModelProto, str]:
+    """(the MatMulNBits graph, the plugin graph, what the passes did)."""
+    graph = import_graph(model)
+    done = [WeightOnlyRTN(WeightOnlyConfig(bits=4, group_size=group_size, accuracy_level=0)).run(graph, PassContext())]
+    nbits = export_graph(graph)
+    done += [LowerInt4Gemm().run(graph, PassContext()), FuseAttention("plugin", max_seq_len=max_seq_len).run(graph, PassContext())]
+    return nbits, export_graph(graph), "; ".join(r.summary for r in done)
+
+
+def _ort(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return lambda feed: session.run(None, feed)[0]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="fp32 ONNX LM (input_ids -> logits)")
+    ap.add_argument("--plugin-graph", help="an already built plugin graph (instead of --model)")
+    ap.add_argument("--tokenizer")
+    ap.add_argument("--text", default=str(DATA / "austen_heldout.txt"))
+    ap.add_argument("--ids", help=".npy of token windows [windows, seq] (instead of --text/--tokenizer)")
+    ap.add_argument("--save-ids")
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--max-seq-len", type=int, default=8192)
+    ap.add_argument("--save-plugin-graph")
+    ap.add_argument("--kernels", default="", help="INT4_TACTIC:ATTENTION_TACTIC,... (needs CUDA)")
+    args = ap.parse_args(argv)
+    if bool(args.model) == bool(args.plugin_graph):
+        raise SystemExit("plugin_graph_ppl: give exactly one of --model and --plugin-graph")
+    if args.ids:
+        windows = np.load(args.ids)
+    elif args.tokenizer:
+        from qcompiler.tokenization import text_windows
+
+        windows = text_windows(args.text, args.tokenizer, args.seq_len, max_windows=args.windows)
+    else:
+        raise SystemExit("plugin_graph_ppl: give --ids, or --tokenizer (with --text)")
+    if args.save_ids:
+        np.save(args.save_ids, windows)
+    feeds = [{"input_ids": w[None].astype(np.int64)} for w in windows]
+    rows = []
+
+    def row(name: str, logits_of) -> None:
+        start = time.time()
+        rows.append((name, perplexity_of(logits_of, feeds), time.time() - start))
+        print(f"| {rows[-1][0]} | {rows[-1][1]:.4f} | {rows[-1][2]:.0f} |", flush=True)
+
+    print(f"# Perplexity of the plugin graph, {len(windows)} x {windows.shape[1]} tokens\n")
+    if args.model:
+        model = onnx.load(args.model)
+        nbits, plugin, summary = plugin_graphs(model, args.group_size, args.max_seq_len)
+        print(f"Passes: {summary}\n")
+        print("| graph | ppl | s |\n|---|---|---|")
+        row("fp32, ONNX Runtime", _ort(model))
+        row(f"INT4 g{args.group_size} MatMulNBits, ONNX Runtime", _ort(nbits))
+        if args.save_plugin_graph:
+            save_model(plugin, args.save_plugin_graph)
+    else:
+        plugin = onnx.load(args.plugin_graph)
+        print("| graph | ppl | s |\n|---|---|---|")
+    row("plugin graph, numpy references (float64)", lambda f: run_plugin_graph(plugin, f)[0])
+    for pair in filter(None, args.kernels.split(",")):
+        int4_tactic, attention_tactic = pair.split(":")
+        ops = kernel_ops(int4_tactic, attention_tactic)
+        row(f"plugin graph, kernels {int4_tactic} + {attention_tactic} (float16)", lambda f, ops=ops: run_plugin_graph(plugin, f, ops)[0])
+
+
+if __name__ == "__main__":
+    main()

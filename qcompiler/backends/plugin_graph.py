@@ -1,0 +1,127 @@
+"""Runs a graph holding qcompiler plugin ops without TensorRT, to check it before an engine is built.
+
+ONNX's reference evaluator runs every standard node (in numpy, on the CPU) and the qcompiler nodes
+with one of two implementations of ``qcompiler::Int4Gemm`` and ``qcompiler::FlashAttention``:
+
+* :func:`reference_ops`: the semantics ``qcompiler.plugins.ops`` documents, in float64 numpy (no GPU).
+* :func:`kernel_ops`: the kernels a TensorRT engine embeds: each node's plugin configuration is built
+  ahead of time (``qcompiler.plugins.aot.build``, the PTX ``aot_impl`` hands TensorRT) and launched
+  through CuPy with exactly its declared launch parameters, in float16, one chosen tactic per op.
+
+What stays unchecked is TensorRT itself (its ONNX parser, the plugin registration and the engine
+build), which cannot be installed where this was written. Slow (numpy for everything else): meant for
+checks of small models and a few windows of text, not for serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+import onnx
+
+__all__ = ["reference_ops", "kernel_ops", "run_plugin_graph"]
+
+logger = logging.getLogger(__name__)
+
+
+def reference_ops() -> list[type]:
+    """``onnx.reference`` op classes computing Int4Gemm and FlashAttention as ops.py defines them."""
+    from onnx.reference.op_run import OpRun
+
+    from qcompiler.plugins.ops import unpack_int4_matmulnbits
+
+    class Int4Gemm(OpRun):
+        op_domain = "qcompiler"
+
+        def _run(self, x, b, scales, zero_points=None, bias=None, K=0, N=0, block_size=0, bits=4):
+            w = unpack_int4_matmulnbits(b, scales.astype(np.float32), zero_points, K)
+            y = x.astype(np.float64) @ w.T.astype(np.float64) + (0 if bias is None else bias)
+            return (y.astype(x.dtype),)
+
+    class FlashAttention(OpRun):
+        op_domain = "qcompiler"
+
+        def _run(self, q, k, v, seqlens_k=None, causal=0, scale=0.0):
+            k, v = (np.repeat(t.astype(np.float64), q.shape[1] // t.shape[1], axis=1) for t in (k, v))
+            s = (scale or 1 / np.sqrt(q.shape[-1])) * (q.astype(np.float64) @ k.swapaxes(-1, -2))
+            sq, sk = s.shape[-2:]
+            keys = np.arange(sk)
+            keep = np.ones((q.shape[0], 1, sq, sk), bool)
+            if causal:  # bottom-right aligned: query i sees key j iff j <= i + Sk_b - Sq
+                lengths = np.full(q.shape[0], sk) if seqlens_k is None else np.asarray(seqlens_k)
+                keep &= keys <= np.arange(sq)[:, None] + (lengths - sq)[:, None, None, None]
+            if seqlens_k is not None:
+                keep &= keys < np.asarray(seqlens_k)[:, None, None, None]
+            s = np.where(keep, s, -np.inf)
+            top = np.max(s, -1, keepdims=True, initial=-np.inf)
+            safe = np.where(np.isfinite(top), top, 0)
+            total = np.exp(s - safe).sum(-1, keepdims=True)
+            lse = np.where(total > 0, np.log(np.maximum(total, 1e-300)) + safe, -np.inf)[..., 0]
+            p = np.where(total > 0, np.exp(s - safe) / np.maximum(total, 1e-300), 0)
+            return (p @ v).astype(q.dtype), lse.astype(np.float32)
+
+    return [Int4Gemm, FlashAttention]
+
+
+@functools.cache
+def _built(config):
+    from qcompiler.plugins import aot
+
+    if config.tactic not in aot.tactics(config):
+        raise ValueError(f"tactic {config.tactic!r} is not offered for {config} (offered: {aot.tactics(config)})")
+    return aot.build(config)
+
+
+def kernel_ops(int4_tactic: str, attention_tactic: str, launched: list[str] | None = None) -> list[type]:
+    """``onnx.reference`` op classes that run Int4Gemm and FlashAttention on the plugins' AOT kernels
+    (CUDA GPU, CuPy, Triton). ``launched`` (if given) collects the tactic of every launch."""
+    import torch
+    from onnx.reference.op_run import OpRun
+
+    from qcompiler.plugins import aot, launch
+
+    record = launched if launched is not None else []
+
+    def cuda(array: np.ndarray, dtype=None) -> torch.Tensor:
+        t = torch.from_numpy(np.array(array, order="C")).cuda()  # a copy: the evaluator's arrays are read-only
+        return (t.to(dtype) if dtype is not None else t).contiguous()
+
+    class Int4Gemm(OpRun):
+        op_domain = "qcompiler"
+
+        def _run(self, x, b, scales, zero_points=None, bias=None, K=0, N=0, block_size=0, bits=4):
+            config = aot.Int4GemmPlugin("float16", N, K, block_size, zero_points is not None, bias is not None, int4_tactic)
+            rows = cuda(x.reshape(-1, K), torch.float16)
+            y = torch.full((rows.shape[0], N), float("nan"), dtype=torch.float16, device="cuda")
+            tensors = {"X": rows, "B": cuda(b), "scales": cuda(scales, torch.float16), "Y": y,
+                       "zero_points": None if zero_points is None else cuda(zero_points),
+                       "bias": None if bias is None else cuda(bias, torch.float16)}
+            launch.launch(_built(config), tensors, {"M": rows.shape[0]})
+            record.append(config.tactic)
+            return (y.float().cpu().numpy().reshape(*x.shape[:-1], N).astype(x.dtype),)
+
+    class FlashAttention(OpRun):
+        op_domain = "qcompiler"
+
+        def _run(self, q, k, v, seqlens_k=None, causal=0, scale=0.0):
+            (B, HQ, SQ, D), (HKV, SK) = q.shape, k.shape[1:3]
+            config = aot.FlashAttentionPlugin("float16", HQ, HKV, D, bool(causal), float(scale), seqlens_k is not None,
+                                              attention_tactic)
+            o = torch.full(q.shape, float("nan"), dtype=torch.float16, device="cuda")
+            lse = torch.full((B, HQ, SQ), float("nan"), dtype=torch.float32, device="cuda")
+            tensors = {"Q": cuda(q, torch.float16), "K": cuda(k, torch.float16), "V": cuda(v, torch.float16),
+                       "seqlens_k": None if seqlens_k is None else cuda(seqlens_k, torch.int32), "O": o, "LSE": lse}
+            launch.launch(_built(config), tensors, {"B": B, "SQ": SQ, "SK": SK})
+            record.append(config.tactic)
+            return o.float().cpu().numpy().astype(q.dtype), lse.cpu().numpy()
+
+    return [Int4Gemm, FlashAttention]
+
+
+def run_plugin_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray], ops: list[type] | None = None) -> list[np.ndarray]:
+    """``model``'s outputs for ``feeds``, its qcompiler nodes run by ``ops`` (default: :func:`reference_ops`)."""
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(model, new_ops=ops or reference_ops()).run(None, feeds)
