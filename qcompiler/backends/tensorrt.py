@@ -2,13 +2,15 @@
 
 Steps: (1) a prepared copy of the model (the input is never modified): absent optional plugin inputs
 are materialised with their neutral values (Int4Gemm zero points 8 and bias 0, W8A8Gemm bias 0,
-QuantizePerToken gamma 1 / beta 0) so each op has one plugin signature, and FlashAttention nodes get
-their LSE output; (2) the qcompiler plugins are registered (``qcompiler.plugins.tensorrt_plugins``,
-AOT: the engine embeds Triton PTX and needs no Python at run time); (3) TensorRT's ONNX parser builds a
+QuantizePerToken gamma 1 / beta 0) so each op has one plugin signature, FlashAttention nodes get
+their LSE output, and in a float32 graph Int4Gemm and FlashAttention run in float16 between Casts;
+(2) the qcompiler plugins are registered (``qcompiler.plugins.tensorrt_plugins``, AOT: the engine
+embeds the kernels' PTX and needs no Python at run time); (3) TensorRT's ONNX parser builds a
 strongly typed network, with an optimization profile over the dynamic input dims.
 
 TensorRT is imported lazily; without it :func:`build_engine` raises :class:`TensorRTUnavailableError`.
-Plugin kernels take float16/bfloat16 activations: export or convert the model to float16 first.
+Plugin kernels take float16/bfloat16 activations; a float32 model runs them in float16 and the rest
+of the graph in float32 (export or convert the model to float16 to run all of it in half precision).
 """
 
 from __future__ import annotations
@@ -94,7 +96,72 @@ def prepare_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
         del node.input[:]
         node.input.extend(ins)
     out.graph.initializer.extend(added)
+    _float16_around_plugins(out)
     return out
+
+
+def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor. ONNX's inference stops at ops it does not know, so on a probe
+    without the weights' values each qcompiler node becomes an Identity of its first input (its main
+    output has that type)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for t in probe.graph.initializer:
+        if np.prod(t.dims, dtype=np.int64) > 1024:  # weights: inference reads their dims, not their values
+            t.ClearField("raw_data")
+            t.ClearField("float_data")
+            t.ClearField("int32_data")
+    for node in probe.graph.node:
+        if node.domain == "qcompiler":
+            node.CopyFrom(helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name))
+    inferred = onnx.shape_inference.infer_shapes(probe)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    return types
+
+
+# Per op: the float inputs the kernel reads in the activation type, and the outputs it writes in it.
+_HALF_INPUTS = {"Int4Gemm": (0, 2, 4), "FlashAttention": (0, 1, 2)}
+_HALF_OUTPUTS = {"Int4Gemm": (0,), "FlashAttention": (0,)}
+
+
+def _float16_around_plugins(model: onnx.ModelProto) -> None:
+    """In a float32 graph, runs Int4Gemm and FlashAttention in float16: their kernels take float16/bfloat16
+    only. Constant inputs (scales, bias) get float16 copies; computed ones a Cast, and so do the outputs,
+    back to float32 for the float32 nodes around. LSE stays float32, as the op defines it."""
+    types = _element_types(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = []
+    for node in model.graph.node:
+        half_inputs = _HALF_INPUTS.get(node.op_type, ()) if node.domain == "qcompiler" else ()
+        if not half_inputs or types.get(node.input[0]) != onnx.TensorProto.FLOAT:
+            nodes.append(node)
+            continue
+        for i in half_inputs:
+            name = node.input[i] if i < len(node.input) else ""
+            if not name:
+                continue
+            half = f"{name}/fp16"
+            if name in inits:
+                if half not in inits:
+                    inits[half] = numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(np.float16), half)
+                    model.graph.initializer.append(inits[half])
+            elif all(n.output[0] != half for n in nodes):
+                nodes.append(helper.make_node("Cast", [name], [half], to=onnx.TensorProto.FLOAT16, name=f"{name}/to_fp16"))
+            node.input[i] = half
+        casts_back = []
+        for i in _HALF_OUTPUTS[node.op_type]:
+            name = node.output[i]
+            node.output[i] = f"{name}/fp16"
+            casts_back.append(helper.make_node("Cast", [node.output[i]], [name], to=onnx.TensorProto.FLOAT, name=f"{name}/to_fp32"))
+        nodes += [node, *casts_back]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    read = {name for node in nodes for name in node.input}
+    unread = [t for t in model.graph.initializer if t.name not in read]  # the float32 originals of the copies
+    for t in unread:
+        model.graph.initializer.remove(t)
 
 
 def build_engine(model: onnx.ModelProto | str | Path, engine_path: str | Path, *,

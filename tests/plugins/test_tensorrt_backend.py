@@ -1,6 +1,7 @@
 """TensorRT backend: the graph preparation runs everywhere; building an engine needs TensorRT (-m trt)."""
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -42,3 +43,34 @@ def test_build_int4_engine(tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (cannot be installed on these machines)")
     path = build_engine(_int4_model(), tmp_path / "m.engine", profile={"X": ((1, 64), (16, 64), (64, 64))})
     assert path.stat().st_size > 0
+
+
+def test_prepare_runs_the_plugins_of_a_float32_graph_in_float16():
+    """A float32 decoder's plugin graph: the kernels take float16 only, so Int4Gemm and FlashAttention read
+    float16 (Casts, or float16 copies of scales) and their outputs are cast back; the rest stays float32."""
+    from qcompiler.backends.tensorrt import _element_types
+    from tests.helpers import run_reference
+    from tests.passes.graphs import decoder_model
+    from tests.passes.test_plugin_graph import plugin_graph
+
+    _, model = plugin_graph(decoder_model(np.random.default_rng(0)))
+    before = model.SerializeToString()
+    prepared = prepare_for_tensorrt(model)
+    assert model.SerializeToString() == before  # the input is never modified
+    onnx.checker.check_model(prepared)
+    types = _element_types(prepared)
+    plugins = [n for n in prepared.graph.node if n.domain == "qcompiler"]
+    assert len(plugins) == 16
+    for node in plugins:
+        reads = [node.input[i] for i in ((0, 2, 4) if node.op_type == "Int4Gemm" else (0, 1, 2))]
+        assert all(types[name] == TensorProto.FLOAT16 for name in reads), (node.name, [types[n] for n in reads])
+    assert types["logits"] == TensorProto.FLOAT
+    assert not any(t.data_type == TensorProto.FLOAT and t.name.endswith("_bias0") for t in prepared.graph.initializer)
+    feeds = {"input_ids": np.random.default_rng(1).integers(0, 384, (2, 37))}
+    expected = run_reference(model, feeds)[0]
+    assert np.linalg.norm(run_reference(prepared, feeds)[0] - expected) / np.linalg.norm(expected) < 2e-3
+
+
+def test_prepare_leaves_a_float16_graph_without_casts():
+    prepared = prepare_for_tensorrt(_int4_model())
+    assert [n.op_type for n in prepared.graph.node] == ["Int4Gemm"]
