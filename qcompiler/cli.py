@@ -58,13 +58,17 @@ def _list_recipes() -> None:
 @click.option("--save-stats", type=click.Path(dir_okay=False), help="Save calibration statistics (.npz).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="Lowering target: ORT integer kernels, or standard Q/DQ for TensorRT.")
+@click.option("--plugins", is_flag=True, help="With --backend tensorrt: lower 4-bit weight-only GEMMs (MatMulNBits) and "
+              "causal attention to qcompiler's TensorRT plugin ops (Int4Gemm, FlashAttention).")
+@click.option("--max-seq-len", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="With --plugins: the longest sequence the engine is for (run-time causal masks are checked up to it).")
 @click.option("--explain", is_flag=True, help="List every candidate a pass declined, with the reason.")
 @click.option("--list-recipes", is_flag=True, help="List the built-in recipes and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="Errors only.")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def _command(model, output, recipe, calib, calib_batch, calib_samples, calib_text, tokenizer, seq_len, eval_text,
              eval_windows, no_eval, report, dump_dir, exclude, shapes, threads, stats_in, save_stats, backend,
-             explain, list_recipes, quiet, verbose):
+             plugins, max_seq_len, explain, list_recipes, quiet, verbose):
     """Compile MODEL.onnx with a quantization recipe; writes the compiled model to -o."""
     level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -83,7 +87,7 @@ def _command(model, output, recipe, calib, calib_batch, calib_samples, calib_tex
     evaluate = EvalOptions(enabled=not no_eval, eval_text=eval_text, eval_windows=eval_windows,
                            shapes=_parse_shapes(shapes), threads=threads)
     result = compile(model, output, recipe, data=data, evaluate=evaluate, exclude=exclude, dump_dir=dump_dir,
-                     backend=backend, show_progress=not quiet and sys.stderr.isatty())
+                     backend=backend, plugins=plugins, max_seq_len=max_seq_len, show_progress=not quiet and sys.stderr.isatty())
     if explain:
         for record in result.records:
             for where, why in record.result.not_fired:

@@ -15,7 +15,7 @@ from qcompiler.backends.onnxruntime import create_session, measure_latency
 from qcompiler.calibration import _session
 from qcompiler.errors import QCompileError
 
-__all__ = ["OutputAgreement", "LayerError", "Evaluation", "compare_outputs", "perplexity", "perplexity_of", "layer_sqnr",
+__all__ = ["OutputAgreement", "LayerError", "Evaluation", "compare_outputs", "perplexity", "perplexity_of", "layer_sqnr", "holds_plugin_ops",
            "lm_feeds", "latency_pair"]
 
 logger = logging.getLogger(__name__)
@@ -71,10 +71,29 @@ def _db(signal: float, noise: float) -> float:
     return 10.0 * math.log10(max(signal, 1e-300) / noise)
 
 
+def holds_plugin_ops(model: onnx.ModelProto) -> bool:
+    """Whether the graph has qcompiler plugin ops (TensorRT's; ONNX Runtime cannot run it)."""
+    return any(n.domain == "qcompiler" for n in model.graph.node)
+
+
+def _runner(path: Path, threads: int | None):
+    """Something with ONNX Runtime's ``run(names, feed)``: a CPU session, or for a graph with qcompiler
+    plugin ops, ONNX's reference evaluator with the ops' numpy references (slow, but the same function)."""
+    model = onnx.load(str(path))
+    if not holds_plugin_ops(model):
+        return create_session(path, threads)
+    from onnx.reference import ReferenceEvaluator
+
+    from qcompiler.backends.plugin_graph import reference_ops
+
+    logger.info("%s holds qcompiler plugin ops: evaluating it with their numpy references", path)
+    return ReferenceEvaluator(model, new_ops=reference_ops())
+
+
 def compare_outputs(original: Path, compiled: Path, feeds: Iterable[dict[str, np.ndarray]],
                     threads: int | None = None) -> tuple[list[OutputAgreement], int]:
     """Cosine similarity, SQNR (dB) and max |error| of every graph output, accumulated over ``feeds``."""
-    reference, candidate = create_session(original, threads), create_session(compiled, threads)
+    reference, candidate = create_session(original, threads), _runner(compiled, threads)
     names = [o.name for o in reference.get_outputs()]
     sums = {n: np.zeros(4) for n in names}  # <a,b>, |a|^2, |b|^2, |a-b|^2
     max_abs = dict.fromkeys(names, 0.0)
@@ -120,8 +139,8 @@ def lm_feeds(model: onnx.ModelProto, windows: np.ndarray) -> list[dict[str, np.n
 def perplexity(model_path: Path, feeds: Sequence[dict[str, np.ndarray]], logits_name: str | None = None,
                threads: int | None = None) -> float:
     """exp(mean next-token negative log-likelihood) over all windows (token t+1 predicted from <= t)."""
-    session = create_session(model_path, threads)
-    name = logits_name or session.get_outputs()[0].name
+    session = _runner(model_path, threads)
+    name = logits_name or (session.get_outputs()[0].name if hasattr(session, "get_outputs") else session.output_names[0])
     return perplexity_of(lambda feed: session.run([name], feed)[0], feeds, name)
 
 

@@ -75,8 +75,15 @@ class CompileResult:
         }
 
 
-def build_passes(recipe: Recipe, backend: str = "onnxruntime", *, have_stats: bool = False) -> list[GraphPass]:
-    """The literal pass list for ``recipe``. Calibrate steps sit where statistics must be (re)taken."""
+def build_passes(recipe: Recipe, backend: str = "onnxruntime", *, have_stats: bool = False, plugins: bool = False,
+                 max_seq_len: int = 4096) -> list[GraphPass]:
+    """The literal pass list for ``recipe``. Calibrate steps sit where statistics must be (re)taken.
+
+    ``plugins`` (TensorRT backend) ends with the lowerings to qcompiler's plugin ops: 4-bit MatMulNBits
+    to Int4Gemm, causal attention (checked up to ``max_seq_len``) to FlashAttention.
+    """
+    if plugins and backend != "tensorrt":
+        raise QCompileError(f"plugin ops (--plugins) are TensorRT plugins: use --backend tensorrt, not {backend}")
     from qcompiler.passes.calibrate import Calibrate
 
     passes: list[GraphPass] = []
@@ -111,6 +118,11 @@ def build_passes(recipe: Recipe, backend: str = "onnxruntime", *, have_stats: bo
         from qcompiler.passes.gptq import GPTQ
 
         passes.append(GPTQ(recipe.gptq))
+    if plugins:
+        from qcompiler.passes.fuse_attention import FuseAttention
+        from qcompiler.passes.lower_int4_gemm import LowerInt4Gemm
+
+        passes += [LowerInt4Gemm(), FuseAttention("plugin", max_seq_len=max_seq_len)]
     return passes
 
 
@@ -187,7 +199,7 @@ def _random_feed(model: onnx.ModelProto, shapes: dict[str, list[int]] | None, rn
 
 
 def _evaluate(original_path: Path, compiled_path: Path, original: onnx.ModelProto, reference: onnx.ModelProto,
-              options: EvalOptions, data: DataOptions, calibration) -> Evaluation:
+              options: EvalOptions, data: DataOptions, calibration, plugin_graph: bool = False) -> Evaluation:
     evaluation = Evaluation(threads=options.threads or os.cpu_count())
     rng = np.random.default_rng(0)
     windows_feeds = None
@@ -207,6 +219,8 @@ def _evaluate(original_path: Path, compiled_path: Path, original: onnx.ModelProt
     else:
         compare = [_random_feed(original, options.shapes, rng) for _ in range(options.compare_samples)]
     evaluation.outputs, evaluation.samples = compare_outputs(original_path, compiled_path, compare, options.threads)
+    if plugin_graph:  # the plugin ops' numpy references say what the graph computes, not how fast TensorRT runs it
+        return evaluation
     latency_feed = _random_feed(original, options.shapes, rng) if options.shapes else compare[0]
     evaluation.latency_shape = {k: list(v.shape) for k, v in latency_feed.items()}
     evaluation.latency_original_ms, evaluation.latency_compiled_ms = latency_pair(
@@ -220,8 +234,12 @@ def _evaluate(original_path: Path, compiled_path: Path, original: onnx.ModelProt
 def compile(model: str | Path, output: str | Path, recipe: str | Path | Recipe = "w8a8-smoothquant", *,
             data: DataOptions = DataOptions(), evaluate: EvalOptions = EvalOptions(enabled=False),
             exclude: Sequence[str] = (), dump_dir: str | Path | None = None, backend: str = "onnxruntime",
-            show_progress: bool = False) -> CompileResult:
+            plugins: bool = False, max_seq_len: int = 4096, show_progress: bool = False) -> CompileResult:
     """Compiles ``model`` with ``recipe`` and writes ``output`` atomically; the input is never modified.
+
+    With ``plugins`` (``backend="tensorrt"``) the graph ends in qcompiler's TensorRT plugin ops
+    (:func:`build_passes`); ONNX Runtime cannot run it, so the evaluation computes its outputs and
+    perplexity with the ops' numpy references and measures no latency.
 
     Raises:
         QCompileError (and subclasses): anything wrong with the inputs, with a one-line message.
@@ -236,7 +254,7 @@ def compile(model: str | Path, output: str | Path, recipe: str | Path | Recipe =
     original = load_model(model_path)
     calibration = _calibration_source(original, data, recipe, evaluate.eval_text if evaluate.enabled else None)
     stats = CalibrationStats.load(data.stats) if data.stats else None
-    passes = build_passes(recipe, backend, have_stats=stats is not None)
+    passes = build_passes(recipe, backend, have_stats=stats is not None, plugins=plugins, max_seq_len=max_seq_len)
     if any(p.name == "calibrate" for p in passes) and calibration is None:
         raise CalibrationDataError(f"recipe {recipe.name!r} needs calibration data: give --calib DATA, "
                                    "--calib-text FILE --tokenizer FILE, or --stats FILE")
@@ -263,6 +281,7 @@ def compile(model: str | Path, output: str | Path, recipe: str | Path | Recipe =
     save_model(compiled, output, input_path=model_path)
     result = CompileResult(output, recipe, records)
     if evaluate.enabled:
-        result.evaluation = _evaluate(model_path, output, original, reference, evaluate, data, calibration)
+        result.evaluation = _evaluate(model_path, output, original, reference, evaluate, data, calibration,
+                                      plugin_graph=plugins)
     return result
 

@@ -56,14 +56,20 @@ def summary_markdown(result, *, details: bool = False) -> str:
               "| output | cosine | SQNR dB | max abs error |", "|---|---|---|---|"]
     for o in ev.outputs:
         lines.append(f"| {o.name} | {_fmt(o.cosine, 5)} | {_fmt(o.sqnr_db, 1)} | {_fmt(o.max_abs_error, 4)} |")
-    lines += ["", "| metric | original | compiled | ratio |", "|---|---|---|---|"]
+    metrics = []
     if ev.perplexity_original is not None:
         ratio = ev.perplexity_compiled / ev.perplexity_original
-        lines.append(f"| perplexity ({ev.perplexity_windows} windows) | {_fmt(ev.perplexity_original)} | "
-                     f"{_fmt(ev.perplexity_compiled)} | {ratio:.4f} |")
-    shape = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in ev.latency_shape.items())
-    lines.append(f"| latency ms, ORT CPU, {ev.threads} threads ({shape}) | {_fmt(ev.latency_original_ms, 1)} | "
-                 f"{_fmt(ev.latency_compiled_ms, 1)} | speedup {_fmt(ev.speedup, 2)}x |")
+        metrics.append(f"| perplexity ({ev.perplexity_windows} windows) | {_fmt(ev.perplexity_original)} | "
+                       f"{_fmt(ev.perplexity_compiled)} | {ratio:.4f} |")
+    if ev.latency_compiled_ms is not None:
+        shape = ", ".join(f"{k}:{'x'.join(map(str, v))}" for k, v in ev.latency_shape.items())
+        metrics.append(f"| latency ms, ORT CPU, {ev.threads} threads ({shape}) | {_fmt(ev.latency_original_ms, 1)} | "
+                       f"{_fmt(ev.latency_compiled_ms, 1)} | speedup {_fmt(ev.speedup, 2)}x |")
+    if metrics:
+        lines += ["", "| metric | original | compiled | ratio |", "|---|---|---|---|", *metrics]
+    if ev.latency_compiled_ms is None:
+        lines += ["", "Latency not measured: the compiled graph holds TensorRT plugin ops, which ONNX Runtime cannot run "
+                      "(the figures above come from the ops' numpy references)."]
     if ev.layers:
         worst = sorted(ev.layers, key=lambda layer: layer.sqnr_db)[:_WORST_LAYERS]
         lines += ["", f"Lowest-SQNR GEMM outputs (of {len(ev.layers)}; errors accumulate through the network):", "",

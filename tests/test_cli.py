@@ -107,3 +107,27 @@ def test_unknown_recipe_and_bad_yaml(tmp_path, model_path, capsys):
 
 def test_recipe_needs_calibration(tmp_path, model_path, capsys):
     _fails(capsys, [model_path, "-o", tmp_path / "o.onnx", "--recipe", "w8a8-naive"], "needs calibration data")
+
+
+def test_plugins_only_for_the_tensorrt_backend(tmp_path, model_path, capsys):
+    _fails(capsys, [model_path, "-o", tmp_path / "o.onnx", "--recipe", "w4a16-rtn", "--plugins"], "--backend tensorrt")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_plugins_end_the_graph_in_plugin_ops_and_evaluate_it(tmp_path, capsys):
+    """A decoder to Int4Gemm + FlashAttention; its outputs are compared through the ops' numpy
+    references (ONNX Runtime cannot run them) and no latency is claimed."""
+    from tests.passes.graphs import decoder_model
+
+    source, out = tmp_path / "decoder.onnx", tmp_path / "decoder.plugins.onnx"
+    onnx.save(decoder_model(np.random.default_rng(0)), str(source))
+    before = source.read_bytes()
+    main([str(source), "-o", str(out), "--recipe", "w4a16-rtn", "--backend", "tensorrt", "--plugins", "--max-seq-len", "256",
+          "--shapes", "input_ids:2x37"])
+    report = capsys.readouterr().out
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("Int4Gemm") == 14 and ops.count("FlashAttention") == 2 and "MatMulNBits" not in ops
+    sqnr = float(next(line for line in report.splitlines() if line.startswith("| logits |")).split("|")[3])
+    assert sqnr > 10.0, report  # INT4 g128 RTN of random weights: 15.0 dB measured
+    assert "Latency not measured" in report and "latency ms" not in report
+    assert source.read_bytes() == before
