@@ -11,7 +11,8 @@ TensorRT engine embeds, launched through CuPy in float16 with one tactic pair pe
     python -m benchmarks.plugin_graph_ppl --plugin-graph plugin.onnx --ids ids.npy \\
         --kernels wgmma_64x128:wgmma_d64,mma_n32_w4_sw:d64                         # GPU rows
 
-(--save-ids writes the token windows, so a GPU machine without the tokenizer scores the same tokens.)
+(--save-ids writes the token windows, so a GPU machine without the tokenizer scores the same tokens. A
+--plugin-graph may hold any of the four plugin ops, e.g. `qcompile --backend tensorrt --plugins` output.)
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def main(argv=None) -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--max-seq-len", type=int, default=8192)
     ap.add_argument("--save-plugin-graph")
-    ap.add_argument("--kernels", default="", help="INT4_TACTIC:ATTENTION_TACTIC,... (needs CUDA)")
+    ap.add_argument("--kernels", default="", help="INT4_TACTIC:ATTENTION_TACTIC[:W8A8_TACTIC],... (needs CUDA)")
     args = ap.parse_args(argv)
     if bool(args.model) == bool(args.plugin_graph):
         raise SystemExit("plugin_graph_ppl: give exactly one of --model and --plugin-graph")
@@ -100,10 +101,10 @@ def main(argv=None) -> None:
         plugin = onnx.load(args.plugin_graph)
         print("| graph | ppl | s |\n|---|---|---|")
     row("plugin graph, numpy references (float64)", lambda f: run_plugin_graph(plugin, f)[0])
-    for pair in filter(None, args.kernels.split(",")):
-        int4_tactic, attention_tactic = pair.split(":")
-        ops = kernel_ops(int4_tactic, attention_tactic)
-        row(f"plugin graph, kernels {int4_tactic} + {attention_tactic} (float16)", lambda f, ops=ops: run_plugin_graph(plugin, f, ops)[0])
+    for spec in filter(None, args.kernels.split(",")):
+        int4_tactic, attention_tactic, w8a8_tactic = (spec.split(":") + ["large"])[:3]
+        ops = kernel_ops(int4_tactic, attention_tactic, w8a8_tactic=w8a8_tactic)
+        row(f"plugin graph, kernels {spec} (float16)", lambda f, ops=ops: run_plugin_graph(plugin, f, ops)[0])
 
 
 if __name__ == "__main__":

@@ -80,7 +80,8 @@ def build_passes(recipe: Recipe, backend: str = "onnxruntime", *, have_stats: bo
     """The literal pass list for ``recipe``. Calibrate steps sit where statistics must be (re)taken.
 
     ``plugins`` (TensorRT backend) ends with the lowerings to qcompiler's plugin ops: 4-bit MatMulNBits
-    to Int4Gemm, causal attention (checked up to ``max_seq_len``) to FlashAttention.
+    to Int4Gemm, per-token W8A8 Q/DQ GEMMs to QuantizePerToken + W8A8Gemm, causal attention (checked up
+    to ``max_seq_len``) to FlashAttention.
     """
     if plugins and backend != "tensorrt":
         raise QCompileError(f"plugin ops (--plugins) are TensorRT plugins: use --backend tensorrt, not {backend}")
@@ -121,8 +122,9 @@ def build_passes(recipe: Recipe, backend: str = "onnxruntime", *, have_stats: bo
     if plugins:
         from qcompiler.passes.fuse_attention import FuseAttention
         from qcompiler.passes.lower_int4_gemm import LowerInt4Gemm
+        from qcompiler.passes.lower_w8a8_gemm import LowerW8A8Gemm
 
-        passes += [LowerInt4Gemm(), FuseAttention("plugin", max_seq_len=max_seq_len)]
+        passes += [LowerInt4Gemm(), LowerW8A8Gemm(), FuseAttention("plugin", max_seq_len=max_seq_len)]
     return passes
 
 

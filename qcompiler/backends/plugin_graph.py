@@ -1,7 +1,7 @@
 """Runs a graph holding qcompiler plugin ops without TensorRT, to check it before an engine is built.
 
 ONNX's reference evaluator runs every standard node (in numpy, on the CPU) and the qcompiler nodes
-with one of two implementations of ``qcompiler::Int4Gemm`` and ``qcompiler::FlashAttention``:
+(Int4Gemm, FlashAttention, W8A8Gemm, QuantizePerToken) with one of two implementations:
 
 * :func:`reference_ops`: the semantics ``qcompiler.plugins.ops`` documents, in float64 numpy (no GPU).
 * :func:`kernel_ops`: the kernels a TensorRT engine embeds: each node's plugin configuration is built
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 def reference_ops() -> list[type]:
-    """``onnx.reference`` op classes computing Int4Gemm and FlashAttention as ops.py defines them."""
+    """``onnx.reference`` op classes computing the four ops as ops.py defines them."""
     from onnx.reference.op_run import OpRun
 
     from qcompiler.plugins.ops import unpack_int4_matmulnbits
@@ -62,21 +62,45 @@ def reference_ops() -> list[type]:
             p = np.where(total > 0, np.exp(s - safe) / np.maximum(total, 1e-300), 0)
             return (p @ v).astype(q.dtype), lse.astype(np.float32)
 
-    return [Int4Gemm, FlashAttention]
+    class W8A8Gemm(OpRun):
+        op_domain = "qcompiler"
+
+        def _run(self, a, a_scale, b, b_scale, bias=None, out_dtype=10):
+            y = (a.astype(np.float64) @ b.astype(np.float64).T) * a_scale[..., None] * b_scale.astype(np.float64)
+            return ((y + (0 if bias is None else bias)).astype(np.float16 if out_dtype == 10 else np.float32),)
+
+    class QuantizePerToken(OpRun):
+        op_domain = "qcompiler"
+
+        def _run(self, x, gamma=None, beta=None, norm="none", epsilon=1e-6):
+            y = x.astype(np.float64)
+            norm = norm.decode() if isinstance(norm, bytes) else norm
+            if norm == "rms":
+                y = y / np.sqrt((y * y).mean(-1, keepdims=True) + epsilon) * gamma
+            elif norm == "layer":
+                centred = y - y.mean(-1, keepdims=True)
+                y = centred / np.sqrt((centred * centred).mean(-1, keepdims=True) + epsilon) * gamma + beta
+            scale = np.maximum(np.abs(y).max(-1), 1e-8) / 127.0
+            q = np.clip(np.round(y / scale[..., None]), -127, 127).astype(np.int8)
+            return q, scale.astype(np.float32)
+
+    return [Int4Gemm, FlashAttention, W8A8Gemm, QuantizePerToken]
 
 
 @functools.cache
 def _built(config):
     from qcompiler.plugins import aot
 
-    if config.tactic not in aot.tactics(config):
-        raise ValueError(f"tactic {config.tactic!r} is not offered for {config} (offered: {aot.tactics(config)})")
+    tactic = getattr(config, "tactic", "default")  # QuantizePerToken has one kernel, no tactic field
+    if tactic not in aot.tactics(config):
+        raise ValueError(f"tactic {tactic!r} is not offered for {config} (offered: {aot.tactics(config)})")
     return aot.build(config)
 
 
-def kernel_ops(int4_tactic: str, attention_tactic: str, launched: list[str] | None = None) -> list[type]:
-    """``onnx.reference`` op classes that run Int4Gemm and FlashAttention on the plugins' AOT kernels
-    (CUDA GPU, CuPy, Triton). ``launched`` (if given) collects the tactic of every launch."""
+def kernel_ops(int4_tactic: str, attention_tactic: str, launched: list[str] | None = None,
+               w8a8_tactic: str = "large") -> list[type]:
+    """``onnx.reference`` op classes that run the four ops on the plugins' AOT kernels (CUDA GPU, CuPy,
+    Triton), in float16. ``launched`` (if given) collects the tactic of every launch."""
     import torch
     from onnx.reference.op_run import OpRun
 
@@ -117,7 +141,38 @@ def kernel_ops(int4_tactic: str, attention_tactic: str, launched: list[str] | No
             record.append(config.tactic)
             return o.float().cpu().numpy().astype(q.dtype), lse.cpu().numpy()
 
-    return [Int4Gemm, FlashAttention]
+    class W8A8Gemm(OpRun):
+        op_domain = "qcompiler"
+
+        def _run(self, a, a_scale, b, b_scale, bias=None, out_dtype=10):
+            rows = cuda(a.reshape(-1, a.shape[-1]))
+            N, K = b.shape
+            dtype = torch.float16 if out_dtype == 10 else torch.bfloat16
+            config = aot.W8A8GemmPlugin("float16" if out_dtype == 10 else "bfloat16", N, K, bias is not None, w8a8_tactic)
+            y = torch.full((rows.shape[0], N), float("nan"), dtype=dtype, device="cuda")
+            tensors = {"A": rows, "a_scale": cuda(a_scale.reshape(-1), torch.float32), "B": cuda(b),
+                       "b_scale": cuda(b_scale, torch.float32), "bias": None if bias is None else cuda(bias, dtype), "Y": y}
+            launch.launch(_built(config), tensors, {"M": rows.shape[0]})
+            record.append(config.tactic)
+            return (y.float().cpu().numpy().reshape(*a.shape[:-1], N).astype(np.float16),)
+
+    class QuantizePerToken(OpRun):
+        op_domain = "qcompiler"
+
+        def _run(self, x, gamma=None, beta=None, norm="none", epsilon=1e-6):
+            norm = norm.decode() if isinstance(norm, bytes) else norm
+            H = x.shape[-1]
+            config = aot.QuantizePerTokenPlugin("float16", H, norm, float(epsilon))
+            rows = cuda(x.reshape(-1, H), torch.float16)
+            q = torch.zeros(rows.shape, dtype=torch.int8, device="cuda")
+            scale = torch.full((rows.shape[0],), float("nan"), dtype=torch.float32, device="cuda")
+            tensors = {"X": rows, "gamma": None if gamma is None else cuda(gamma, torch.float16),
+                       "beta": None if beta is None else cuda(beta, torch.float16), "Q": q, "scale": scale}
+            launch.launch(_built(config), tensors, {"M": rows.shape[0]})
+            record.append("quantize_per_token")
+            return q.cpu().numpy().reshape(x.shape), scale.cpu().numpy().reshape(x.shape[:-1])
+
+    return [Int4Gemm, FlashAttention, W8A8Gemm, QuantizePerToken]
 
 
 def run_plugin_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray], ops: list[type] | None = None) -> list[np.ndarray]:

@@ -3,7 +3,7 @@
 Steps: (1) a prepared copy of the model (the input is never modified): absent optional plugin inputs
 are materialised with their neutral values (Int4Gemm zero points 8 and bias 0, W8A8Gemm bias 0,
 QuantizePerToken gamma 1 / beta 0) so each op has one plugin signature, FlashAttention nodes get
-their LSE output, and in a float32 graph Int4Gemm and FlashAttention run in float16 between Casts;
+their LSE output, and in a float32 graph the plugins read float16 (Casts in and out);
 (2) the qcompiler plugins are registered (``qcompiler.plugins.tensorrt_plugins``, AOT: the engine
 embeds the kernels' PTX and needs no Python at run time); (3) TensorRT's ONNX parser builds a
 strongly typed network, with an optimization profile over the dynamic input dims.
@@ -122,14 +122,15 @@ def _element_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 # Per op: the float inputs the kernel reads in the activation type, and the outputs it writes in it.
-_HALF_INPUTS = {"Int4Gemm": (0, 2, 4), "FlashAttention": (0, 1, 2)}
-_HALF_OUTPUTS = {"Int4Gemm": (0,), "FlashAttention": (0,)}
+_HALF_INPUTS = {"Int4Gemm": (0, 2, 4), "FlashAttention": (0, 1, 2), "QuantizePerToken": (0,)}
+_HALF_OUTPUTS = {"Int4Gemm": (0,), "FlashAttention": (0,), "QuantizePerToken": ()}
 
 
 def _float16_around_plugins(model: onnx.ModelProto) -> None:
-    """In a float32 graph, runs Int4Gemm and FlashAttention in float16: their kernels take float16/bfloat16
-    only. Constant inputs (scales, bias) get float16 copies; computed ones a Cast, and so do the outputs,
-    back to float32 for the float32 nodes around. LSE stays float32, as the op defines it."""
+    """In a float32 graph, runs Int4Gemm, FlashAttention and QuantizePerToken in float16: their plugins take
+    float16/bfloat16 only (W8A8Gemm reads int8 and writes float16 already). Constant inputs (scales, bias)
+    get float16 copies; computed ones a Cast, and so do the outputs, back to float32 for the float32 nodes
+    around. LSE stays float32, as the op defines it."""
     types = _element_types(model)
     inits = {t.name: t for t in model.graph.initializer}
     nodes = []

@@ -1,0 +1,171 @@
+"""Lowers per-token W8A8 Q/DQ GEMMs to ``qcompiler::QuantizePerToken`` + ``qcompiler::W8A8Gemm`` (TensorRT plugins).
+
+Recognised: what ``InsertQDQ`` with per-token dynamic activations and ``FuseQuant(target="tensorrt")``
+leave in front of a weighted GEMM::
+
+    x ─┬─ ReduceMax ─┐
+       └─ ReduceMin ─ Neg ─ Max ─ Div(127) ─ Max(floor) = s ─ QuantizeLinear(x, s, block K) ─ DequantizeLinear ─┐
+    W_int8 [K, N] (or [N, K] under Gemm transB) ─ DequantizeLinear(s_w per channel) ───────────── MatMul / Gemm ─ y
+
+becomes::
+
+    x ─ QuantizePerToken ─ (x_q int8, s) ─ W8A8Gemm(x_q, s, W_int8 [N, K], s_w[, Gemm's bias]) ─ [Cast] ─ y
+
+Both compute ``y = (q_x q_w) s s_w`` with ``q_x = round_half_even(x / s)``, ``s = max|x| / 127`` per row:
+the same function, except that QuantizePerToken floors max|x| at 1e-8 where the graph floors s at
+1e-12, which changes only rows whose max|x| is below 1e-8 (their error stays below 1e-10). W8A8Gemm
+writes float16; in a float32 graph a Cast brings y back to float32. GEMMs reading one activation share
+one QuantizePerToken, as they shared one quantizer.
+
+Declined (reason in ``not_fired``): static per-tensor activation scales (W8A8Gemm takes a scale per
+row), activation scales not computed as above, weights that are not constant int8 with symmetric
+per-output-channel scales, and Gemm with transA or alpha/beta other than 1.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from qcompiler.graph import add_domain, constant_value
+from qcompiler.pass_manager import PassContext, PassResult
+from qcompiler.plugins.ops import DOMAIN, QUANTIZE_PER_TOKEN, W8A8_GEMM
+
+__all__ = ["LowerW8A8Gemm"]
+
+logger = logging.getLogger(__name__)
+
+
+def _producer(t: gs.Tensor, *ops: str) -> gs.Node | None:
+    return t.inputs[0] if len(t.inputs) == 1 and t.inputs[0].op in ops else None
+
+
+def _scalar(t: gs.Tensor) -> float | None:
+    value = constant_value(t)
+    return float(np.asarray(value).reshape(-1)[0]) if value is not None and np.asarray(value).size == 1 else None
+
+
+def _is_row_absmax_scale(scale: gs.Tensor, x: gs.Tensor) -> bool:
+    """``scale`` is Max(Div(max|x| over the last axis, 127), floor), with max|x| as Max(ReduceMax(x),
+    Neg(ReduceMin(x))) or ReduceMax(Abs(x))."""
+    floor = _producer(scale, "Max")
+    div = floor and next((_producer(t, "Div") for t in floor.inputs if _producer(t, "Div")), None)
+    if div is None or _scalar(div.inputs[1]) != 127.0:
+        return False
+    absmax = div.inputs[0]
+
+    def reduces_x(t: gs.Tensor, op: str, through: str | None = None) -> bool:
+        node = _producer(t, op)
+        if node is None or not node.attrs.get("keepdims", 1):
+            return False
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) > 1:
+            axes = constant_value(node.inputs[1])
+        rank = len(x.shape) if x.shape is not None else None
+        if axes is None or [int(a) for a in np.asarray(axes).reshape(-1)] not in ([-1], [rank - 1] if rank else [-1]):
+            return False
+        source = node.inputs[0]
+        if through is not None:
+            inner = _producer(source, through)
+            source = inner.inputs[0] if inner is not None else None
+        return source is x
+
+    if reduces_x(absmax, "ReduceMax", "Abs"):
+        return True
+    both = _producer(absmax, "Max")
+    if both is None or len(both.inputs) != 2:
+        return False
+    a, b = both.inputs
+    for top, neg in ((a, b), (b, a)):
+        negation = _producer(neg, "Neg")
+        if reduces_x(top, "ReduceMax") and negation is not None and reduces_x(negation.inputs[0], "ReduceMin"):
+            return True
+    return False
+
+
+class LowerW8A8Gemm:
+    """Per-token W8A8 Q/DQ GEMMs -> QuantizePerToken + W8A8Gemm (no configuration)."""
+
+    name = "lower_w8a8_gemm"
+
+    def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
+        lowered, not_fired = [], []
+        quantized: dict[str, tuple[gs.Variable, gs.Variable]] = {}  # x -> (x_q, s), one per activation
+        for gemm in [n for n in graph.nodes if n.op in ("MatMul", "Gemm")]:
+            match = self._match(gemm)
+            if match is None:
+                continue  # not a Q/DQ GEMM: nothing to say
+            if isinstance(match, str):
+                not_fired.append((gemm.name, match))
+                continue
+            if context.is_excluded(gemm.name):
+                not_fired.append((gemm.name, "excluded by the user"))
+                continue
+            x, w_nk, w_scale, bias = match
+            if x.name not in quantized:
+                quantized[x.name] = (gs.Variable(f"{x.name}/qpt_q", dtype=np.int8), gs.Variable(f"{x.name}/qpt_scale", dtype=np.float32))
+                graph.nodes.append(gs.Node(QUANTIZE_PER_TOKEN, f"{x.name}/QuantizePerToken", domain=DOMAIN,
+                                           attrs={"norm": "none", "epsilon": 1e-6}, inputs=[x], outputs=list(quantized[x.name])))
+            x_q, x_s = quantized[x.name]
+            y = gemm.outputs[0]
+            half = np.dtype(x.dtype) == np.float16 if x.dtype is not None else False
+            out = y if half else gs.Variable(f"{y.name}/fp16", dtype=np.float16)
+            inputs = [x_q, x_s, gs.Constant(f"{gemm.name}/w8_nk", w_nk), gs.Constant(f"{gemm.name}/w8_scale", w_scale)]
+            if bias is not None:
+                inputs.append(gs.Constant(f"{gemm.name}/w8_bias", bias.astype(np.float16)))
+            gemm.outputs.clear()
+            graph.nodes.append(gs.Node(W8A8_GEMM, f"{gemm.name}/W8A8Gemm", domain=DOMAIN,
+                                       attrs={"out_dtype": onnx.TensorProto.FLOAT16}, inputs=inputs, outputs=[out]))
+            if not half:
+                graph.nodes.append(gs.Node("Cast", f"{gemm.name}/to_fp32", attrs={"to": onnx.TensorProto.FLOAT},
+                                           inputs=[out], outputs=[y]))
+            lowered.append({"node": gemm.name, "N": int(w_nk.shape[0]), "K": int(w_nk.shape[1]), "bias": bias is not None})
+        if lowered:
+            add_domain(graph, DOMAIN)
+            graph.cleanup().toposort()
+        return PassResult(bool(lowered), f"lowered {len(lowered)} W8A8 GEMMs to {DOMAIN}::{W8A8_GEMM} "
+                          f"({len(quantized)} {DOMAIN}::{QUANTIZE_PER_TOKEN})", lowered, not_fired)
+
+    @staticmethod
+    def _match(gemm: gs.Node):
+        """None (not a W8A8 Q/DQ GEMM), the reason it cannot be lowered, or (x, W int8 [N, K], s_w, bias)."""
+        act_dq = _producer(gemm.inputs[0], "DequantizeLinear")
+        w_dq = _producer(gemm.inputs[1], "DequantizeLinear")
+        if act_dq is None or w_dq is None:
+            return None
+        act_q = _producer(act_dq.inputs[0], "QuantizeLinear")
+        if act_q is None:
+            return "the activation's DequantizeLinear does not read a QuantizeLinear"
+        x, scale = act_q.inputs[0], act_q.inputs[1]
+        if constant_value(scale) is not None:
+            return "static per-tensor activation scale (W8A8Gemm takes one scale per row)"
+        if act_dq.inputs[1] is not scale or not _is_row_absmax_scale(scale, x):
+            return "activation scale is not max|x| / 127 per row"
+        if any(constant_value(t) is not None and np.any(constant_value(t)) for t in act_q.inputs[2:] + act_dq.inputs[2:]):
+            return "activation zero point is not 0"
+        w_q, w_scale = constant_value(w_dq.inputs[0]), constant_value(w_dq.inputs[1])
+        if w_q is None or w_q.dtype != np.int8 or w_q.ndim != 2 or w_scale is None:
+            return "weight is not a constant int8 matrix with constant scales"
+        if len(w_dq.inputs) > 2 and w_dq.inputs[2].name:
+            zero_point = constant_value(w_dq.inputs[2])
+            if zero_point is None or np.any(zero_point):
+                return "weight zero point is not 0"
+        transposed = gemm.op == "Gemm" and bool(gemm.attrs.get("transB", 0))
+        if gemm.op == "Gemm" and (gemm.attrs.get("transA", 0) or gemm.attrs.get("alpha", 1.0) != 1.0
+                                  or gemm.attrs.get("beta", 1.0) != 1.0):
+            return "Gemm with transA or alpha/beta other than 1"
+        w_nk = w_q if transposed else w_q.T
+        n = w_nk.shape[0]
+        w_scale = np.broadcast_to(np.asarray(w_scale, np.float32).reshape(-1), (n,)).copy()
+        if int(w_dq.attrs.get("axis", 1)) % 2 != (0 if transposed else 1) and np.asarray(constant_value(w_dq.inputs[1])).size > 1:
+            return "weight scales are not per output channel"
+        bias = None
+        if gemm.op == "Gemm" and len(gemm.inputs) > 2 and gemm.inputs[2].name:
+            bias = constant_value(gemm.inputs[2])
+            if bias is None or bias.size != n:
+                return "Gemm bias is not a constant vector of N"
+            bias = bias.reshape(n)
+        return x, np.ascontiguousarray(w_nk), w_scale, bias
