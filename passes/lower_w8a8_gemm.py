@@ -17,6 +17,11 @@ the same function, except that QuantizePerToken floors max|x| at 1e-8 where the 
 writes float16; in a float32 graph a Cast brings y back to float32. GEMMs reading one activation share
 one QuantizePerToken, as they shared one quantizer.
 
+When that activation is an RMSNorm (as exports write it out) or a LayerNormalization of the last axis,
+and nothing else reads it, the norm moves into QuantizePerToken (``norm``, ``gamma``, ``beta``,
+``epsilon``): the kernel normalises the row it quantizes, so the normalised activations are never
+written to memory. That is the same function up to float rounding.
+
 Declined (reason in ``not_fired``): static per-tensor activation scales (W8A8Gemm takes a scale per
 row), activation scales not computed as above, weights that are not constant int8 with symmetric
 per-output-channel scales, and Gemm with transA or alpha/beta other than 1.
@@ -123,11 +128,15 @@ class LowerW8A8Gemm:
                 graph.nodes.append(gs.Node("Cast", f"{gemm.name}/to_fp32", attrs={"to": onnx.TensorProto.FLOAT},
                                            inputs=[out], outputs=[y]))
             lowered.append({"node": gemm.name, "N": int(w_nk.shape[0]), "K": int(w_nk.shape[1]), "bias": bias is not None})
+        fused_norms = 0
         if lowered:
             add_domain(graph, DOMAIN)
+            graph.cleanup()
+            fused_norms = sum(_fuse_norm(graph, node) for node in graph.nodes if node.op == QUANTIZE_PER_TOKEN)
             graph.cleanup().toposort()
         return PassResult(bool(lowered), f"lowered {len(lowered)} W8A8 GEMMs to {DOMAIN}::{W8A8_GEMM} "
-                          f"({len(quantized)} {DOMAIN}::{QUANTIZE_PER_TOKEN})", lowered, not_fired)
+                          f"({len(quantized)} {DOMAIN}::{QUANTIZE_PER_TOKEN}, {fused_norms} with their RMSNorm/LayerNorm "
+                          f"fused)", lowered, not_fired)
 
     @staticmethod
     def _match(gemm: gs.Node):
@@ -169,3 +178,81 @@ class LowerW8A8Gemm:
                 return "Gemm bias is not a constant vector of N"
             bias = bias.reshape(n)
         return x, np.ascontiguousarray(w_nk), w_scale, bias
+
+
+def _norm_of(x: gs.Tensor) -> tuple[str, gs.Tensor, np.ndarray, np.ndarray | None, float] | None:
+    """(kind, input h, gamma, beta, epsilon) when ``x`` is RMSNorm(h) * gamma, written out as exports write
+    it (Pow or Mul for h^2, ReduceMean over the last axis, Add eps, Sqrt, then Div, or Reciprocal and Mul),
+    or LayerNormalization(h, gamma, beta) over the last axis; else None."""
+    layer = _producer(x, "LayerNormalization")
+    if layer is not None:
+        gamma = constant_value(layer.inputs[1])
+        beta = constant_value(layer.inputs[2]) if len(layer.inputs) > 2 and layer.inputs[2].name else None
+        if gamma is None or int(layer.attrs.get("axis", -1)) not in (-1, len(x.shape or [0]) - 1) or len(layer.outputs) > 1 and any(
+                o.outputs for o in layer.outputs[1:]):
+            return None
+        if len(layer.inputs) > 2 and layer.inputs[2].name and beta is None:
+            return None
+        return "layer", layer.inputs[0], gamma, beta, float(layer.attrs.get("epsilon", 1e-5))
+    scaled = _producer(x, "Mul")
+    if scaled is None:
+        return None
+    gamma, normed = next(((constant_value(a), b) for a, b in (scaled.inputs, scaled.inputs[::-1]) if constant_value(a) is not None),
+                         (None, None))
+    if gamma is None or gamma.ndim != 1:
+        return None
+    divide = _producer(normed, "Div")
+    if divide is not None:
+        h, rms = divide.inputs
+    else:
+        times = _producer(normed, "Mul")
+        if times is None:
+            return None
+        found = next(((a, _producer(b, "Reciprocal")) for a, b in (times.inputs, times.inputs[::-1]) if _producer(b, "Reciprocal")),
+                     None)
+        if found is None:
+            return None
+        h, rms = found[0], found[1].inputs[0]
+    sqrt = _producer(rms, "Sqrt")
+    add = sqrt and _producer(sqrt.inputs[0], "Add")
+    if add is None:
+        return None
+    mean_t, eps = next(((a, _scalar(b)) for a, b in (add.inputs, add.inputs[::-1]) if _scalar(b) is not None), (None, None))
+    mean = mean_t is not None and _producer(mean_t, "ReduceMean")
+    if not mean or not mean.attrs.get("keepdims", 1):
+        return None
+    axes = mean.attrs.get("axes")
+    if axes is None and len(mean.inputs) > 1:
+        axes = constant_value(mean.inputs[1])
+    if axes is None or [int(a) for a in np.asarray(axes).reshape(-1)] not in ([-1], [len(h.shape) - 1] if h.shape else [-1]):
+        return None
+    square = _producer(mean.inputs[0], "Pow", "Mul")
+    if square is None:
+        return None
+    if square.op == "Pow" and not (square.inputs[0] is h and _scalar(square.inputs[1]) == 2.0):
+        return None
+    if square.op == "Mul" and not (square.inputs[0] is h and square.inputs[1] is h):
+        return None
+    return "rms", h, gamma, None, float(eps)
+
+
+def _fuse_norm(graph: gs.Graph, quantize: gs.Node) -> bool:
+    """Moves the RMSNorm/LayerNorm that produces ``quantize``'s input into it (norm, gamma, beta, epsilon)
+    when nothing else reads the normalised tensor: the kernel normalises the row it quantizes, so the
+    normalised activations are never written out."""
+    x = quantize.inputs[0]
+    if len(x.outputs) != 1 or x in graph.outputs:
+        return False
+    norm = _norm_of(x)
+    if norm is None:
+        return False
+    kind, h, gamma, beta, epsilon = norm
+    name = quantize.name
+    inputs = [h, gs.Constant(f"{name}/gamma", np.asarray(gamma, np.float32).reshape(-1))]
+    if kind == "layer":
+        inputs.append(gs.Constant(f"{name}/beta", np.zeros_like(inputs[1].values) if beta is None
+                                  else np.asarray(beta, np.float32).reshape(-1)))
+    quantize.inputs.clear()
+    quantize.inputs.extend(inputs)
+    quantize.attrs.update(norm=kind, epsilon=epsilon)
+    return True

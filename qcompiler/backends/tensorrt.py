@@ -122,7 +122,7 @@ def _element_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 # Per op: the float inputs the kernel reads in the activation type, and the outputs it writes in it.
-_HALF_INPUTS = {"Int4Gemm": (0, 2, 4), "FlashAttention": (0, 1, 2), "QuantizePerToken": (0,)}
+_HALF_INPUTS = {"Int4Gemm": (0, 2, 4), "FlashAttention": (0, 1, 2), "QuantizePerToken": (0, 1, 2)}
 _HALF_OUTPUTS = {"Int4Gemm": (0,), "FlashAttention": (0,), "QuantizePerToken": ()}
 
 
