@@ -143,7 +143,7 @@ def register_plugins() -> None:
 
     @trtp.autotune("qcompiler::QuantizePerToken")
     def _quant_tune(X, gamma, beta, outputs):
-        return [trtp.AutoTuneCombination("FP16|BF16, FP16|BF16, FP16|BF16, INT8, FP32", "LINEAR")]
+        return [trtp.AutoTuneCombination("FP16|BF16|FP32, FP16|BF16|FP32, FP16|BF16|FP32, INT8, FP32", "LINEAR")]
 
     @trtp.aot_impl("qcompiler::QuantizePerToken")
     def _quant_aot(X: trtp.TensorDesc, gamma: trtp.TensorDesc, beta: trtp.TensorDesc, norm: str, epsilon: float,

@@ -100,7 +100,8 @@ def _built(config):
 def kernel_ops(int4_tactic: str, attention_tactic: str, launched: list[str] | None = None,
                w8a8_tactic: str = "large") -> list[type]:
     """``onnx.reference`` op classes that run the four ops on the plugins' AOT kernels (CUDA GPU, CuPy,
-    Triton), in float16. ``launched`` (if given) collects the tactic of every launch."""
+    Triton): the GEMMs and attention in float16, QuantizePerToken in its input's type. ``launched`` (if
+    given) collects the tactic of every launch."""
     import torch
     from onnx.reference.op_run import OpRun
 
@@ -162,12 +163,15 @@ def kernel_ops(int4_tactic: str, attention_tactic: str, launched: list[str] | No
         def _run(self, x, gamma=None, beta=None, norm="none", epsilon=1e-6):
             norm = norm.decode() if isinstance(norm, bytes) else norm
             H = x.shape[-1]
-            config = aot.QuantizePerTokenPlugin("float16", H, norm, float(epsilon))
-            rows = cuda(x.reshape(-1, H), torch.float16)
+            # X in its own type: float32 rows stay float32 (the residual stream a fused norm reads)
+            name = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}[x.dtype]
+            config = aot.QuantizePerTokenPlugin(name, H, norm, float(epsilon))
+            dtype = getattr(torch, name)
+            rows = cuda(x.reshape(-1, H))
             q = torch.zeros(rows.shape, dtype=torch.int8, device="cuda")
             scale = torch.full((rows.shape[0],), float("nan"), dtype=torch.float32, device="cuda")
-            tensors = {"X": rows, "gamma": None if gamma is None else cuda(gamma, torch.float16),
-                       "beta": None if beta is None else cuda(beta, torch.float16), "Q": q, "scale": scale}
+            tensors = {"X": rows, "gamma": None if gamma is None else cuda(gamma, dtype),
+                       "beta": None if beta is None else cuda(beta, dtype), "Q": q, "scale": scale}
             launch.launch(_built(config), tensors, {"M": rows.shape[0]})
             record.append("quantize_per_token")
             return q.cpu().numpy().reshape(x.shape), scale.cpu().numpy().reshape(x.shape[:-1])

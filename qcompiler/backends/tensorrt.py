@@ -122,17 +122,23 @@ def _element_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 # Per op: the float inputs the kernel reads in the activation type, and the outputs it writes in it.
-_HALF_INPUTS = {"Int4Gemm": (0, 2, 4), "FlashAttention": (0, 1, 2), "QuantizePerToken": (0, 1, 2)}
-_HALF_OUTPUTS = {"Int4Gemm": (0,), "FlashAttention": (0,), "QuantizePerToken": ()}
+_HALF_INPUTS = {"Int4Gemm": (0, 2, 4), "FlashAttention": (0, 1, 2)}
+_HALF_OUTPUTS = {"Int4Gemm": (0,), "FlashAttention": (0,)}
 
 
 def _float16_around_plugins(model: onnx.ModelProto) -> None:
-    """In a float32 graph, runs Int4Gemm, FlashAttention and QuantizePerToken in float16: their plugins take
-    float16/bfloat16 only (W8A8Gemm reads int8 and writes float16 already). Constant inputs (scales, bias)
-    get float16 copies; computed ones a Cast, and so do the outputs, back to float32 for the float32 nodes
-    around. LSE stays float32, as the op defines it."""
+    """In a float32 graph, runs Int4Gemm and FlashAttention in float16: their plugins take float16/bfloat16
+    only. Constant inputs (scales, bias) get float16 copies; computed ones a Cast, and so do the outputs,
+    back to float32 for the float32 nodes around. LSE stays float32, as the op defines it. (W8A8Gemm reads
+    int8 and writes float16 already; QuantizePerToken reads float32 as it is, its gamma/beta in X's type.)"""
     types = _element_types(model)
     inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:  # gamma/beta (fused or materialised) in X's type
+        if node.domain == "qcompiler" and node.op_type == "QuantizePerToken" and node.input[0] in types:
+            want = onnx.helper.tensor_dtype_to_np_dtype(types[node.input[0]])
+            for name in node.input[1:3]:
+                if name in inits and inits[name].data_type != types[node.input[0]]:
+                    inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name]).astype(want), name))
     nodes = []
     for node in model.graph.node:
         half_inputs = _HALF_INPUTS.get(node.op_type, ()) if node.domain == "qcompiler" else ()

@@ -18,7 +18,7 @@ from qcompiler.plugins.int4_gemm_mma import INT4_MMA_TACTICS  # noqa: E402
 from qcompiler.plugins.int4_gemm_wgmma import INT4_WGMMA_TACTICS  # noqa: E402
 from qcompiler.plugins.w8a8_gemm import W8A8_TACTICS  # noqa: E402
 
-DT = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def rel(a, b):
@@ -84,7 +84,7 @@ def test_w8a8_plugin(tactic, has_bias, out):
 
 
 @pytest.mark.parametrize("norm", ["none", "rms", "layer"])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_quantize_plugin(norm, dtype):
     from qcompiler.plugins import aot, launch
     from qcompiler.plugins.quantize_per_token import quantize_per_token_reference

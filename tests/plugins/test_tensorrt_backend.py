@@ -74,3 +74,28 @@ def test_prepare_runs_the_plugins_of_a_float32_graph_in_float16():
 def test_prepare_leaves_a_float16_graph_without_casts():
     prepared = prepare_for_tensorrt(_int4_model())
     assert [n.op_type for n in prepared.graph.node] == ["Int4Gemm"]
+
+
+def test_prepare_keeps_a_float32_quantizer_in_float32():
+    """QuantizePerToken reads float32 (a fused norm reads the float32 residual stream): no Cast, and its
+    gamma/beta (fused, or the placeholders for norm="none") in X's type."""
+    from qcompiler.backends.tensorrt import _element_types
+    from qcompiler.config import ActivationScheme, W8A8Config
+    from qcompiler.graph import export_graph, import_graph
+    from qcompiler.pass_manager import PassContext
+    from qcompiler.passes.fuse_quant import FuseQuant
+    from qcompiler.passes.insert_qdq import InsertQDQ
+    from qcompiler.passes.lower_w8a8_gemm import LowerW8A8Gemm
+    from tests.passes.graphs import decoder_model
+
+    graph = import_graph(decoder_model(np.random.default_rng(0)))
+    InsertQDQ(W8A8Config(activation=ActivationScheme.PER_TOKEN_DYNAMIC)).run(graph, PassContext())
+    FuseQuant(target="tensorrt").run(graph, PassContext())
+    LowerW8A8Gemm().run(graph, PassContext())
+    prepared = prepare_for_tensorrt(export_graph(graph))
+    onnx.checker.check_model(prepared)
+    types = _element_types(prepared)
+    quantizers = [n for n in prepared.graph.node if n.op_type == "QuantizePerToken"]
+    assert len(quantizers) == 8
+    for node in quantizers:
+        assert [types[name] for name in node.input] == [TensorProto.FLOAT] * 3, node.name
