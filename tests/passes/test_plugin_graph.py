@@ -72,3 +72,22 @@ def test_flash_attention_reference_follows_the_contract(causal):
         p = np.exp(s - s.max())
         np.testing.assert_allclose(o[b, h, i], p @ v[b, h // 2, keys] / p.sum(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(lse[b, h, i], np.log(np.exp(s).sum()), rtol=1e-5)
+
+
+def test_evaluation_scores_a_plugin_graph_through_the_references(tmp_path):
+    """ONNX Runtime cannot load the plugin graph; qcompile's perplexity and output comparison run it
+    through the ops' references instead, and agree with running those directly."""
+    from qcompiler.evaluation import compare_outputs, holds_plugin_ops, perplexity, perplexity_of
+
+    model = decoder_model(np.random.default_rng(0), layers=LAYERS)
+    nbits, plugins = plugin_graph(model)
+    assert holds_plugin_ops(plugins) and not holds_plugin_ops(nbits)
+    paths = {name: tmp_path / f"{name}.onnx" for name in ("float", "nbits", "plugins")}
+    for name, graph in (("float", model), ("nbits", nbits), ("plugins", plugins)):
+        onnx.save(graph, str(paths[name]))
+    feeds = [{"input_ids": np.random.default_rng(i).integers(0, 384, (1, 33))} for i in range(3)]
+    scored = perplexity(paths["plugins"], feeds)
+    assert scored == perplexity_of(lambda f: run_reference(plugins, f)[0], feeds)
+    assert scored == pytest.approx(perplexity(paths["nbits"], feeds), rel=1e-4)  # ONNX Runtime, MatMulNBits
+    (agreement,), samples = compare_outputs(paths["float"], paths["plugins"], feeds)
+    assert (agreement.name, samples) == ("logits", 3) and agreement.sqnr_db > 10.0
