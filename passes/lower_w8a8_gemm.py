@@ -54,11 +54,14 @@ def _scalar(t: gs.Tensor) -> float | None:
 
 
 def _is_row_absmax_scale(scale: gs.Tensor, x: gs.Tensor) -> bool:
-    """``scale`` is Max(Div(max|x| over the last axis, 127), floor), with max|x| as Max(ReduceMax(x),
-    Neg(ReduceMin(x))) or ReduceMax(Abs(x))."""
+    """``scale`` is Max(Div(max|x| over the last axis, 127), a tiny constant floor), with max|x| as
+    Max(ReduceMax(x), Neg(ReduceMin(x))) or ReduceMax(Abs(x))."""
     floor = _producer(scale, "Max")
-    div = floor and next((_producer(t, "Div") for t in floor.inputs if _producer(t, "Div")), None)
-    if div is None or _scalar(div.inputs[1]) != 127.0:
+    if floor is None or len(floor.inputs) != 2:
+        return False
+    div, bound = next(((_producer(a, "Div"), _scalar(b)) for a, b in (floor.inputs, floor.inputs[::-1]) if _producer(a, "Div")),
+                      (None, None))
+    if div is None or bound is None or not 0 < bound < 1e-6 or _scalar(div.inputs[1]) != 127.0:
         return False
     absmax = div.inputs[0]
 

@@ -118,3 +118,12 @@ def test_layer_norm_moves_into_the_quantizer_unless_read_elsewhere(also_read):
     feeds = {"x": np.random.default_rng(2).normal(size=(5, 32)).astype(np.float32) * 3}
     for want, got in zip(run_ort(qdq, feeds), run_reference(lowered, feeds), strict=True):
         np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_declines_a_scale_it_does_not_recognise():
+    """A per-row scale that is not max|x| / 127 (here / 100) would change the function: declined."""
+    graph = _qdq(two_linear_model(np.random.default_rng(0)))
+    (qmax,) = [t for t in graph.tensors().values() if t.name.endswith("/per_token/qmax")]
+    qmax.values = np.array(100.0, np.float32)
+    result = LowerW8A8Gemm().run(graph, PassContext())
+    assert not result.changed and all("not max|x| / 127" in why for _, why in result.not_fired), result.not_fired
