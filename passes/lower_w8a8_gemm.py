@@ -185,8 +185,8 @@ class LowerW8A8Gemm:
 
 def _norm_of(x: gs.Tensor) -> tuple[str, gs.Tensor, np.ndarray, np.ndarray | None, float] | None:
     """(kind, input h, gamma, beta, epsilon) when ``x`` is RMSNorm(h) * gamma, written out as exports write
-    it (Pow or Mul for h^2, ReduceMean over the last axis, Add eps, Sqrt, then Div, or Reciprocal and Mul),
-    or LayerNormalization(h, gamma, beta) over the last axis; else None."""
+    it (Pow or Mul for h^2, ReduceMean over the last axis, Add eps, Sqrt, then Div, or Reciprocal / 1-Div
+    and Mul, with float Casts around), or LayerNormalization(h, gamma, beta) over the last axis; else None."""
     layer = _producer(x, "LayerNormalization")
     if layer is not None:
         gamma = constant_value(layer.inputs[1])
@@ -204,18 +204,18 @@ def _norm_of(x: gs.Tensor) -> tuple[str, gs.Tensor, np.ndarray, np.ndarray | Non
                          (None, None))
     if gamma is None or gamma.ndim != 1:
         return None
+    normed = _through_float_casts(normed)
     divide = _producer(normed, "Div")
-    if divide is not None:
+    if divide is not None and _scalar(divide.inputs[0]) != 1.0:
         h, rms = divide.inputs
     else:
         times = _producer(normed, "Mul")
         if times is None:
             return None
-        found = next(((a, _producer(b, "Reciprocal")) for a, b in (times.inputs, times.inputs[::-1]) if _producer(b, "Reciprocal")),
-                     None)
+        found = next(((a, _reciprocal_of(b)) for a, b in (times.inputs, times.inputs[::-1]) if _reciprocal_of(b) is not None), None)
         if found is None:
             return None
-        h, rms = found[0], found[1].inputs[0]
+        h, rms = found
     sqrt = _producer(rms, "Sqrt")
     add = sqrt and _producer(sqrt.inputs[0], "Add")
     if add is None:
@@ -236,20 +236,39 @@ def _norm_of(x: gs.Tensor) -> tuple[str, gs.Tensor, np.ndarray, np.ndarray | Non
         return None
     if square.op == "Mul" and not (square.inputs[0] is h and square.inputs[1] is h):
         return None
-    return "rms", h, gamma, None, float(eps)
+    return "rms", _through_float_casts(h), gamma, None, float(eps)
+
+
+def _through_float_casts(t: gs.Tensor) -> gs.Tensor:
+    """``t`` before any Casts to a float type (``h.to(float32)`` around a norm, which computes in float32 anyway)."""
+    while (cast := _producer(t, "Cast")) is not None and cast.attrs.get("to") in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                                                 onnx.TensorProto.BFLOAT16):
+        t = cast.inputs[0]
+    return t
+
+
+def _reciprocal_of(t: gs.Tensor) -> gs.Tensor | None:
+    """r when ``t`` is Reciprocal(r) or Div(1, r) (TorchScript writes rsqrt as 1 / Sqrt)."""
+    node = _producer(t, "Reciprocal", "Div")
+    if node is None or (node.op == "Div" and _scalar(node.inputs[0]) != 1.0):
+        return None
+    return node.inputs[-1]
 
 
 def _fuse_norm(graph: gs.Graph, quantize: gs.Node) -> bool:
     """Moves the RMSNorm/LayerNorm that produces ``quantize``'s input into it (norm, gamma, beta, epsilon)
-    when nothing else reads the normalised tensor: the kernel normalises the row it quantizes, so the
-    normalised activations are never written out."""
+    when nothing else reads the normalised tensor's values (Shape readers move to the norm's input): the
+    kernel normalises the row it quantizes, so the normalised activations are never written out."""
     x = quantize.inputs[0]
-    if len(x.outputs) != 1 or x in graph.outputs:
+    others = [n for n in x.outputs if n is not quantize]
+    if x in graph.outputs or any(n.op != "Shape" for n in others):
         return False
     norm = _norm_of(x)
     if norm is None:
         return False
     kind, h, gamma, beta, epsilon = norm
+    for shape in others:  # TorchScript exports read shapes of activations: a norm keeps its input's shape
+        shape.inputs[0] = h
     name = quantize.name
     inputs = [h, gs.Constant(f"{name}/gamma", np.asarray(gamma, np.float32).reshape(-1))]
     if kind == "layer":
