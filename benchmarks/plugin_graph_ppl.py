@@ -1,10 +1,11 @@
 """Perplexity of an LM's TensorRT plugin graph without TensorRT: the numpy references of the ops and the
 plugins' own kernels, side by side with the fp32 model and the INT4 MatMulNBits graph in ONNX Runtime.
 
-The plugin graph: WeightOnlyRTN (INT4, symmetric, --group-size, MatMulNBits at accuracy_level 0) ->
-LowerInt4Gemm -> FuseAttention("plugin"). Its qcompiler nodes run under ONNX's reference evaluator
-(qcompiler.backends.plugin_graph): float64 numpy references, or (--kernels, CUDA) the AOT kernels a
-TensorRT engine embeds, launched through CuPy in float16 with one tactic pair per row.
+The plugin graph: `qcompile --backend tensorrt --plugins`'s pass list for INT4 RTN (symmetric, --group-size,
+MatMulNBits at accuracy_level 0): WeightOnlyRTN -> LowerInt4Gemm -> LowerW8A8Gemm -> FuseAttention("plugin").
+Its qcompiler nodes run under ONNX's reference evaluator (qcompiler.backends.plugin_graph): float64 numpy
+references, or (--kernels, CUDA) the AOT kernels a TensorRT engine embeds, launched through CuPy in float16
+with one tactic pair per row.
 
     python -m benchmarks.plugin_graph_ppl --model smollm2-135m.onnx --tokenizer tokenizer.json \\
         [--windows 4 --seq-len 512] [--save-plugin-graph plugin.onnx]              # CPU rows
@@ -25,23 +26,24 @@ import numpy as np
 import onnx
 
 from qcompiler.backends.plugin_graph import kernel_ops, run_plugin_graph
-from qcompiler.config import WeightOnlyConfig
+from qcompiler.config import Recipe, WeightOnlyConfig
 from qcompiler.evaluation import perplexity_of
 from qcompiler.graph import export_graph, import_graph, save_model
 from qcompiler.pass_manager import PassContext
-from qcompiler.passes.fuse_attention import FuseAttention
-from qcompiler.passes.lower_int4_gemm import LowerInt4Gemm
-from qcompiler.passes.rtn import WeightOnlyRTN
+from qcompiler.pipeline import build_passes
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
 
 def plugin_graphs(model: onnx.ModelProto, group_size: int, max_seq_len: int) -> tuple[onnx.ModelProto, onnx.ModelProto, str]:
-    """(the MatMulNBits graph, the plugin graph, what the passes did)."""
+    """(the MatMulNBits graph, the plugin graph, what the passes did): the pass list of `qcompile --recipe
+    w4a16-rtn --backend tensorrt --plugins`, at accuracy_level 0 (MatMulNBits then computes in float32)."""
+    recipe = Recipe("w4a16-rtn-exact", weight_only=WeightOnlyConfig(bits=4, group_size=group_size, accuracy_level=0))
+    rtn, *lowerings = build_passes(recipe, "tensorrt", plugins=True, max_seq_len=max_seq_len)
     graph = import_graph(model)
-    done = [WeightOnlyRTN(WeightOnlyConfig(bits=4, group_size=group_size, accuracy_level=0)).run(graph, PassContext())]
+    done = [rtn.run(graph, PassContext())]
     nbits = export_graph(graph)
-    done += [LowerInt4Gemm().run(graph, PassContext()), FuseAttention("plugin", max_seq_len=max_seq_len).run(graph, PassContext())]
+    done += [p.run(graph, PassContext()) for p in lowerings]
     return nbits, export_graph(graph), "; ".join(r.summary for r in done)
 
 

@@ -42,7 +42,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from qcompiler.graph import add_domain, constant_value, subgraph_model, symbolic_shapes
+from qcompiler.graph import add_domain, constant_value, producer, scalar_value, subgraph_model, symbolic_shapes
 from qcompiler.pass_manager import PassContext, PassResult
 from qcompiler.plugins.ops import DOMAIN, FLASH_ATTENTION
 
@@ -75,13 +75,6 @@ class AttentionMatch:
     k_bshd: gs.Tensor | None = None  # set when K^T came as Transpose([B, S, H, D], perm=[0,2,3,1])
 
 
-def _scalar(t: gs.Tensor) -> float | None:
-    v = constant_value(t)
-    if v is None or v.size != 1:
-        return None
-    return float(np.asarray(v).reshape(-1)[0])
-
-
 def _dim(t: gs.Tensor, axis: int) -> int | None:
     """Static size of ``t``'s 4-D shape along ``axis``, else None."""
     if t.shape is None or len(t.shape) != 4 or not isinstance(t.shape[axis], int):
@@ -89,17 +82,11 @@ def _dim(t: gs.Tensor, axis: int) -> int | None:
     return t.shape[axis]
 
 
-def _producer(t: gs.Tensor, op: str) -> gs.Node | None:
-    if len(t.inputs) == 1 and t.inputs[0].op == op:
-        return t.inputs[0]
-    return None
-
-
 def _strip_repeat_kv(t: gs.Tensor) -> tuple[gs.Tensor, list[gs.Node]]:
     """Reshape(Expand(Unsqueeze(x, 2))) -> x (HF repeat_kv); anything else -> t itself."""
-    reshape = _producer(t, "Reshape")
-    expand = reshape and _producer(reshape.inputs[0], "Expand")
-    unsq = expand and _producer(expand.inputs[0], "Unsqueeze")
+    reshape = producer(t, "Reshape")
+    expand = reshape and producer(reshape.inputs[0], "Expand")
+    unsq = expand and producer(expand.inputs[0], "Unsqueeze")
     if not unsq:
         return t, []
     axes = unsq.attrs.get("axes")
@@ -162,10 +149,10 @@ class FuseAttention:
                 qk = node
                 break
             if node.op in ("Mul", "Div"):
-                c = _scalar(node.inputs[1]) if _scalar(node.inputs[1]) is not None else None
+                c = scalar_value(node.inputs[1])
                 other = node.inputs[0]
-                if c is None and node.op == "Mul" and _scalar(node.inputs[0]) is not None:
-                    c, other = _scalar(node.inputs[0]), node.inputs[1]
+                if c is None and node.op == "Mul" and scalar_value(node.inputs[0]) is not None:
+                    c, other = scalar_value(node.inputs[0]), node.inputs[1]
                 if c is None or c == 0:
                     return f"{node.op} {node.name} on the score path is not by a constant scalar"
                 scale = scale * c if node.op == "Mul" else scale / c
@@ -197,9 +184,9 @@ class FuseAttention:
         q, kt = qk.inputs
         for side in ("q", "k"):  # scalar Mul on either operand (scale split between q and k)
             tt = q if side == "q" else kt
-            mul = _producer(tt, "Mul")
+            mul = producer(tt, "Mul")
             if mul is not None and len(tt.outputs) == 1:
-                c = _scalar(mul.inputs[1])
+                c = scalar_value(mul.inputs[1])
                 if c is not None:
                     scale *= c
                     nodes.append(mul)
@@ -207,7 +194,7 @@ class FuseAttention:
                         q = mul.inputs[0]
                     else:
                         kt = mul.inputs[0]
-        tr = _producer(kt, "Transpose")
+        tr = producer(kt, "Transpose")
         perm = list(tr.attrs.get("perm", [])) if tr is not None else []
         k_bshd = None
         if perm == [0, 1, 3, 2]:  # K^T of K [B, H, T, D]
@@ -245,7 +232,7 @@ class FuseAttention:
             if node.op == "MatMul":
                 return node
             if node.op in ("Mul", "Div"):
-                t = node.inputs[0] if _scalar(node.inputs[1]) is not None else node.inputs[1]
+                t = node.inputs[0] if scalar_value(node.inputs[1]) is not None else node.inputs[1]
             elif node.op == "Where":
                 t = node.inputs[1]
             elif node.op == "Cast":

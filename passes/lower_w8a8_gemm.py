@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qcompiler.graph import add_domain, constant_value
+from qcompiler.graph import add_domain, constant_value, producer, scalar_value, value_readers
 from qcompiler.pass_manager import PassContext, PassResult
 from qcompiler.plugins.ops import DOMAIN, QUANTIZE_PER_TOKEN, W8A8_GEMM
 
@@ -44,29 +44,20 @@ __all__ = ["LowerW8A8Gemm"]
 logger = logging.getLogger(__name__)
 
 
-def _producer(t: gs.Tensor, *ops: str) -> gs.Node | None:
-    return t.inputs[0] if len(t.inputs) == 1 and t.inputs[0].op in ops else None
-
-
-def _scalar(t: gs.Tensor) -> float | None:
-    value = constant_value(t)
-    return float(np.asarray(value).reshape(-1)[0]) if value is not None and np.asarray(value).size == 1 else None
-
-
 def _is_row_absmax_scale(scale: gs.Tensor, x: gs.Tensor) -> bool:
     """``scale`` is Max(Div(max|x| over the last axis, 127), a tiny constant floor), with max|x| as
     Max(ReduceMax(x), Neg(ReduceMin(x))) or ReduceMax(Abs(x))."""
-    floor = _producer(scale, "Max")
+    floor = producer(scale, "Max")
     if floor is None or len(floor.inputs) != 2:
         return False
-    div, bound = next(((_producer(a, "Div"), _scalar(b)) for a, b in (floor.inputs, floor.inputs[::-1]) if _producer(a, "Div")),
+    div, bound = next(((producer(a, "Div"), scalar_value(b)) for a, b in (floor.inputs, floor.inputs[::-1]) if producer(a, "Div")),
                       (None, None))
-    if div is None or bound is None or not 0 < bound < 1e-6 or _scalar(div.inputs[1]) != 127.0:
+    if div is None or bound is None or not 0 < bound < 1e-6 or scalar_value(div.inputs[1]) != 127.0:
         return False
     absmax = div.inputs[0]
 
     def reduces_x(t: gs.Tensor, op: str, through: str | None = None) -> bool:
-        node = _producer(t, op)
+        node = producer(t, op)
         if node is None or not node.attrs.get("keepdims", 1):
             return False
         axes = node.attrs.get("axes")
@@ -77,18 +68,18 @@ def _is_row_absmax_scale(scale: gs.Tensor, x: gs.Tensor) -> bool:
             return False
         source = node.inputs[0]
         if through is not None:
-            inner = _producer(source, through)
+            inner = producer(source, through)
             source = inner.inputs[0] if inner is not None else None
         return source is x
 
     if reduces_x(absmax, "ReduceMax", "Abs"):
         return True
-    both = _producer(absmax, "Max")
+    both = producer(absmax, "Max")
     if both is None or len(both.inputs) != 2:
         return False
     a, b = both.inputs
     for top, neg in ((a, b), (b, a)):
-        negation = _producer(neg, "Neg")
+        negation = producer(neg, "Neg")
         if reduces_x(top, "ReduceMax") and negation is not None and reduces_x(negation.inputs[0], "ReduceMin"):
             return True
     return False
@@ -144,11 +135,11 @@ class LowerW8A8Gemm:
     @staticmethod
     def _match(gemm: gs.Node):
         """None (not a W8A8 Q/DQ GEMM), the reason it cannot be lowered, or (x, W int8 [N, K], s_w, bias)."""
-        act_dq = _producer(gemm.inputs[0], "DequantizeLinear")
-        w_dq = _producer(gemm.inputs[1], "DequantizeLinear")
+        act_dq = producer(gemm.inputs[0], "DequantizeLinear")
+        w_dq = producer(gemm.inputs[1], "DequantizeLinear")
         if act_dq is None or w_dq is None:
             return None
-        act_q = _producer(act_dq.inputs[0], "QuantizeLinear")
+        act_q = producer(act_dq.inputs[0], "QuantizeLinear")
         if act_q is None:
             return "the activation's DequantizeLinear does not read a QuantizeLinear"
         x, scale = act_q.inputs[0], act_q.inputs[1]
@@ -187,7 +178,7 @@ def _norm_of(x: gs.Tensor) -> tuple[str, gs.Tensor, np.ndarray, np.ndarray | Non
     """(kind, input h, gamma, beta, epsilon) when ``x`` is RMSNorm(h) * gamma, written out as exports write
     it (Pow or Mul for h^2, ReduceMean over the last axis, Add eps, Sqrt, then Div, or Reciprocal / 1-Div
     and Mul, with float Casts around), or LayerNormalization(h, gamma, beta) over the last axis; else None."""
-    layer = _producer(x, "LayerNormalization")
+    layer = producer(x, "LayerNormalization")
     if layer is not None:
         gamma = constant_value(layer.inputs[1])
         beta = constant_value(layer.inputs[2]) if len(layer.inputs) > 2 and layer.inputs[2].name else None
@@ -197,7 +188,7 @@ def _norm_of(x: gs.Tensor) -> tuple[str, gs.Tensor, np.ndarray, np.ndarray | Non
         if len(layer.inputs) > 2 and layer.inputs[2].name and beta is None:
             return None
         return "layer", layer.inputs[0], gamma, beta, float(layer.attrs.get("epsilon", 1e-5))
-    scaled = _producer(x, "Mul")
+    scaled = producer(x, "Mul")
     if scaled is None:
         return None
     gamma, normed = next(((constant_value(a), b) for a, b in (scaled.inputs, scaled.inputs[::-1]) if constant_value(a) is not None),
@@ -205,23 +196,23 @@ def _norm_of(x: gs.Tensor) -> tuple[str, gs.Tensor, np.ndarray, np.ndarray | Non
     if gamma is None or gamma.ndim != 1:
         return None
     normed = _through_float_casts(normed)
-    divide = _producer(normed, "Div")
-    if divide is not None and _scalar(divide.inputs[0]) != 1.0:
+    divide = producer(normed, "Div")
+    if divide is not None and scalar_value(divide.inputs[0]) != 1.0:
         h, rms = divide.inputs
     else:
-        times = _producer(normed, "Mul")
+        times = producer(normed, "Mul")
         if times is None:
             return None
         found = next(((a, _reciprocal_of(b)) for a, b in (times.inputs, times.inputs[::-1]) if _reciprocal_of(b) is not None), None)
         if found is None:
             return None
         h, rms = found
-    sqrt = _producer(rms, "Sqrt")
-    add = sqrt and _producer(sqrt.inputs[0], "Add")
+    sqrt = producer(rms, "Sqrt")
+    add = sqrt and producer(sqrt.inputs[0], "Add")
     if add is None:
         return None
-    mean_t, eps = next(((a, _scalar(b)) for a, b in (add.inputs, add.inputs[::-1]) if _scalar(b) is not None), (None, None))
-    mean = mean_t is not None and _producer(mean_t, "ReduceMean")
+    mean_t, eps = next(((a, scalar_value(b)) for a, b in (add.inputs, add.inputs[::-1]) if scalar_value(b) is not None), (None, None))
+    mean = mean_t is not None and producer(mean_t, "ReduceMean")
     if not mean or not mean.attrs.get("keepdims", 1):
         return None
     axes = mean.attrs.get("axes")
@@ -229,10 +220,10 @@ def _norm_of(x: gs.Tensor) -> tuple[str, gs.Tensor, np.ndarray, np.ndarray | Non
         axes = constant_value(mean.inputs[1])
     if axes is None or [int(a) for a in np.asarray(axes).reshape(-1)] not in ([-1], [len(h.shape) - 1] if h.shape else [-1]):
         return None
-    square = _producer(mean.inputs[0], "Pow", "Mul")
+    square = producer(mean.inputs[0], "Pow", "Mul")
     if square is None:
         return None
-    if square.op == "Pow" and not (square.inputs[0] is h and _scalar(square.inputs[1]) == 2.0):
+    if square.op == "Pow" and not (square.inputs[0] is h and scalar_value(square.inputs[1]) == 2.0):
         return None
     if square.op == "Mul" and not (square.inputs[0] is h and square.inputs[1] is h):
         return None
@@ -241,7 +232,7 @@ def _norm_of(x: gs.Tensor) -> tuple[str, gs.Tensor, np.ndarray, np.ndarray | Non
 
 def _through_float_casts(t: gs.Tensor) -> gs.Tensor:
     """``t`` before any Casts to a float type (``h.to(float32)`` around a norm, which computes in float32 anyway)."""
-    while (cast := _producer(t, "Cast")) is not None and cast.attrs.get("to") in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+    while (cast := producer(t, "Cast")) is not None and cast.attrs.get("to") in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
                                                                                  onnx.TensorProto.BFLOAT16):
         t = cast.inputs[0]
     return t
@@ -249,8 +240,8 @@ def _through_float_casts(t: gs.Tensor) -> gs.Tensor:
 
 def _reciprocal_of(t: gs.Tensor) -> gs.Tensor | None:
     """r when ``t`` is Reciprocal(r) or Div(1, r) (TorchScript writes rsqrt as 1 / Sqrt)."""
-    node = _producer(t, "Reciprocal", "Div")
-    if node is None or (node.op == "Div" and _scalar(node.inputs[0]) != 1.0):
+    node = producer(t, "Reciprocal", "Div")
+    if node is None or (node.op == "Div" and scalar_value(node.inputs[0]) != 1.0):
         return None
     return node.inputs[-1]
 
@@ -260,14 +251,13 @@ def _fuse_norm(graph: gs.Graph, quantize: gs.Node) -> bool:
     when nothing else reads the normalised tensor's values (Shape readers move to the norm's input): the
     kernel normalises the row it quantizes, so the normalised activations are never written out."""
     x = quantize.inputs[0]
-    others = [n for n in x.outputs if n is not quantize]
-    if x in graph.outputs or any(n.op != "Shape" for n in others):
+    if x in graph.outputs or any(n is not quantize for n in value_readers(x)):
         return False
     norm = _norm_of(x)
     if norm is None:
         return False
     kind, h, gamma, beta, epsilon = norm
-    for shape in others:  # TorchScript exports read shapes of activations: a norm keeps its input's shape
+    for shape in [n for n in x.outputs if n is not quantize]:  # Shape readers (TorchScript): a norm keeps its input's shape
         shape.inputs[0] = h
     name = quantize.name
     inputs = [h, gs.Constant(f"{name}/gamma", np.asarray(gamma, np.float32).reshape(-1))]

@@ -41,7 +41,7 @@ import onnx_graphsurgeon as gs
 from qcompiler.algorithms.smoothing import smoothed_gemm_error, smoothing_factors
 from qcompiler.calibration import CalibrationStats, collect_activation_samples
 from qcompiler.config import ActivationScheme, SmoothQuantConfig
-from qcompiler.graph import KEEP_FLOAT_SUFFIX, WeightedGemm, constant_value, export_graph, weighted_gemms
+from qcompiler.graph import KEEP_FLOAT_SUFFIX, WeightedGemm, constant_value, export_graph, value_readers, weighted_gemms
 from qcompiler.pass_manager import PassContext, PassResult
 
 __all__ = ["SmoothQuant"]
@@ -162,7 +162,7 @@ class SmoothQuant:
     def _find_absorber(self, graph: gs.Graph, group: _Group) -> tuple[_Absorber | None, str]:
         x = group.activation
         group_nodes = {id(g.node) for g in group.gemms}
-        others = [n.op for n in _value_readers(x) if id(n) not in group_nodes]
+        others = [n.op for n in value_readers(x) if id(n) not in group_nodes]
         if others:
             return None, f"{x.name} also feeds {others}"
         if x in graph.outputs or x in graph.inputs or not x.inputs:
@@ -326,14 +326,9 @@ def _affine_absorber(x: gs.Variable, k: int) -> _Absorber | None:
     return _Absorber("affine", gains=gains, description=f"per-channel gain of {mul.name}")
 
 
-def _value_readers(tensor: gs.Tensor) -> list[gs.Node]:
-    """The nodes that read ``tensor``'s values: every reader but Shape ops, which read only its shape."""
-    return [n for n in tensor.outputs if n.op != "Shape"]
-
-
 def _exclusive(tensor: gs.Tensor, consumer: gs.Node) -> bool:
     """True if ``consumer`` is the only node that reads ``tensor``'s values."""
-    return all(n is consumer for n in _value_readers(tensor))
+    return all(n is consumer for n in value_readers(tensor))
 
 
 def _linear_absorber(graph: gs.Graph, x: gs.Variable, k: int) -> tuple[_Absorber | None, str]:
@@ -438,7 +433,7 @@ def _disjoint_column_slices(tensor: gs.Tensor, gemms_by_output: dict) -> bool:
     (fused q/k/v sliced apart): scaling the columns one of them reads changes nothing the others read."""
     width = gemms_by_output[id(tensor)].n if id(tensor) in gemms_by_output else None
     ranges = []
-    for reader in _value_readers(tensor):
+    for reader in value_readers(tensor):
         columns = _slice_columns(reader, 0, width) if reader.op == "Slice" else None
         if columns is None:
             return False

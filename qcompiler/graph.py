@@ -21,7 +21,8 @@ from qcompiler.errors import InputModelError, OutputPathError
 
 __all__ = [
     "load_model", "save_model", "import_graph", "export_graph", "ensure_opset", "add_domain",
-    "constant_value", "single_consumer", "subgraph_model", "symbolic_shapes", "ONNX_PROTO_LIMIT", "WeightedGemm",
+    "constant_value", "scalar_value", "producer", "value_readers", "single_consumer", "subgraph_model", "symbolic_shapes",
+    "ONNX_PROTO_LIMIT", "WeightedGemm",
     "weighted_gemms", "KEEP_FLOAT_SUFFIX",
 ]
 
@@ -270,6 +271,22 @@ def symbolic_shapes(graph: gs.Graph) -> dict[str, list[int | str]]:
         return {}
     return {v.name: [d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim]
             for v in list(inferred.graph.value_info) + list(inferred.graph.output) if v.type.tensor_type.HasField("shape")}
+
+
+def scalar_value(tensor: gs.Tensor) -> float | None:
+    """The value of a compile-time constant with one element, else None."""
+    value = constant_value(tensor)
+    return float(np.asarray(value).reshape(-1)[0]) if value is not None and np.asarray(value).size == 1 else None
+
+
+def producer(tensor: gs.Tensor, *ops: str) -> gs.Node | None:
+    """The node producing ``tensor`` if it is one of ``ops``, else None."""
+    return tensor.inputs[0] if len(tensor.inputs) == 1 and tensor.inputs[0].op in ops else None
+
+
+def value_readers(tensor: gs.Tensor) -> list[gs.Node]:
+    """The nodes that read ``tensor``'s values: every reader but Shape ops, which read only its shape."""
+    return [n for n in tensor.outputs if n.op != "Shape"]
 
 
 def single_consumer(tensor: gs.Tensor) -> gs.Node | None:

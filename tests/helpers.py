@@ -28,12 +28,3 @@ def gemm_input_stats(model: onnx.ModelProto, arrays: dict[str, np.ndarray], thre
 def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
     noise = np.linalg.norm(reference.astype(np.float64) - approximation)
     return float("inf") if noise == 0 else float(20 * np.log10(np.linalg.norm(reference) / noise))
-
-
-
-def run_reference(model: onnx.ModelProto, feeds: dict[str, np.ndarray], ops=None) -> list[np.ndarray]:
-    """``model`` run by ONNX's reference evaluator, its qcompiler ops by ``ops`` (default: their numpy
-    references, qcompiler.backends.plugin_graph): the plugin target's graphs on a CPU."""
-    from qcompiler.backends.plugin_graph import run_plugin_graph
-
-    return run_plugin_graph(model, feeds, ops)

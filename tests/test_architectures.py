@@ -28,13 +28,14 @@ import onnx
 import pytest
 
 import qcompiler
+from qcompiler.backends.plugin_graph import run_plugin_graph
 from qcompiler.calibration import iterate_feeds
 from qcompiler.config import SmoothQuantConfig
 from qcompiler.graph import export_graph, import_graph
 from qcompiler.pass_manager import PassContext
 from qcompiler.passes.fuse_attention import FuseAttention
 from qcompiler.passes.smoothquant import SmoothQuant
-from tests.helpers import gemm_input_stats, run_ort, run_reference, sqnr_db
+from tests.helpers import gemm_input_stats, run_ort, sqnr_db
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -213,7 +214,7 @@ def _plugin_sqnr(model: onnx.ModelProto, tmp_path, tag: str) -> tuple[float, flo
         result = qcompiler.compile(source, tmp_path / f"{tag}.{plugins}.onnx", "w8a8-smoothquant", backend="tensorrt",
                                    plugins=plugins, max_seq_len=256, data=qcompiler.DataOptions(calib=calib))
         compiled = onnx.load(str(result.output))
-        got = (np.concatenate([run_reference(compiled, {k: v[i:i + 1] for k, v in held.items()})[0] for i in range(2)])
+        got = (np.concatenate([run_plugin_graph(compiled, {k: v[i:i + 1] for k, v in held.items()})[0] for i in range(2)])
                if plugins else _logits(compiled, held))
         sqnr.append(sqnr_db(reference, got))
         summary = next((r.result.summary for r in result.records if r.name == "lower_w8a8_gemm"), summary)
@@ -279,7 +280,7 @@ def test_attention_fusion_every_architecture(arch, exporter):
             assert not result.changed and all(why in w for _, w in result.not_fired), result.not_fired
             continue
         assert len(result.details) == softmaxes, (target, result.not_fired)
-        got = (np.concatenate([run_reference(fused, {k: v[i:i + 1] for k, v in held.items()})[0] for i in range(2)])
+        got = (np.concatenate([run_plugin_graph(fused, {k: v[i:i + 1] for k, v in held.items()})[0] for i in range(2)])
                if target == "plugin" else _logits(fused, held))
         np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 

@@ -15,10 +15,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from qcompiler.backends.plugin_graph import run_plugin_graph
 from qcompiler.graph import export_graph, import_graph
 from qcompiler.pass_manager import PassContext
 from qcompiler.passes.fuse_attention import FuseAttention
-from tests.helpers import run_reference
 
 B, HQ, S, D = 2, 4, 7, 8
 
@@ -133,7 +133,7 @@ def test_plugin_target_causal_constant_mask(hkv):
     assert attrs["causal"] == 1 and abs(attrs["scale"] - 1 / np.sqrt(D)) < 1e-7
     assert len(fused.graph.node) == 1
     feeds = _feeds(model)
-    np.testing.assert_allclose(run_reference(fused, feeds)[0], _run(model, feeds), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_plugin_graph(fused, feeds)[0], _run(model, feeds), rtol=1e-5, atol=1e-5)
 
 
 def test_plugin_target_declines_a_mask_read_from_an_input():
@@ -187,7 +187,7 @@ def test_exported_models(builder):
     assert len(plugin.details) == n_softmax and all(d["masks"] for d in plugin.details), plugin.not_fired
     fused = export_graph(graph)
     assert not any(n.op_type == "Softmax" for n in fused.graph.node)
-    np.testing.assert_allclose(run_reference(fused, feeds)[0], reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+    np.testing.assert_allclose(run_plugin_graph(fused, feeds)[0], reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
 
 def _runtime_mask_graph(*, window=None, upper=False, padding=False, casts=False):
@@ -245,7 +245,7 @@ def test_plugin_target_fuses_a_causal_mask_computed_from_shapes(casts):
     assert [n.op_type for n in fused.graph.node] == ["FlashAttention"]  # the mask's computation is gone too
     assert helper.get_attribute_value(fused.graph.node[0].attribute[0]) == 1  # causal
     feeds = _feeds(model)
-    np.testing.assert_allclose(run_reference(fused, feeds)[0], _run(model, feeds), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_plugin_graph(fused, feeds)[0], _run(model, feeds), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mask,max_seq_len,why", [

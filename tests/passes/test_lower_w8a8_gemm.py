@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from qcompiler.backends.plugin_graph import run_plugin_graph
 from qcompiler.calibration import iterate_feeds
 from qcompiler.config import ActivationScheme, W8A8Config
 from qcompiler.graph import export_graph, import_graph
@@ -21,7 +22,7 @@ from qcompiler.passes.fuse_attention import FuseAttention
 from qcompiler.passes.fuse_quant import FuseQuant
 from qcompiler.passes.insert_qdq import InsertQDQ
 from qcompiler.passes.lower_w8a8_gemm import LowerW8A8Gemm
-from tests.helpers import gemm_input_stats, run_ort, run_reference, sqnr_db
+from tests.helpers import gemm_input_stats, run_ort, sqnr_db
 from tests.passes.graphs import decoder_model, make_model, two_linear_model
 
 
@@ -45,7 +46,7 @@ def test_lowers_matmul_and_gemm_sharing_one_quantizer():
     assert not {"QuantizeLinear", "DequantizeLinear", "ReduceMax", "ReduceMin"} & set(ops)
     assert ops.count("MatMul") == 1  # the tiny GEMM InsertQDQ skipped stays float
     feeds = {"x": np.random.default_rng(2).normal(size=(5, 32)).astype(np.float32)}
-    for want, got in zip(run_ort(qdq, feeds), run_reference(lowered, feeds), strict=True):
+    for want, got in zip(run_ort(qdq, feeds), run_plugin_graph(lowered, feeds), strict=True):
         np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)  # float16 output of W8A8Gemm
 
 
@@ -80,7 +81,7 @@ def test_decoder_plugin_graph_is_as_accurate_as_its_qdq_graph():
     assert [n.op_type for n in plugins.graph.node].count("ReduceMean") == 1  # only the final norm (float LM head)
     feeds = {"input_ids": np.random.default_rng(1).integers(0, 384, (2, 37))}
     reference = run_ort(model, feeds)[0]
-    qdq_db, plugin_db = sqnr_db(reference, run_ort(qdq, feeds)[0]), sqnr_db(reference, run_reference(plugins, feeds)[0])
+    qdq_db, plugin_db = sqnr_db(reference, run_ort(qdq, feeds)[0]), sqnr_db(reference, run_plugin_graph(plugins, feeds)[0])
     assert plugin_db > qdq_db - 1.0, (qdq_db, plugin_db)
 
 
@@ -116,7 +117,7 @@ def test_layer_norm_moves_into_the_quantizer_unless_read_elsewhere(also_read):
         assert attrs["norm"] == b"layer" and abs(attrs["epsilon"] - 1e-5) < 1e-9 and "LayerNormalization" not in ops
         assert list(quantizer.input)[0] == "x" and len(quantizer.input) == 3
     feeds = {"x": np.random.default_rng(2).normal(size=(5, 32)).astype(np.float32) * 3}
-    for want, got in zip(run_ort(qdq, feeds), run_reference(lowered, feeds), strict=True):
+    for want, got in zip(run_ort(qdq, feeds), run_plugin_graph(lowered, feeds), strict=True):
         np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
 
 

@@ -1,6 +1,6 @@
 """A decoder compiled for the TensorRT plugins, end to end on a CPU.
 
-    decoder (tests/passes/graphs.py) ─ WeightOnlyRTN (INT4, MatMulNBits) ─ LowerInt4Gemm ─ FuseAttention("plugin")
+    decoder (tests/passes/graphs.py) ─ WeightOnlyRTN (INT4, MatMulNBits) ─ LowerInt4Gemm ─ [LowerW8A8Gemm] ─ FuseAttention("plugin")
 
 Every projection becomes ``qcompiler::Int4Gemm`` and every attention ``qcompiler::FlashAttention``
 (its causal mask is computed at run time from the input's shape). Run with the ops' numpy references
@@ -13,13 +13,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from qcompiler.config import WeightOnlyConfig
+from qcompiler.backends.plugin_graph import run_plugin_graph
+from qcompiler.config import Recipe, WeightOnlyConfig
 from qcompiler.graph import export_graph, import_graph
 from qcompiler.pass_manager import PassContext
-from qcompiler.passes.fuse_attention import FuseAttention
-from qcompiler.passes.lower_int4_gemm import LowerInt4Gemm
-from qcompiler.passes.rtn import WeightOnlyRTN
-from tests.helpers import run_ort, run_reference
+from qcompiler.pipeline import build_passes
+from tests.helpers import run_ort
 from tests.passes.graphs import decoder_model
 
 LAYERS = 2
@@ -27,13 +26,14 @@ PROJECTIONS = 7 * LAYERS  # q, k, v, o, gate, up, down (the LM head stays float)
 
 
 def plugin_graph(model: onnx.ModelProto, group_size: int = 64) -> tuple[onnx.ModelProto, onnx.ModelProto]:
-    """(the MatMulNBits graph, the plugin graph) of ``model``."""
+    """(the MatMulNBits graph, the plugin graph) of ``model``, through `--backend tensorrt --plugins`'s pass list."""
+    recipe = Recipe("rtn", weight_only=WeightOnlyConfig(bits=4, group_size=group_size, accuracy_level=0))
+    rtn, *lowerings = build_passes(recipe, "tensorrt", plugins=True, max_seq_len=256)
     graph = import_graph(model)
-    rtn = WeightOnlyRTN(WeightOnlyConfig(bits=4, group_size=group_size, accuracy_level=0)).run(graph, PassContext())
-    assert len(rtn.details) == PROJECTIONS, rtn.not_fired
+    quantized = rtn.run(graph, PassContext())
+    assert len(quantized.details) == PROJECTIONS, quantized.not_fired
     nbits = export_graph(graph)
-    lowered = LowerInt4Gemm().run(graph, PassContext())
-    fused = FuseAttention("plugin", max_seq_len=256).run(graph, PassContext())
+    lowered, _, fused = (p.run(graph, PassContext()) for p in lowerings)
     assert len(lowered.details) == PROJECTIONS and len(fused.details) == LAYERS, (lowered.not_fired, fused.not_fired)
     return nbits, export_graph(graph)
 
@@ -46,7 +46,7 @@ def test_decoder_lowers_to_plugin_ops_and_keeps_its_function():
     assert not {"Softmax", "MatMulNBits", "Expand"} & set(ops)  # attention, its mask and repeat_kv are gone
     feeds = {"input_ids": np.random.default_rng(1).integers(0, 384, (2, 37))}
     expected = run_ort(nbits, feeds)[0]
-    np.testing.assert_allclose(run_reference(plugins, feeds)[0], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(run_plugin_graph(plugins, feeds)[0], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("causal", [0, 1])
@@ -62,7 +62,7 @@ def test_flash_attention_reference_follows_the_contract(causal):
                           + [helper.make_tensor_value_info("lens", TensorProto.INT32, [B])],
                           [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("o", "lse")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("qcompiler", 1)])
-    o, lse = run_reference(model, {"q": q, "k": k, "v": v, "lens": lens})
+    o, lse = run_plugin_graph(model, {"q": q, "k": k, "v": v, "lens": lens})
     for b, h, i in np.ndindex(B, HQ, SQ):
         keys = [j for j in range(SK) if j < lens[b] and (not causal or j <= i + lens[b] - SQ)]
         if not keys:
@@ -87,7 +87,7 @@ def test_evaluation_scores_a_plugin_graph_through_the_references(tmp_path):
         onnx.save(graph, str(paths[name]))
     feeds = [{"input_ids": np.random.default_rng(i).integers(0, 384, (1, 33))} for i in range(3)]
     scored = perplexity(paths["plugins"], feeds)
-    assert scored == perplexity_of(lambda f: run_reference(plugins, f)[0], feeds)
+    assert scored == perplexity_of(lambda f: run_plugin_graph(plugins, f)[0], feeds)
     assert scored == pytest.approx(perplexity(paths["nbits"], feeds), rel=1e-4)  # ONNX Runtime, MatMulNBits
     (agreement,), samples = compare_outputs(paths["float"], paths["plugins"], feeds)
     assert (agreement.name, samples) == ("logits", 3) and agreement.sqnr_db > 10.0

@@ -17,8 +17,7 @@ pytest.importorskip("triton")
 pytest.importorskip("cupy")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from qcompiler.backends.plugin_graph import kernel_ops  # noqa: E402 - after the importorskips
-from tests.helpers import run_reference  # noqa: E402
+from qcompiler.backends.plugin_graph import kernel_ops, run_plugin_graph  # noqa: E402 - after the importorskips
 from tests.passes.graphs import decoder_model  # noqa: E402
 from tests.passes.test_plugin_graph import LAYERS, plugin_graph  # noqa: E402
 
@@ -33,9 +32,9 @@ def test_plugin_graph_on_the_plugin_kernels(hidden, int4_tactic, attention_tacti
     for shape in ((2, 37), (1, 1), (1, 130)):  # prefill batch, one token, a sequence past one kernel tile
         feeds = {"input_ids": np.random.default_rng(sum(shape)).integers(0, 384, shape)}
         launched: list[str] = []
-        got = run_reference(plugins, feeds, ops=kernel_ops(int4_tactic, attention_tactic, launched))[0]
+        got = run_plugin_graph(plugins, feeds, ops=kernel_ops(int4_tactic, attention_tactic, launched))[0]
         assert launched.count(int4_tactic) == 7 * LAYERS and launched.count(attention_tactic) == LAYERS
-        expected = run_reference(plugins, feeds)[0]
+        expected = run_plugin_graph(plugins, feeds)[0]
         assert np.isfinite(got).all()
         error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
         assert error < 5e-3, (shape, error)  # measured 5.4e-4 to 6.9e-4 on an H100
@@ -65,8 +64,8 @@ def test_w8a8_plugin_graph_on_the_plugin_kernels(w8a8_tactic):
     for shape in ((2, 37), (1, 1), (1, 130)):
         feeds = {"input_ids": np.random.default_rng(sum(shape)).integers(0, 384, shape)}
         launched: list[str] = []
-        got = run_reference(plugins, feeds, ops=kernel_ops("m16", "d64", launched, w8a8_tactic=w8a8_tactic))[0]
+        got = run_plugin_graph(plugins, feeds, ops=kernel_ops("m16", "d64", launched, w8a8_tactic=w8a8_tactic))[0]
         assert launched.count(w8a8_tactic) == 7 * LAYERS and launched.count("quantize_per_token") == 4 * LAYERS
         reference = run_ort(model, feeds)[0]
         assert np.isfinite(got).all()
-        assert sqnr_db(reference, got) > sqnr_db(reference, run_reference(plugins, feeds)[0]) - 1.0, shape
+        assert sqnr_db(reference, got) > sqnr_db(reference, run_plugin_graph(plugins, feeds)[0]) - 1.0, shape

@@ -48,8 +48,8 @@ def test_build_int4_engine(tmp_path):
 def test_prepare_runs_the_plugins_of_a_float32_graph_in_float16():
     """A float32 decoder's plugin graph: the kernels take float16 only, so Int4Gemm and FlashAttention read
     float16 (Casts, or float16 copies of scales) and their outputs are cast back; the rest stays float32."""
+    from qcompiler.backends.plugin_graph import run_plugin_graph
     from qcompiler.backends.tensorrt import _element_types
-    from tests.helpers import run_reference
     from tests.passes.graphs import decoder_model
     from tests.passes.test_plugin_graph import plugin_graph
 
@@ -67,8 +67,8 @@ def test_prepare_runs_the_plugins_of_a_float32_graph_in_float16():
     assert types["logits"] == TensorProto.FLOAT
     assert not any(t.data_type == TensorProto.FLOAT and t.name.endswith("_bias0") for t in prepared.graph.initializer)
     feeds = {"input_ids": np.random.default_rng(1).integers(0, 384, (2, 37))}
-    expected = run_reference(model, feeds)[0]
-    assert np.linalg.norm(run_reference(prepared, feeds)[0] - expected) / np.linalg.norm(expected) < 2e-3
+    expected = run_plugin_graph(model, feeds)[0]
+    assert np.linalg.norm(run_plugin_graph(prepared, feeds)[0] - expected) / np.linalg.norm(expected) < 2e-3
 
 
 def test_prepare_leaves_a_float16_graph_without_casts():
