@@ -310,3 +310,9 @@ def test_onnxruntime_target_finds_heads_reshaped_at_run_time():
     assert helper.get_attribute_value(mha.attribute[0]) == HQ
     feeds = {"x": np.random.default_rng(0).standard_normal((B, S, HQ * D)).astype(np.float32)}
     np.testing.assert_allclose(_run(fused, feeds), _run(model, feeds), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [(("tensorrt",), "target must be one of"), (("plugin", 0), "max_seq_len must be")])
+def test_bad_configuration_is_a_clear_error(args, message):
+    with pytest.raises(ValueError, match=message):
+        FuseAttention(*args)

@@ -91,3 +91,14 @@ def test_evaluation_scores_a_plugin_graph_through_the_references(tmp_path):
     assert scored == pytest.approx(perplexity(paths["nbits"], feeds), rel=1e-4)  # ONNX Runtime, MatMulNBits
     (agreement,), samples = compare_outputs(paths["float"], paths["plugins"], feeds)
     assert (agreement.name, samples) == ("logits", 3) and agreement.sqnr_db > 10.0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ids", "x.npy"], "exactly one of --model and --plugin-graph"),
+    (["--plugin-graph", "p.onnx"], "give --ids, or --tokenizer"),
+])
+def test_benchmark_bad_arguments_are_one_line(argv, message):
+    from benchmarks.plugin_graph_ppl import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
