@@ -5,7 +5,12 @@ s in {512, 2048, 8192, 16384}, d in {64, 128}, causal and not; B*s = 16384 token
 of the plugin's tactics for the head dim (what TensorRT's autotuner keeps): the Triton kernel's and the
 CUDA C++ wgmma kernel's; "triton" is the Triton kernel alone (the kernel before the wgmma one).
 
-    python benchmarks/bench_attention.py [--seqs 2048,8192] [--dims 128] [--sweep] [--out results.md]
+    python benchmarks/bench_attention.py [--seqs 2048,8192] [--dims 128] [--sweep] [--key-mask] [--out results.md]
+
+``--key-mask`` adds a table for padded batches: the kernel with a key_mask (every batch entry left-padded
+by a random share of up to half its length, as an attention_mask holds it) against itself without one, and
+against SDPA's memory-efficient and cuDNN backends given the same padding as a [B, 1, 1, s] boolean mask
+(the FlashAttention-2 backend takes no mask).
 """
 
 # ruff: noqa: B023  (each lambda is timed inside the iteration that defines it)
@@ -54,6 +59,7 @@ def main(argv=None):
     ap.add_argument("--seqs", default=",".join(map(str, SEQS)))
     ap.add_argument("--dims", default=",".join(map(str, DIMS)))
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--key-mask", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -99,9 +105,45 @@ def main(argv=None):
                + f" | {_desc(cfg)} | {flops / t_triton / 1e6:.0f} | {t_triton / t:.2f}x |")
         lines.append(row)
         print(row, flush=True)
+    if args.key_mask:
+        lines += key_mask_table([int(x) for x in args.dims.split(",")], [int(x) for x in args.seqs.split(",")])
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines + detail) + "\n")
+
+
+def key_mask_table(dims: list[int], seqs: list[int]) -> list[str]:
+    """Padded batches: ours with key_mask vs ours dense, and vs SDPA's masked backends (µs, one run)."""
+    masked = ("efficient", "cudnn")
+    head = ("| d | s | causal | dense µs | key_mask µs | key_mask / dense | "
+            + " | ".join(f"{n} (mask) µs" for n in masked) + " | " + " | ".join(f"vs {n}" for n in masked) + " |")
+    lines = ["", "## Padded batches (key_mask)", "", head, "|" + "---|" * (head.count("|") - 1)]
+    print("\n".join(lines), flush=True)
+    for d, s, causal in itertools.product(dims, seqs, (False, True)):
+        B, H = max(1, 16384 // s), 2048 // d
+        q, k, v = (torch.randn(B, H, s, d, device="cuda", dtype=torch.float16) for _ in range(3))
+        pads = torch.randint(0, s // 2 + 1, (B, 1), device="cuda")
+        keep = (torch.arange(s, device="cuda")[None] >= pads).int()
+        cfg = pick_attn_config(d, s)
+        dense = bench(lambda: flash_attention(q, k, v, causal=causal, config=cfg))
+        ours = bench(lambda: flash_attention(q, k, v, causal=causal, key_mask=keep, config=cfg))
+        mask = keep.bool()[:, None, None, :]
+        if causal:
+            mask = mask & torch.ones(s, s, dtype=torch.bool, device="cuda").tril()
+        times = {}
+        for name in masked:
+            try:
+                with sdpa_kernel([BACKENDS[name]]):
+                    times[name] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+            except RuntimeError as err:
+                print(f"  {name} unavailable with a mask: {str(err).splitlines()[0][:80]}", file=sys.stderr)
+                times[name] = float("nan")
+        row = (f"| {d} | {s} | {int(causal)} | {dense:.0f} | {ours:.0f} | {ours / dense:.2f}x | "
+               + " | ".join(f"{times[n]:.0f}" for n in masked) + " | "
+               + " | ".join(f"{times[n] / ours:.2f}x" for n in masked) + " |")
+        lines.append(row)
+        print(row, flush=True)
+    return lines
 
 
 if __name__ == "__main__":

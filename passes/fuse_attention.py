@@ -13,13 +13,19 @@ Cast to float32 before Softmax and one to a float type after it (``softmax(x, dt
 are what the fused kernels do inside: float32 softmax, probabilities in V's type.
 
 Targets:
-  * ``"plugin"``: one ``qcompiler::FlashAttention(Q, K, V) -> (O, LSE)`` node, with ``scale`` and
-    ``causal``. The kernel takes no arbitrary additive mask, so the pass fires only without a mask or
-    when the mask is the causal one: a compile-time constant checked as it is, or a mask computed at
-    run time that reads only shapes (as decoder exports build it from the sequence length), computed
-    with ONNX Runtime at lengths up to ``max_seq_len`` and checked at each. Checked means every kept
-    position is kept and every dropped one is dropped or pushed below -1e4. A mask that reads an
-    input's values (a padding mask) or that is not causal at some length (a sliding window) is declined.
+  * ``"plugin"``: one ``qcompiler::FlashAttention(Q, K, V[, key_mask]) -> (O, LSE)`` node, with ``scale``
+    and ``causal``. The kernel takes no arbitrary additive mask, so the pass fires only without a mask
+    or when the mask is causal, a key padding mask, or both: a compile-time constant checked as it is
+    (causal only), or a mask computed at run time from shapes and at most one input's values, a
+    [batch, sequence] padding input (``attention_mask``), computed with ONNX Runtime at lengths up to
+    ``max_seq_len`` and checked at each against ``causal(i, j) and pad[b, j] != 0``, for padding
+    patterns of 0/1 values: none, left, right and random holes. Checked means every kept position is
+    kept and every dropped one is dropped or pushed below -1e4. The padding input reaches the node as
+    ``key_mask = Cast(pad, int32)``. Exact at every query row that sees a key; a row that sees none
+    (a left-padded position before the first token, or a batch entry with no token) gets O = 0 where
+    the unfused graph averages over masked keys: both are values of padding positions, which no other
+    position reads (their keys are masked). Declined with the reason: masks that read other inputs'
+    values, or two inputs', or that differ from that form at some length (sliding windows) or pattern.
   * ``"onnxruntime"``: ``com.microsoft.MultiHeadAttention`` (CPU, float32) on [B, S, H*D] views of
     Q/K/V (Transpose+Reshape, the GQA repeat kept; K/V whose single head the MatMuls broadcast over
     Q's heads, multi-query attention without a repeat as Falcon exports it, are expanded to Q's heads
@@ -73,6 +79,15 @@ class AttentionMatch:
     nodes: list[gs.Node]
     scores: gs.Tensor  # QK^T, [B, H, S, T]
     k_bshd: gs.Tensor | None = None  # set when K^T came as Transpose([B, S, H, D], perm=[0,2,3,1])
+
+
+@dataclass(frozen=True)
+class MaskForm:
+    """What a mask keeps, in the kernel's terms: the causal triangle or everything, and where the graph
+    input it reads as a key padding mask (None: it reads none)."""
+
+    causal: bool
+    padding: gs.Tensor | None = None
 
 
 def _dim(t: gs.Tensor, axis: int) -> int | None:
@@ -247,7 +262,7 @@ class FuseAttention:
     # ------------------------------------------------------------------------------------------- run
     def run(self, graph: gs.Graph, context: PassContext) -> PassResult:
         fused, not_fired = [], []
-        mask_checks: dict[tuple[str, ...], str] = {}  # the layers share one mask: check it once
+        mask_checks: dict[tuple[str, ...], MaskForm | str] = {}  # the layers share one mask: check it once
         shapes: dict[str, list[int | str]] | None = None
         for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
             m = self.match(softmax)
@@ -283,20 +298,29 @@ class FuseAttention:
         out.inputs.clear()
         return out
 
-    def _rewrite_plugin(self, graph: gs.Graph, m: AttentionMatch, mask_checks: dict[tuple[str, ...], str]) -> str:
-        causal = 0
+    def _rewrite_plugin(self, graph: gs.Graph, m: AttentionMatch, mask_checks: dict[tuple[str, ...], MaskForm | str]) -> str:
+        form = MaskForm(causal=False)
         if m.masks:
             terms = self._mask_terms(m)
             key = tuple(t.name for term in terms for t in term[1:] if t is not None)
             if key not in mask_checks:
-                mask_checks[key] = self._causal_reason(graph, terms)
-            if mask_checks[key]:
+                mask_checks[key] = self._mask_form(graph, terms)
+            if isinstance(mask_checks[key], str):
                 return mask_checks[key]
-            causal = 1
+            form = mask_checks[key]
+        inputs = [m.q, m.k_raw, m.v_raw]
+        if form.padding is not None:
+            name = f"{form.padding.name}_key_mask_int32"
+            key_mask = next((t for n in form.padding.outputs if n.op == "Cast" for t in n.outputs if t.name == name), None)
+            if key_mask is None:
+                key_mask = gs.Variable(name, dtype=np.int32)
+                graph.nodes.append(gs.Node("Cast", name=name, attrs={"to": TensorProto.INT32}, inputs=[form.padding],
+                                           outputs=[key_mask]))
+            inputs += [gs.Variable.empty(), key_mask]
         out = self._detach(graph, m)
         lse = gs.Variable(f"{out.name}_lse", dtype=np.float32)
         node = gs.Node(op=FLASH_ATTENTION, name=f"{m.softmax.name}_flash" if m.softmax.name else "", domain=DOMAIN,
-                       attrs={"causal": causal, "scale": float(m.scale)}, inputs=[m.q, m.k_raw, m.v_raw],
+                       attrs={"causal": int(form.causal), "scale": float(m.scale)}, inputs=inputs,
                        outputs=[out, lse])
         graph.nodes.append(node)
         add_domain(graph, DOMAIN)
@@ -313,26 +337,29 @@ class FuseAttention:
                 terms.append(("where", node.inputs[0], node.inputs[2]))
         return terms
 
-    def _causal_reason(self, graph: gs.Graph, terms: list[tuple[str, gs.Tensor, gs.Tensor | None]]) -> str:
-        """Empty if the masks keep exactly the causal (lower-triangular) positions, else why not.
+    def _mask_form(self, graph: gs.Graph, terms: list[tuple[str, gs.Tensor, gs.Tensor | None]]) -> MaskForm | str:
+        """What the masks keep (causal or not, and the padding input they read), or why it is not a form
+        the kernel has.
 
-        A constant mask is checked as it is. A mask computed at run time qualifies only if it reads no
-        input's values, only shapes: then it is a function of the sequence length (not a padding mask),
-        computed here with ONNX Runtime at lengths up to ``max_seq_len``, and must be causal at each. A
-        sliding window wider than every length checked would pass for causal, so an integer constant
-        beyond ``max_seq_len`` in the mask's computation declines the fusion.
+        A constant mask is checked as it is. A mask computed at run time may read shapes and the values
+        of one [batch, sequence] input (a padding mask); it is computed here with ONNX Runtime at lengths
+        up to ``max_seq_len``, for padding patterns when it reads one, and must keep ``causal(i, j) and
+        pad[b, j] != 0`` (or the same without the causal term) at each. A sliding window wider than every
+        length checked would pass for causal, so an integer constant beyond ``max_seq_len`` in the mask's
+        computation declines the fusion.
         """
         tensors = [t for term in terms for t in term[1:] if t is not None]
         if all(constant_value(t) is not None for t in tensors):
-            return _keeps_causal(terms, {t.name: np.asarray(constant_value(t)) for t in tensors})
-        closure = _shape_only_closure(tensors)
+            values = {t.name: np.asarray(constant_value(t)) for t in tensors}
+            return _matching_form(_kept(terms, values), None, None)
+        closure = _mask_closure(tensors)
         if isinstance(closure, str):
             return closure
-        nodes, inputs, integers = closure
+        nodes, inputs, integers, padding = closure
         wide = sorted({c for c in integers if self.max_seq_len < abs(c) < 2**31 - 1})
         if wide:
             return (f"the mask is computed with the constant {wide[0]}, beyond max_seq_len={self.max_seq_len} "
-                    f"(a sliding window?), so it cannot be checked as causal up to there")
+                    f"(a sliding window?), so it cannot be checked up to there")
         import onnxruntime as ort
 
         computed = [t for t in tensors if constant_value(t) is None]
@@ -342,16 +369,30 @@ class FuseAttention:
         except Exception as err:  # ONNX Runtime raises its own error types
             return f"the mask's computation does not run on its own in ONNX Runtime: {str(err).splitlines()[0]}"
         constants = {t.name: np.asarray(constant_value(t)) for t in tensors if constant_value(t) is not None}
+        forms = [MaskForm(True, padding), MaskForm(False, padding)]
+        reasons: dict[bool, str] = {}  # by causal: why the form failed, at the length where it did
+        rng = np.random.default_rng(0)
         for length in sorted({n for n in _CHECK_LENGTHS if n < self.max_seq_len} | {self.max_seq_len}):
-            feeds = _shape_feeds(inputs, batch=2, length=length)
+            # four padding patterns while the masks are small, two (left padding, holes) beyond
+            feeds = _shape_feeds(inputs, batch=2 if padding is None or length > 1024 else 4, length=length)
             if isinstance(feeds, str):
                 return feeds
+            pad = None
+            if padding is not None:
+                pad = _padding_patterns(*feeds[padding.name].shape, rng)
+                feeds[padding.name] = pad.astype(feeds[padding.name].dtype)
             names = [t.name for t in computed]
-            values = dict(zip(names, session.run(names, feeds), strict=True))
-            reason = _keeps_causal(terms, {**constants, **values}, length)
-            if reason:
-                return f"{reason} (mask computed at run time, at sequence length {length})"
-        return ""
+            keep = _kept(terms, {**constants, **dict(zip(names, session.run(names, feeds), strict=True))})
+            failed_now = []
+            for form in list(forms):
+                reason = _matching_form(keep, pad, length, causal=form.causal)
+                if isinstance(reason, str):
+                    forms.remove(form)
+                    failed_now.append(form.causal)
+                    reasons[form.causal] = f"{reason} (mask computed at run time, at sequence length {length})"
+            if not forms:  # the reason of the form that held longest (the causal one's on a tie)
+                return reasons[max(failed_now)]
+        return forms[0]
 
     def _rewrite_ort(self, graph: gs.Graph, m: AttentionMatch, heads: int | None) -> str:
         if heads is None:
@@ -421,10 +462,9 @@ class FuseAttention:
         return ""
 
 
-def _keeps_causal(terms: list[tuple[str, gs.Tensor, gs.Tensor | None]], values: dict[str, np.ndarray],
-                  length: int | None = None) -> str:
-    """Empty if the masks, given their tensors' values, keep exactly the lower triangle of every
-    [query, key] slice (of ``length`` x ``length`` when given), else why not."""
+def _kept(terms: list[tuple[str, gs.Tensor, gs.Tensor | None]], values: dict[str, np.ndarray]) -> np.ndarray | str:
+    """Where the masks, given their tensors' values, keep a score (bool, broadcast over the terms), or why
+    they are not masks (an additive term other than 0 and large negatives, a fill that is not one)."""
     keep = None
     for kind, mask, fill in terms:
         if kind == "add":
@@ -443,20 +483,52 @@ def _keeps_causal(terms: list[tuple[str, gs.Tensor, gs.Tensor | None]], values: 
             keep = kept if keep is None else keep & kept
         except ValueError:
             return f"masks of shapes {keep.shape} and {kept.shape} do not broadcast"
-    if keep.ndim < 2 or keep.shape[-1] != keep.shape[-2]:
-        return f"mask of shape {list(keep.shape)} is not square over (query, key)"
-    if length is not None and keep.shape[-1] != length:
-        return f"mask is {keep.shape[-1]} x {keep.shape[-1]}, not {length} x {length}"
-    if not np.all(keep == np.tril(np.ones(keep.shape[-2:], bool))):
-        return "mask is not the causal (lower-triangular) mask, in every batch and head"
-    return ""
+    return keep
 
 
-def _shape_only_closure(tensors: list[gs.Tensor]) -> tuple[list[gs.Node], list[gs.Tensor], list[int]] | str:
-    """The nodes computing ``tensors``, the graph inputs they read, and the integer constants their
-    values depend on; or why the tensors depend on an input's values (through anything but Shape/Size)."""
+def _matching_form(keep: np.ndarray | str, pad: np.ndarray | None, length: int | None, *,
+                   causal: bool = True) -> MaskForm | str:
+    """``keep`` against ``causal(i, j) and pad[b, j] != 0`` over [batch, head, query, key] (of ``length``
+    x ``length`` when given): a MaskForm if equal, else why not. Rows the expected mask leaves empty are
+    not compared (see the module docstring)."""
+    if isinstance(keep, str):
+        return keep
+    if keep.ndim < 2 or keep.shape[-1] != (length or keep.shape[-2]) or keep.shape[-2] not in (1, keep.shape[-1]):
+        what = f"{length} x {length}" if length else "square"
+        return f"mask of shape {list(keep.shape)} is not {what} over (query, key)"
+    n = keep.shape[-1]
+    expected = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)
+    if pad is not None:
+        expected = expected & (pad != 0)[:, None, None, :]
+    try:
+        keep = np.broadcast_to(keep, np.broadcast_shapes(keep.shape, expected.shape))
+    except ValueError:
+        return f"mask of shape {list(keep.shape)} does not match the padding input's batch"
+    expected = np.broadcast_to(expected, keep.shape)
+    compared = expected.any(-1, keepdims=True)
+    if not np.all((keep == expected) | ~compared):
+        what = "causal (lower-triangular)" if causal else "all-keeping"
+        return f"mask is not the {what} mask{' and the padding' if pad is not None else ''}, in every batch and head"
+    return MaskForm(causal, None)
+
+
+def _padding_patterns(batch: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """0/1 [batch, length] padding masks: left padding, random holes, and with four rows right padding and
+    none. Left/right padding leave a third of the sequence (at least one position) empty."""
+    pad = max(1, length // 3)
+    rows = [np.arange(length) >= pad, rng.integers(0, 2, length).astype(bool)]
+    if batch >= 4:
+        rows += [np.arange(length) < length - pad, np.ones(length, bool)]
+    return np.stack(rows[:batch]).astype(np.int64)
+
+
+def _mask_closure(tensors: list[gs.Tensor]) -> tuple[list[gs.Node], list[gs.Tensor], list[int], gs.Tensor | None] | str:
+    """The nodes computing ``tensors``, the graph inputs they read, the integer constants their values
+    depend on, and the one input whose values they read (through anything but Shape/Size), if any; or
+    why they do not fit (several such inputs, one that is not [batch, sequence], control flow)."""
     nodes: dict[int, gs.Node] = {}
     inputs: dict[str, gs.Tensor] = {}
+    by_value_inputs: dict[str, gs.Tensor] = {}
     integers: list[int] = []
     seen: set[tuple[str, bool]] = set()
     stack = [(t, True) for t in tensors]
@@ -473,10 +545,9 @@ def _shape_only_closure(tensors: list[gs.Tensor]) -> tuple[list[gs.Node], list[g
                 nodes[id(tensor.inputs[0])] = tensor.inputs[0]
             continue
         if not tensor.inputs:
-            if by_value:
-                return (f"the mask reads the values of graph input {tensor.name} (a padding mask?); only a causal mask "
-                        f"computed from shapes fits the plugin")
             inputs[tensor.name] = tensor
+            if by_value:
+                by_value_inputs[tensor.name] = tensor
             continue
         node = tensor.inputs[0]
         if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
@@ -484,7 +555,15 @@ def _shape_only_closure(tensors: list[gs.Tensor]) -> tuple[list[gs.Node], list[g
         nodes[id(node)] = node
         reads_values = by_value and node.op not in ("Shape", "Size")
         stack += [(t, reads_values) for t in node.inputs if t.name]
-    return list(nodes.values()), list(inputs.values()), integers
+    if len(by_value_inputs) > 1:
+        return (f"the mask reads the values of graph inputs {sorted(by_value_inputs)}; the plugin takes a causal "
+                f"mask and one padding input")
+    padding = next(iter(by_value_inputs.values()), None)
+    if padding is not None and (padding.shape is None or len(padding.shape) != 2 or padding.dtype is None
+                                or np.dtype(padding.dtype).kind not in "biuf"):
+        return (f"the mask reads the values of graph input {padding.name} {padding.shape}, not a [batch, sequence] "
+                f"padding mask")
+    return list(nodes.values()), list(inputs.values()), integers, padding
 
 
 def _shape_feeds(inputs: list[gs.Tensor], *, batch: int, length: int) -> dict[str, np.ndarray] | str:

@@ -173,7 +173,8 @@ class QuantizePerTokenPlugin:
 
 @dataclass(frozen=True)
 class FlashAttentionPlugin:
-    """qcompiler::FlashAttention, dense/padded [B, H, S, D]: runtime symbols B, SQ, SK."""
+    """qcompiler::FlashAttention, dense, padded (seqlens_k) or key-masked (key_mask) [B, H, S, D]: runtime
+    symbols B, SQ, SK."""
 
     dtype: str
     num_heads: int
@@ -184,6 +185,7 @@ class FlashAttentionPlugin:
     has_seqlens_k: bool = False
     tactic: str = ""
     op_type: str = FLASH_ATTENTION
+    has_key_mask: bool = False
 
 
 def tactics(config) -> list[str]:
@@ -199,7 +201,7 @@ def tactics(config) -> list[str]:
         from .flash_attention import ATTN_TACTICS
         from .flash_attention_wgmma import ATTN_WGMMA_TACTICS, supports
         return list(ATTN_TACTICS) + [name for name, cfg in ATTN_WGMMA_TACTICS.items()
-                                     if supports(cfg, config.head_dim, config.scale)]
+                                     if not config.has_key_mask and supports(cfg, config.head_dim, config.scale)]
     return ["default"]
 
 
@@ -328,6 +330,8 @@ def _build_attn(c: FlashAttentionPlugin) -> AotKernel:
 
     if c.num_heads % c.kv_num_heads:
         raise ValueError("FlashAttention plugin: num_heads must be a multiple of kv_num_heads")
+    if c.has_seqlens_k and c.has_key_mask:
+        raise ValueError("FlashAttention plugin: seqlens_k and key_mask exclude each other")
     if c.tactic in ATTN_WGMMA_TACTICS:
         return build_attn_cuda(c, ATTN_WGMMA_TACTICS[c.tactic])
     cfg = ATTN_TACTICS[c.tactic] if c.tactic else pick_attn_config(c.head_dim, 0)
@@ -335,8 +339,9 @@ def _build_attn(c: FlashAttentionPlugin) -> AotKernel:
     D, HQ, HKV = c.head_dim, c.num_heads, c.kv_num_heads
     scale = float(c.scale) if c.scale else 1.0 / math.sqrt(D)
     constexprs = dict(SM_SCALE=scale, HEAD_DIM=D, GQA_GROUP=HQ // HKV, IS_CAUSAL=bool(c.causal),
-                      MODE=1 if c.has_seqlens_k else 0, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, SEQ_Q=None)
-    if not c.has_seqlens_k:
+                      MODE=3 if c.has_key_mask else int(c.has_seqlens_k), BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
+                      SEQ_Q=None)
+    if not (c.has_seqlens_k or c.has_key_mask):
         constexprs["SEQ_K"] = None
     # contiguous [B, H, S, D]: batch stride H*S*D and head stride S*D depend on the runtime S
     scalars = dict(SQ="SQ", SK="SK", HQ=HQ,
@@ -353,7 +358,8 @@ def _build_attn(c: FlashAttentionPlugin) -> AotKernel:
                         "stride_oh") if D % 16 == 0}
     kernel = compile_kernel(_flash_attn_fwd_kernel, sig, constexprs, num_warps=cfg.num_warps,
                             num_stages=cfg.num_stages, divisible=div)
-    params = {"Q": ("in", "Q"), "K": ("in", "K"), "V": ("in", "V"), "SEQ_K": ("in", "seqlens_k"),
+    params = {"Q": ("in", "Q"), "K": ("in", "K"), "V": ("in", "V"),
+              "SEQ_K": ("in", "key_mask" if c.has_key_mask else "seqlens_k"),
               "O": ("out", "O"), "LSE": ("out", "LSE"), **{k: ("i32", Expr.of(v)) for k, v in scalars.items()}}
     grid = (Expr(1, (("SQ", cfg.BLOCK_M),)), Expr(HQ, (("B", 1),)), 1)
     return _finish(kernel, _flash_attn_fwd_kernel, constexprs, params, grid)
@@ -366,6 +372,8 @@ def build_attn_cuda(c: FlashAttentionPlugin, cfg) -> AotKernel:
 
     if c.head_dim != cfg.D:
         raise ValueError(f"FlashAttention plugin: tactic {cfg.describe()} is for head dim {cfg.D}, not {c.head_dim}")
+    if c.has_key_mask:
+        raise ValueError(f"FlashAttention plugin: tactic {cfg.describe()} takes no key_mask (the Triton tactics do)")
     name, source = fa.kernel_source(cfg, c.dtype, c.num_heads, c.kv_num_heads, c.causal, c.scale, c.has_seqlens_k)
     params = [("Q", "in", "Q"), ("K", "in", "K"), ("V", "in", "V")]
     params += [("SEQLENS_K", "in", "seqlens_k")] * c.has_seqlens_k

@@ -9,6 +9,9 @@ Batches (``ops.ATTENTION_LAYOUTS``):
   * dense: Q [B, Hq, Sq, D], K/V [B, Hkv, Sk, D] (any strides, last dim contiguous).
   * padded: the same plus ``seqlens_k`` int32 [B]: keys at positions >= seqlens_k[b] are masked
     (a right-padded key padding mask); query rows past it are still computed.
+  * key-masked: the same plus ``key_mask`` int32 [B, Sk]: key j of batch b is masked where
+    ``key_mask[b, j] == 0`` (any padding, left or right, as attention masks hold it). K/V of masked
+    keys are still read (unlike past seqlens_k): they must be finite.
   * varlen: Q [Tq, Hq, D], K/V [Tk, Hkv, D] packed, ``cu_seqlens_q`` / ``cu_seqlens_k`` int32 [B+1].
 GQA/MQA: query head h reads kv head ``h // (Hq // Hkv)``. Causal masking is bottom-right aligned (query
 i sees key j iff ``j <= i + Sk_b - Sq_b``), which equals the usual top-left mask when Sq == Sk and is
@@ -30,17 +33,17 @@ from .flash_attention_wgmma import ATTN_WGMMA_TACTICS, AttnWgmmaConfig
 from .launch import launch, sm90a_kernels_available
 
 __all__ = ["AttnConfig", "flash_attention", "flash_attention_reference", "pick_attn_config", "ATTN_TACTICS",
-           "MODE_DENSE", "MODE_PADDED", "MODE_VARLEN"]
+           "MODE_DENSE", "MODE_PADDED", "MODE_VARLEN", "MODE_KEY_MASK"]
 
 logger = logging.getLogger(__name__)
 
-MODE_DENSE, MODE_PADDED, MODE_VARLEN = 0, 1, 2
+MODE_DENSE, MODE_PADDED, MODE_VARLEN, MODE_KEY_MASK = 0, 1, 2, 3
 
 
 @triton.jit
-def _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, end, offs_m, offs_n, k_len, causal_off,
+def _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, start, end, offs_m, offs_n, k_len, causal_off,
                 stride_ks, stride_vs, qk_scale,
-                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
     k_ptrs += start * stride_ks
     v_ptrs += start * stride_vs
     for s in range(start, end, BLOCK_N):
@@ -50,11 +53,22 @@ def _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, end, offs_m, offs_n, k_
         else:
             k = tl.load(k_ptrs)
         qk = tl.dot(q, k)
+        # The key mask only masks scores: K/V of masked keys are loaded like any others (a graph computes
+        # them, so they are finite and their zero probabilities add nothing), which keeps the loads unmasked.
+        if KEY_MASK:
+            if MASKED:
+                kept = tl.load(km_ptrs + s, mask=kmask, other=0) != 0
+            else:
+                kept = tl.load(km_ptrs + s) != 0
         if MASKED:
             keep = kmask[None, :]
+            if KEY_MASK:
+                keep = keep & kept[None, :]
             if IS_CAUSAL:
                 keep = keep & ((s + offs_n)[None, :] <= (offs_m[:, None] + causal_off))
             qk = tl.where(keep, qk, float("-inf"))
+        elif KEY_MASK:
+            qk = tl.where(kept[None, :], qk, float("-inf"))
         m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
@@ -73,7 +87,7 @@ def _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, end, offs_m, offs_n, k_
 
 @triton.jit
 def _flash_attn_fwd_kernel(
-    Q, K, V, SEQ_Q, SEQ_K,  # inputs; SEQ_Q = cu_seqlens_q (varlen), SEQ_K = seqlens_k or cu_seqlens_k
+    Q, K, V, SEQ_Q, SEQ_K,  # inputs; SEQ_Q = cu_seqlens_q (varlen), SEQ_K = seqlens_k, cu_seqlens_k or key_mask
     SQ, SK, HQ,  # scalars: (max) query / key length, number of query heads
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
@@ -97,6 +111,11 @@ def _flash_attn_fwd_kernel(
         q_len = SQ
         k_start = 0
         k_len = tl.minimum(tl.load(SEQ_K + b), SK)
+    elif MODE == 3:
+        q_start = 0
+        q_len = SQ
+        k_start = 0
+        k_len = SK
     else:
         q_start = 0
         q_len = SQ
@@ -114,6 +133,7 @@ def _flash_attn_fwd_kernel(
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=(offs_m < q_len)[:, None], other=0.0)
     k_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]  # K^T tile [D, BLOCK_N]
     v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+    km_ptrs = SEQ_K + b.to(tl.int64) * SK + offs_n if MODE == 3 else SEQ_K
     qk_scale = SM_SCALE * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     # A finite floor instead of -inf keeps exp2(m_old - m_new) free of inf - inf for fully masked blocks.
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
@@ -129,10 +149,10 @@ def _flash_attn_fwd_kernel(
         full = k_len // BLOCK_N * BLOCK_N
     hi = tl.maximum(hi, 0)
     full = tl.minimum(full, hi)
-    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, full, offs_m, offs_n, k_len, causal_off,
-                                stride_ks, stride_vs, qk_scale, False, IS_CAUSAL, BLOCK_N)
-    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, full, hi, offs_m, offs_n, k_len, causal_off,
-                                stride_ks, stride_vs, qk_scale, True, IS_CAUSAL, BLOCK_N)
+    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, 0, full, offs_m, offs_n, k_len, causal_off,
+                                stride_ks, stride_vs, qk_scale, False, IS_CAUSAL, MODE == 3, BLOCK_N)
+    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, full, hi, offs_m, offs_n, k_len,
+                                causal_off, stride_ks, stride_vs, qk_scale, True, IS_CAUSAL, MODE == 3, BLOCK_N)
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -175,7 +195,7 @@ def pick_attn_config(head_dim: int, seq_q: int) -> AttnConfig:
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     scale: float | None = None, seqlens_k: torch.Tensor | None = None,
-                    cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                    key_mask: torch.Tensor | None = None, cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
                     max_seqlen_q: int | None = None, config: AttnConfig | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention forward; returns (O like q, LSE float32).
@@ -185,6 +205,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         causal: bottom-right aligned causal mask.
         scale: softmax scale, default 1/sqrt(D).
         seqlens_k: int32 [B], valid keys per batch (padded mode).
+        key_mask: int32 [B, Sk], contiguous; 0 masks key j of batch b (key-masked mode; Triton tactics only).
         cu_seqlens_q, cu_seqlens_k: int32 [B+1] prefix sums (varlen mode).
         max_seqlen_q: longest query sequence in varlen mode (grid size); computed when None.
         config: launch tactic: an AttnConfig of the Triton kernel, or an AttnWgmmaConfig of the CUDA C++ kernel
@@ -204,8 +225,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if k.shape[-1] != D or v.shape[-1] != D or D not in (16, 32, 64, 128, 256):
         raise ValueError(f"FlashAttention: head dim must match and be a power of two in 16..256, got {D}")
     if varlen:
-        if cu_seqlens_q is None or cu_seqlens_k is None or seqlens_k is not None:
-            raise ValueError("FlashAttention: varlen needs both cu_seqlens_q and cu_seqlens_k (and no seqlens_k)")
+        if cu_seqlens_q is None or cu_seqlens_k is None or seqlens_k is not None or key_mask is not None:
+            raise ValueError("FlashAttention: varlen needs both cu_seqlens_q and cu_seqlens_k (and no seqlens_k "
+                             "or key_mask)")
         if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
             raise ValueError("FlashAttention: varlen q/k/v must be [T, H, D]")
         B = cu_seqlens_q.numel() - 1
@@ -234,6 +256,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
             if seqlens_k.shape != (B,) or seqlens_k.dtype != torch.int32:
                 raise ValueError(f"FlashAttention: seqlens_k must be int32 [{B}]")
             mode = MODE_PADDED
+        if key_mask is not None:
+            if seqlens_k is not None:
+                raise ValueError("FlashAttention: give seqlens_k or key_mask, not both")
+            if key_mask.shape != (B, SK) or key_mask.dtype != torch.int32 or not key_mask.is_contiguous():
+                raise ValueError(f"FlashAttention: key_mask must be contiguous int32 [{B}, {SK}], got "
+                                 f"{key_mask.dtype} {tuple(key_mask.shape)}")
+            mode = MODE_KEY_MASK
         qs = (q.stride(0), q.stride(1), q.stride(2))
         ks = (k.stride(0), k.stride(1), k.stride(2))
         vs = (v.stride(0), v.stride(1), v.stride(2))
@@ -245,13 +274,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         raise ValueError(f"FlashAttention: query heads {HQ} must be a multiple of kv heads {HKV}")
     if B == 0 or SQ == 0:
         return o, lse
-    dense_contiguous = mode != MODE_VARLEN and all(t.is_contiguous() for t in (q, k, v))
+    dense_contiguous = mode in (MODE_DENSE, MODE_PADDED) and all(t.is_contiguous() for t in (q, k, v))
     if config is None and dense_contiguous and (scale is None or scale > 0) and D in WGMMA_TACTIC_BY_HEAD_DIM \
             and q.is_cuda and sm90a_kernels_available(q.device.index if q.device.index is not None else 0):
         config = ATTN_WGMMA_TACTICS[WGMMA_TACTIC_BY_HEAD_DIM[D]]
     if isinstance(config, AttnWgmmaConfig):
         if not dense_contiguous or config.D != D or (scale is not None and scale <= 0):
-            raise ValueError(f"FlashAttention: tactic {config.describe()} needs contiguous dense/padded q/k/v with head "
+            raise ValueError(f"FlashAttention: tactic {config.describe()} needs contiguous dense/padded q/k/v (no key_mask) with head "
                              f"dim {config.D} and a positive scale")
         kernel = _cuda_kernel(str(q.dtype).removeprefix("torch."), HQ, HKV, bool(causal), float(scale or 0.0),
                               mode == MODE_PADDED, config)
@@ -262,7 +291,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     grid = (triton.cdiv(SQ, cfg.BLOCK_M), B * HQ)
     _flash_attn_fwd_kernel[grid](
         q, k, v, cu_seqlens_q if mode == MODE_VARLEN else None,
-        cu_seqlens_k if mode == MODE_VARLEN else seqlens_k,
+        {MODE_VARLEN: cu_seqlens_k, MODE_PADDED: seqlens_k, MODE_KEY_MASK: key_mask}.get(mode),
         SQ, SK, HQ, *qs, *ks, *vs, *os_, *ls, o, lse,
         SM_SCALE=sm_scale, HEAD_DIM=D, GQA_GROUP=HQ // HKV, IS_CAUSAL=bool(causal), MODE=mode,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -278,9 +307,9 @@ def _cuda_kernel(dtype: str, num_heads: int, kv_num_heads: int, causal: bool, sc
     return build_attn_cuda(FlashAttentionPlugin(dtype, num_heads, kv_num_heads, cfg.D, causal, scale, padded), cfg)
 
 
-def flash_attention_reference(q, k, v, *, causal=False, scale=None, seqlens_k=None,
+def flash_attention_reference(q, k, v, *, causal=False, scale=None, seqlens_k=None, key_mask=None,
                               dtype: torch.dtype = torch.float32):
-    """Plain torch (dense/padded layout) in ``dtype``; returns (O, LSE) in ``dtype``."""
+    """Plain torch (dense/padded/key-masked layout) in ``dtype``; returns (O, LSE) in ``dtype``."""
     B, HQ, SQ, D = q.shape
     HKV, SK = k.shape[1], k.shape[2]
     scale = scale if scale is not None else 1.0 / math.sqrt(D)
@@ -293,6 +322,8 @@ def flash_attention_reference(q, k, v, *, causal=False, scale=None, seqlens_k=No
     keep = torch.ones((B, 1, SQ, SK), dtype=torch.bool, device=q.device)
     lens = seqlens_k.long() if seqlens_k is not None else torch.full((B,), SK, device=q.device)
     keep = keep & (j[None, None, None, :] < lens[:, None, None, None])
+    if key_mask is not None:
+        keep = keep & (key_mask != 0)[:, None, None, :]
     if causal:
         i = torch.arange(SQ, device=q.device)
         off = lens - SQ

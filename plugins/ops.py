@@ -40,10 +40,16 @@ Ops
 ``qcompiler::FlashAttention``: ``O = softmax(scale * Q K^T + mask) V`` and its log-sum-exp.
     Inputs: ``Q`` [B, Hq, Sq, D]; ``K``, ``V`` [B, Hkv, Sk, D] (Hq a multiple of Hkv: GQA/MQA; query
     head h uses kv head h // (Hq/Hkv)); optional ``seqlens_k`` int32 [B] (keys j >= seqlens_k[b] are
-    masked: a right-padded key padding mask). Q/K/V share float16/bfloat16 (float32 allowed in the
-    graph for ONNX Runtime checks). D in {16, 32, 64, 128, 256}.
+    masked: a right-padded key padding mask, as a KV-cache decode step has it); optional ``key_mask``
+    int32 [B, Sk] (key j of batch b is masked where key_mask[b, j] == 0: any padding, left or right, as
+    an attention_mask input holds it; K/V at masked keys are read and must be finite, as computed
+    tensors are). At most one of the two. Q/K/V share float16/bfloat16 (float32
+    allowed in the graph for ONNX Runtime checks). D in {16, 32, 64, 128, 256}.
     Attributes: ``causal`` (int 0/1, default 0; bottom-right aligned: query i sees key j iff
-    j <= i + Sk_b - Sq), ``scale`` (float, default 0 meaning 1/sqrt(D)).
+    j <= i + Sk_b - Sq, with Sk_b = seqlens_k[b] if given, else Sk), ``scale`` (float, default 0
+    meaning 1/sqrt(D)).
+    TensorRT: a plugin's input list is fixed, so a node with ``key_mask`` is registered as
+    ``qcompiler::FlashAttentionKeyMask(Q, K, V, key_mask)`` (the backend renames it before parsing).
     Outputs: ``O`` like Q; optional ``LSE`` float32 [B, Hq, Sq] (natural log; -inf for a row that sees
     no key, whose O is 0).
     The kernel also takes packed variable-length batches (cu_seqlens); that form is a kernel-level API
@@ -106,7 +112,7 @@ OP_SPECS: dict[str, OpSpec] = {
                       ("Y",), frozenset(), {"out_dtype": 10}),
     QUANTIZE_PER_TOKEN: OpSpec(QUANTIZE_PER_TOKEN, ("X", "gamma", "beta"), frozenset({"gamma", "beta"}),
                                ("Q", "scale"), frozenset(), {"norm": "none", "epsilon": 1e-6}),
-    FLASH_ATTENTION: OpSpec(FLASH_ATTENTION, ("Q", "K", "V", "seqlens_k"), frozenset({"seqlens_k"}),
+    FLASH_ATTENTION: OpSpec(FLASH_ATTENTION, ("Q", "K", "V", "seqlens_k", "key_mask"), frozenset({"seqlens_k", "key_mask"}),
                             ("O", "LSE"), frozenset({"LSE"}), {"causal": 0, "scale": 0.0}),
 }
 

@@ -12,7 +12,9 @@ Plugin input arity is fixed per op: Int4Gemm takes (X, B, scales, zero_points, b
 (O, LSE). ``qcompiler.backends.tensorrt`` materialises absent optional inputs (zero points 8, bias 0,
 gamma 1, beta 0) before parsing, so one registration serves every node. aot_impl sees no tensor values,
 so a materialised input is compiled in and costs one small read (zero points: N*K/(2*block) bytes).
-A padded FlashAttention (seqlens_k) has no TensorRT registration yet.
+A FlashAttention with a key_mask is a second plugin, FlashAttentionKeyMask (Q, K, V, key_mask): a
+materialised all-ones mask would cost the unmasked attention its mask-free inner loop. A padded
+FlashAttention (seqlens_k) has no TensorRT registration yet.
 
 TensorRT cannot be installed on the machines this was written on: this module is written against the
 documented API (TensorRT 10.x ``tensorrt.plugin``) and imported lazily; the PTX and launch parameters
@@ -36,7 +38,7 @@ def TACTIC_NAMES(op_type: str) -> list[str]:  # noqa: N802 - a table by op, kept
     if op_type == "Int4Gemm":  # every tactic; autotune offers those aot.tactics allows for the weight's shape
         from .int4_gemm import INT4_TACTICS
         return list(INT4_TACTICS) + list(aot.cuda_tactics())
-    if op_type == "FlashAttention":  # every tactic; autotune offers those for the head dim
+    if op_type in ("FlashAttention", "FlashAttentionKeyMask"):  # every tactic; autotune offers those that apply
         from .flash_attention import ATTN_TACTICS
         from .flash_attention_wgmma import ATTN_WGMMA_TACTICS
         return list(ATTN_TACTICS) + list(ATTN_WGMMA_TACTICS)
@@ -75,7 +77,7 @@ def _rows(shape_expr, keep_last: int = 1):
 
 
 def register_plugins() -> None:
-    """Registers the four qcompiler plugins with TensorRT (idempotent).
+    """Registers the qcompiler plugins with TensorRT (idempotent): the four ops, and FlashAttention with a key mask.
 
     Raises:
         ImportError: TensorRT (with ``tensorrt.plugin``, TensorRT >= 10.6) is not installed.
@@ -153,28 +155,53 @@ def register_plugins() -> None:
         return _to_trt(trtp, aot.build(cfg), {"M": _rows(X.shape_expr)})
 
     # ---------------------------------------------------------------------------------- FlashAttention
+    def attn_desc(Q, K, V):
+        o, lse = infer_output_shapes("FlashAttention", [list(Q.shape_expr), list(K.shape_expr), list(V.shape_expr)])
+        return out_desc(o, Q.dtype), out_desc(lse, trt.float32)
+
+    def attn_tactics(op_type, Q, scale, key_mask):
+        names = TACTIC_NAMES(op_type)
+        config = aot.FlashAttentionPlugin("float16", 1, 1, Q.shape_expr[3].constant_value(), scale=scale,
+                                          has_key_mask=key_mask)
+        return [names.index(name) + 1 for name in aot.tactics(config)]
+
+    def attn_aot(op_type, Q, K, causal, scale, tactic, key_mask):
+        hq, d = Q.shape_expr[1].constant_value(), Q.shape_expr[3].constant_value()
+        hkv = K.shape_expr[1].constant_value()
+        cfg = aot.FlashAttentionPlugin(_dtype_name(trt, Q.dtype), hq, hkv, d, bool(causal), scale, False,
+                                       TACTIC_NAMES(op_type)[tactic - 1], has_key_mask=key_mask)
+        env = {"B": Q.shape_expr[0], "SQ": Q.shape_expr[2], "SK": K.shape_expr[2]}
+        return _to_trt(trtp, aot.build(cfg), env)
+
     @trtp.register("qcompiler::FlashAttention")
     def _attn_desc(Q: trtp.TensorDesc, K: trtp.TensorDesc, V: trtp.TensorDesc, causal: int,
                    scale: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        o, lse = infer_output_shapes("FlashAttention", [list(Q.shape_expr), list(K.shape_expr), list(V.shape_expr), None])
-        return out_desc(o, Q.dtype), out_desc(lse, trt.float32)
+        return attn_desc(Q, K, V)
 
     @trtp.autotune("qcompiler::FlashAttention")
     def _attn_tune(Q, K, V, causal: int, scale: float, outputs):
-        names = TACTIC_NAMES("FlashAttention")
-        d = Q.shape_expr[3].constant_value()
-        tactics = [names.index(name) + 1 for name in aot.tactics(aot.FlashAttentionPlugin("float16", 1, 1, d, scale=scale))]
+        tactics = attn_tactics("FlashAttention", Q, scale, False)
         return [trtp.AutoTuneCombination("FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16, FP32", "LINEAR", tactics)]
 
     @trtp.aot_impl("qcompiler::FlashAttention")
     def _attn_aot(Q: trtp.TensorDesc, K: trtp.TensorDesc, V: trtp.TensorDesc, causal: int, scale: float,
                   outputs, tactic: int):
-        hq, d = Q.shape_expr[1].constant_value(), Q.shape_expr[3].constant_value()
-        hkv = K.shape_expr[1].constant_value()
-        name = TACTIC_NAMES("FlashAttention")[tactic - 1]
-        cfg = aot.FlashAttentionPlugin(_dtype_name(trt, Q.dtype), hq, hkv, d, bool(causal), scale, False, name)
-        env = {"B": Q.shape_expr[0], "SQ": Q.shape_expr[2], "SK": K.shape_expr[2]}
-        return _to_trt(trtp, aot.build(cfg), env)
+        return attn_aot("FlashAttention", Q, K, causal, scale, tactic, False)
+
+    @trtp.register("qcompiler::FlashAttentionKeyMask")
+    def _masked_attn_desc(Q: trtp.TensorDesc, K: trtp.TensorDesc, V: trtp.TensorDesc, key_mask: trtp.TensorDesc,
+                          causal: int, scale: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+        return attn_desc(Q, K, V)
+
+    @trtp.autotune("qcompiler::FlashAttentionKeyMask")
+    def _masked_attn_tune(Q, K, V, key_mask, causal: int, scale: float, outputs):
+        tactics = attn_tactics("FlashAttentionKeyMask", Q, scale, True)
+        return [trtp.AutoTuneCombination("FP16|BF16, FP16|BF16, FP16|BF16, INT32, FP16|BF16, FP32", "LINEAR", tactics)]
+
+    @trtp.aot_impl("qcompiler::FlashAttentionKeyMask")
+    def _masked_attn_aot(Q: trtp.TensorDesc, K: trtp.TensorDesc, V: trtp.TensorDesc, key_mask: trtp.TensorDesc,
+                         causal: int, scale: float, outputs, tactic: int):
+        return attn_aot("FlashAttentionKeyMask", Q, K, causal, scale, tactic, True)
 
     _REGISTERED = True
     logger.info("registered qcompiler TensorRT plugins")

@@ -190,15 +190,23 @@ def _fused_attention(model: onnx.ModelProto, target: str):
 
 def test_attention_fuses_on_the_torchscript_export():
     """TorchScript exports cast softmax's output (``softmax(x, dtype=float32).to(dtype)``) and reshape
-    heads by sizes computed at run time; their masks read ``attention_mask``, which the plugin cannot take."""
+    heads by sizes computed at run time; their masks read ``attention_mask``, which the plugin takes as
+    its key_mask: exact at every real token of a left- and a right-padded batch (the left padding's own
+    positions see no key, and their logits are the padding's)."""
     model = exported("qwen2", "torchscript", outliers=2)
     fused, result = _fused_attention(model, "onnxruntime")
     assert len(result.details) == 2, result.not_fired
-    held = _arrays(model, 2, seed=2)
+    held = _arrays(model, 3, seed=2)
+    held["attention_mask"][1, :5] = 0
+    held["attention_mask"][2, -7:] = 0
     reference = _logits(model, held)
     np.testing.assert_allclose(_logits(fused, held), reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
-    _, declined = _fused_attention(model, "plugin")
-    assert not declined.changed and all("attention_mask" in why for _, why in declined.not_fired), declined.not_fired
+    fused, result = _fused_attention(model, "plugin")
+    assert len(result.details) == 2, result.not_fired
+    assert all(len(n.input) == 5 for n in fused.graph.node if n.op_type == "FlashAttention")  # key_mask
+    got = np.concatenate([run_plugin_graph(fused, {k: v[i:i + 1] for k, v in held.items()})[0] for i in range(3)])
+    tokens = held["attention_mask"] == 1
+    np.testing.assert_allclose(got[tokens], reference[tokens], rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
 
 def _plugin_sqnr(model: onnx.ModelProto, tmp_path, tag: str) -> tuple[float, float, str]:
@@ -264,8 +272,8 @@ def test_every_recipe_compiles_every_architecture(arch, exporter, tmp_path):
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_attention_fusion_every_architecture(arch, exporter):
     """Both targets on every architecture: what fuses is exact (the plugin's op run by its numpy
-    reference), and what does not says why: Gemma2's tanh soft-capping, Mistral's sliding window (8
-    here), and for the plugin every TorchScript export's mask, which reads ``attention_mask``."""
+    reference), and what does not says why: Gemma2's tanh soft-capping and, for the plugin, Mistral's
+    sliding window (8 here). TorchScript exports' masks read ``attention_mask`` (the plugin's key_mask)."""
     model = exported(arch, exporter)
     softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
     held = _arrays(model, 2, seed=2)
@@ -275,9 +283,8 @@ def test_attention_fusion_every_architecture(arch, exporter):
         if arch == "gemma2":
             assert not result.changed and all("Tanh" in why for _, why in result.not_fired), result.not_fired
             continue
-        if target == "plugin" and (exporter == "torchscript" or arch == "mistral"):
-            why = "attention_mask" if exporter == "torchscript" else "not the causal"
-            assert not result.changed and all(why in w for _, w in result.not_fired), result.not_fired
+        if target == "plugin" and arch == "mistral":
+            assert not result.changed and all("not the causal" in w for _, w in result.not_fired), result.not_fired
             continue
         assert len(result.details) == softmaxes, (target, result.not_fired)
         got = (np.concatenate([run_plugin_graph(fused, {k: v[i:i + 1] for k, v in held.items()})[0] for i in range(2)])

@@ -15,6 +15,7 @@ checks of small models and a few windows of text, not for serving.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -43,7 +44,7 @@ def reference_ops() -> list[type]:
     class FlashAttention(OpRun):
         op_domain = "qcompiler"
 
-        def _run(self, q, k, v, seqlens_k=None, causal=0, scale=0.0):
+        def _run(self, q, k, v, seqlens_k=None, key_mask=None, causal=0, scale=0.0):
             k, v = (np.repeat(t.astype(np.float64), q.shape[1] // t.shape[1], axis=1) for t in (k, v))
             s = (scale or 1 / np.sqrt(q.shape[-1])) * (q.astype(np.float64) @ k.swapaxes(-1, -2))
             sq, sk = s.shape[-2:]
@@ -54,6 +55,8 @@ def reference_ops() -> list[type]:
                 keep &= keys <= np.arange(sq)[:, None] + (lengths - sq)[:, None, None, None]
             if seqlens_k is not None:
                 keep &= keys < np.asarray(seqlens_k)[:, None, None, None]
+            if key_mask is not None:
+                keep &= np.asarray(key_mask)[:, None, None, :] != 0
             s = np.where(keep, s, -np.inf)
             top = np.max(s, -1, keepdims=True, initial=-np.inf)
             safe = np.where(np.isfinite(top), top, 0)
@@ -101,7 +104,8 @@ def kernel_ops(int4_tactic: str, attention_tactic: str, launched: list[str] | No
                w8a8_tactic: str = "large") -> list[type]:
     """``onnx.reference`` op classes that run the four ops on the plugins' AOT kernels (CUDA GPU, CuPy,
     Triton): the GEMMs and attention in float16, QuantizePerToken in its input's type. ``launched`` (if
-    given) collects the tactic of every launch."""
+    given) collects the tactic of every launch. A FlashAttention with a key_mask runs the Triton tactic for its
+    head dim when ``attention_tactic`` is a wgmma one (those take no key mask)."""
     import torch
     from onnx.reference.op_run import OpRun
 
@@ -130,14 +134,18 @@ def kernel_ops(int4_tactic: str, attention_tactic: str, launched: list[str] | No
     class FlashAttention(OpRun):
         op_domain = "qcompiler"
 
-        def _run(self, q, k, v, seqlens_k=None, causal=0, scale=0.0):
+        def _run(self, q, k, v, seqlens_k=None, key_mask=None, causal=0, scale=0.0):
             (B, HQ, SQ, D), (HKV, SK) = q.shape, k.shape[1:3]
             config = aot.FlashAttentionPlugin("float16", HQ, HKV, D, bool(causal), float(scale), seqlens_k is not None,
-                                              attention_tactic)
+                                              attention_tactic, has_key_mask=key_mask is not None)
+            if config.has_key_mask and attention_tactic not in aot.tactics(config):
+                # the wgmma tactics take no key mask (TensorRT's autotune does not offer them either)
+                config = dataclasses.replace(config, tactic="d64" if D <= 64 else ("d128" if D <= 128 else "d256"))
             o = torch.full(q.shape, float("nan"), dtype=torch.float16, device="cuda")
             lse = torch.full((B, HQ, SQ), float("nan"), dtype=torch.float32, device="cuda")
             tensors = {"Q": cuda(q, torch.float16), "K": cuda(k, torch.float16), "V": cuda(v, torch.float16),
-                       "seqlens_k": None if seqlens_k is None else cuda(seqlens_k, torch.int32), "O": o, "LSE": lse}
+                       "seqlens_k": None if seqlens_k is None else cuda(seqlens_k, torch.int32),
+                       "key_mask": None if key_mask is None else cuda(key_mask, torch.int32), "O": o, "LSE": lse}
             launch.launch(_built(config), tensors, {"B": B, "SQ": SQ, "SK": SK})
             record.append(config.tactic)
             return o.float().cpu().numpy().astype(q.dtype), lse.cpu().numpy()
@@ -179,8 +187,21 @@ def kernel_ops(int4_tactic: str, attention_tactic: str, launched: list[str] | No
     return [Int4Gemm, FlashAttention, W8A8Gemm, QuantizePerToken]
 
 
+def _standard_op_fixes() -> list[type]:
+    """Standard ops the reference evaluator gets wrong: GatherElements on data longer than 32 along the
+    first axis (numpy's ``choose`` limit; BERT's ``token_type_ids`` buffer [1, 512] hits it)."""
+    from onnx.reference.op_run import OpRun
+
+    class GatherElements(OpRun):
+        def _run(self, data, indices, axis=0):
+            indices = np.where(indices < 0, indices + data.shape[axis], indices)
+            return (np.take_along_axis(data, indices, axis=axis),)
+
+    return [GatherElements]
+
+
 def run_plugin_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray], ops: list[type] | None = None) -> list[np.ndarray]:
     """``model``'s outputs for ``feeds``, its qcompiler nodes run by ``ops`` (default: :func:`reference_ops`)."""
     from onnx.reference import ReferenceEvaluator
 
-    return ReferenceEvaluator(model, new_ops=ops or reference_ops()).run(None, feeds)
+    return ReferenceEvaluator(model, new_ops=(ops or reference_ops()) + _standard_op_fixes()).run(None, feeds)

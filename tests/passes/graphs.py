@@ -35,7 +35,7 @@ def two_linear_model(rng, k=32, n=48, t=12, outlier=0.0):
     return make_model(nodes, inits, inputs, outputs)
 
 
-def decoder_model(rng, *, vocab=384, hidden=256, heads=4, kv_heads=2, ffn=512, layers=2):
+def decoder_model(rng, *, vocab=384, hidden=256, heads=4, kv_heads=2, ffn=512, layers=2, padding=False):
     """A Llama-style decoder written out as exports write it (no torch needed), ``input_ids -> logits``::
 
         ids ─ Gather(embed) ─ x ─┬─ RMSNorm ─ q/k/v MatMul ─ Reshape ─ Transpose ─ [K/V: repeat_kv]
@@ -44,7 +44,9 @@ def decoder_model(rng, *, vocab=384, hidden=256, heads=4, kv_heads=2, ffn=512, l
                                  then RMSNorm ─ gate/up MatMul ─ SiLU(gate) * up ─ down MatMul ─ +; final RMSNorm ─ LM head
 
     The causal mask is computed at run time from the input's shape (Shape ─ Range ─ GreaterOrEqual ─
-    Where(0, min)); repeat_kv expands K/V to the query heads with shapes read at run time.
+    Where(0, min)); repeat_kv expands K/V to the query heads with shapes read at run time. With
+    ``padding`` the model also takes ``attention_mask`` int64 [batch, seq] and the mask keeps only the
+    keys it marks (causal & Cast(attention_mask, bool)[:, None, None, :]), as padded-batch exports do.
     """
     head_dim = hidden // heads
     f32 = np.float32
@@ -77,6 +79,10 @@ def decoder_model(rng, *, vocab=384, hidden=256, heads=4, kv_heads=2, ffn=512, l
     pos = node("Range", [const("zero", 0), node("Squeeze", [seq, const("axis0", [0])], "seq_scalar"), const("one", 1)], "pos")
     causal = node("GreaterOrEqual", [node("Unsqueeze", [pos, const("axis1", [1])], "pos_i"),
                                      node("Unsqueeze", [pos, "axis0"], "pos_j")], "causal")
+    if padding:
+        keys = node("Unsqueeze", [node("Cast", ["attention_mask"], "mask_bool", to=TensorProto.BOOL), const("axes12", [1, 2])],
+                    "mask_keys")
+        causal = node("And", [causal, keys], "causal_and_padding")
     mask = node("Where", [causal, const("zero_f", 0.0, f32), const("min_f", np.finfo(f32).min, f32)], "mask")
     kv_shape = node("Concat", [batch, const("kv_heads", [kv_heads]), const("rep", [heads // kv_heads]), seq,
                                const("head_dim", [head_dim])], "kv_expand_shape", axis=0)
@@ -108,5 +114,7 @@ def decoder_model(rng, *, vocab=384, hidden=256, heads=4, kv_heads=2, ffn=512, l
                  f"{p}/resid2")
     logits = node("MatMul", [rms_norm(x, "final_norm"), weight("lm_head", [hidden, vocab], hidden ** -0.5)], "logits")
     nodes[-1].output[0] = "logits"
-    return make_model(nodes, inits, [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "seq"])
+              for name in ("input_ids", "attention_mask")[:1 + padding]]
+    return make_model(nodes, inits, inputs,
                       [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", "seq", vocab])], opset=21)

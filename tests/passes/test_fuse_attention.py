@@ -7,7 +7,8 @@
 onnxruntime target: the fused graph runs in ORT (com.microsoft.MultiHeadAttention) and must equal the
 unfused one (fp32, ~1e-5). plugin target: qcompiler::FlashAttention's documented semantics (a numpy reference run by ONNX's
 reference evaluator) must equal ORT's output of the unfused graph; a mask computed at run time is fused
-only when it reads nothing but shapes and is causal at every length checked.
+only when it reads shapes and at most a [batch, sequence] padding input, and keeps the causal (or the
+full) triangle and the padding's keys at every length and padding pattern checked.
 """
 
 import numpy as np
@@ -157,7 +158,8 @@ def test_not_attention_softmax_is_left_alone():
 def test_exported_models(builder):
     """Models torch exports (models/builders.py): every layer fuses for ONNX Runtime and the logits are
     unchanged. For the plugin, the decoders' causal masks (computed at run time from the input's shape)
-    fuse and the logits are unchanged under the op's reference; BERT's padding mask is declined."""
+    and BERT's padding mask (read from attention_mask: a key_mask input, not causal) fuse and the outputs
+    are unchanged under the op's reference, with a right- and a left-padded row."""
     pytest.importorskip("torch")
     builders = pytest.importorskip("qcompiler.models.builders")
     model = getattr(builders, builder)()
@@ -172,6 +174,7 @@ def test_exported_models(builder):
     for i in model.graph.input:
         if "mask" in i.name:
             mask = np.ones((2, 11), np.int64)
+            mask[0, :2] = 0
             mask[1, -3:] = 0
             feeds[i.name] = mask
         else:
@@ -180,13 +183,13 @@ def test_exported_models(builder):
     np.testing.assert_allclose(_run(fused, feeds), reference, rtol=1e-5, atol=1e-5)
     graph = import_graph(model)
     plugin = FuseAttention("plugin", max_seq_len=1024).run(graph, PassContext())
-    if builder == "build_bert":
-        assert not plugin.changed and len(plugin.not_fired) == n_softmax
-        assert all("values of graph input attention_mask" in why for _, why in plugin.not_fired), plugin.not_fired
-        return
     assert len(plugin.details) == n_softmax and all(d["masks"] for d in plugin.details), plugin.not_fired
     fused = export_graph(graph)
     assert not any(n.op_type == "Softmax" for n in fused.graph.node)
+    flash = [n for n in fused.graph.node if n.op_type == "FlashAttention"]
+    padded = builder == "build_bert"
+    assert all((len(n.input) == 5) == padded and helper.get_attribute_value(n.attribute[0]) == (not padded)
+               for n in flash)  # key_mask; causal
     np.testing.assert_allclose(run_plugin_graph(fused, feeds)[0], reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
 
@@ -196,15 +199,16 @@ def _runtime_mask_graph(*, window=None, upper=False, padding=False, casts=False)
         q ─ Shape ─ Gather(2) ─ Range ─┬ Unsqueeze(1) = i ─┐
                                        └ Unsqueeze(0) = j ─ i >= j [& i - j < window] [& keep[b, j]] ─ Where(., scores, fill)
 
-    ``upper`` keeps j >= i instead (not causal); ``padding`` ands in a padding mask read from the input
-    ``keep`` (a run-time value); ``casts`` adds the Cast(float) before and after Softmax that TorchScript
-    exports of ``softmax(x, dtype=float32).to(dtype)`` carry.
+    ``upper`` keeps j >= i instead (not causal); ``padding`` ands in a mask read from the bool input
+    ``keep`` [batch, seq] (a run-time value): "keys" keep[b, j] (key padding), "queries" keep[b, i] (not
+    one), "two" keep[b, j] & keep2[b, j] (two inputs); ``casts`` adds the Cast(float) before and after
+    Softmax that TorchScript exports of ``softmax(x, dtype=float32).to(dtype)`` carry.
     """
     f32 = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info(n, f32, ["batch", HQ, "seq", D]) for n in ("q", "k", "v")]
     inits = [numpy_helper.from_array(np.array(v, dt), n) for n, v, dt in
              [("two", 2, np.int64), ("zero", 0, np.int64), ("one", 1, np.int64), ("ax0", [0], np.int64),
-              ("ax1", [1], np.int64), ("axes01", [1, 2], np.int64), ("isd", 1 / np.sqrt(D), np.float32),
+              ("ax1", [1], np.int64), ("axes01", [1, 2], np.int64), ("axes13", [1, 3], np.int64), ("isd", 1 / np.sqrt(D), np.float32),
               ("fill", np.finfo(np.float32).min, np.float32), ("window", window or 0, np.int64)]]
     nodes = [helper.make_node("Shape", ["q"], ["qshape"]), helper.make_node("Gather", ["qshape", "two"], ["seq"]),
              helper.make_node("Range", ["zero", "seq", "one"], ["pos"]),
@@ -217,7 +221,13 @@ def _runtime_mask_graph(*, window=None, upper=False, padding=False, casts=False)
         cond = "cond1"
     if padding:
         inputs.append(helper.make_tensor_value_info("keep", TensorProto.BOOL, ["batch", "seq"]))
-        nodes += [helper.make_node("Unsqueeze", ["keep", "axes01"], ["keep4"]), helper.make_node("And", [cond, "keep4"], ["cond2"])]
+        keep = "keep"
+        if padding == "two":
+            inputs.append(helper.make_tensor_value_info("keep2", TensorProto.BOOL, ["batch", "seq"]))
+            nodes.append(helper.make_node("And", ["keep", "keep2"], ["keep_both"]))
+            keep = "keep_both"
+        nodes += [helper.make_node("Unsqueeze", [keep, "axes13" if padding == "queries" else "axes01"], ["keep4"]),
+                  helper.make_node("And", [cond, "keep4"], ["cond2"])]
         cond = "cond2"
     nodes += [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]), helper.make_node("MatMul", ["q", "kt"], ["qk"]),
               helper.make_node("Mul", ["qk", "isd"], ["s0"]), helper.make_node("Where", [cond, "s0", "fill"], ["s1"])]
@@ -253,13 +263,49 @@ def test_plugin_target_fuses_a_causal_mask_computed_from_shapes(casts):
     (dict(window=200), 300, "not the causal"),  # ... also when only the longest length checked is past it
     (dict(window=500), 300, "constant 500, beyond max_seq_len=300"),  # wider than any length checked
     (dict(upper=True), 300, "not the causal"),
-    (dict(padding=True), 300, "values of graph input keep"),
+    (dict(padding="queries"), 300, "not the causal (lower-triangular) mask and the padding"),
+    (dict(padding="two"), 300, "values of graph inputs ['keep', 'keep2']"),
+    (dict(padding="keys", window=4), 300, "not the causal (lower-triangular) mask and the padding"),
 ])
 def test_plugin_target_declines_other_run_time_masks(mask, max_seq_len, why):
     graph = import_graph(_runtime_mask_graph(**mask))
     result = FuseAttention("plugin", max_seq_len=max_seq_len).run(graph, PassContext())
     assert not result.changed
     assert why in result.not_fired[0][1], result.not_fired
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_plugin_target_fuses_a_key_padding_mask(causal):
+    """A mask read from a padding input: FlashAttention gets key_mask = Cast(keep, int32) and is exact at
+    every row that sees a key; a row that sees none (a left-padded position before the first kept key)
+    gets O = 0, where the unfused graph averages V over its masked keys."""
+    model = _runtime_mask_graph(padding="keys", upper=not causal)
+    if not causal:  # keep every (i, j): i >= j | j >= i, so only the padding masks
+        for node in model.graph.node:
+            if node.op_type == "GreaterOrEqual":
+                node.op_type = "Equal"
+        model.graph.node.insert(0, helper.make_node("Constant", [], ["all"], value=numpy_helper.from_array(np.array(True))))
+        for node in model.graph.node:
+            if node.op_type == "And" and node.input[1] == "keep4":
+                node.input[0] = "all"
+    graph = import_graph(model)
+    result = FuseAttention("plugin", max_seq_len=300).run(graph, PassContext())
+    assert result.changed, result.not_fired
+    fused = export_graph(graph)
+    (flash,) = [n for n in fused.graph.node if n.op_type == "FlashAttention"]
+    assert helper.get_attribute_value(flash.attribute[0]) == int(causal)
+    assert flash.input[3] == "" and [n.op_type for n in fused.graph.node if n.output[0] == flash.input[4]] == ["Cast"]
+    feeds = _feeds(model)
+    keep = np.ones((B, S), bool)
+    keep[0, :3] = False  # left padding: with the causal mask, rows 0-2 see no key
+    keep[1, [2, 5]] = False  # holes
+    feeds["keep"] = keep
+    got, want = run_plugin_graph(fused, feeds)[0], _run(model, feeds)
+    sees_a_key = (np.tril(np.ones((S, S), bool)) if causal else np.ones((S, S), bool))[None] & keep[:, None, :]
+    rows = np.broadcast_to(sees_a_key.any(-1)[:, None, :], got.shape[:3])
+    assert (~rows).sum() == (3 * HQ if causal else 0)
+    np.testing.assert_allclose(got[rows], want[rows], rtol=1e-5, atol=1e-5)
+    assert np.all(got[~rows] == 0)
 
 
 def test_a_window_wider_than_max_seq_len_is_exactly_causal_up_to_it():

@@ -49,22 +49,54 @@ def test_decoder_lowers_to_plugin_ops_and_keeps_its_function():
     np.testing.assert_allclose(run_plugin_graph(plugins, feeds)[0], expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+def padded_feeds(batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+    """Token ids and an attention_mask whose rows are left-padded, right-padded, full, ... in turn."""
+    mask = np.ones((batch, seq), np.int64)
+    pad = max(1, seq // 3)
+    for row in range(batch):
+        if row % 3 == 0 and seq > 1:
+            mask[row, :pad] = 0
+        elif row % 3 == 1 and seq > 1:
+            mask[row, -pad:] = 0
+    return {"input_ids": np.random.default_rng(seed).integers(0, 384, (batch, seq)), "attention_mask": mask}
+
+
+def test_padded_decoder_takes_its_attention_mask_as_the_key_mask():
+    """A decoder with an attention_mask input: FlashAttention reads it as key_mask and the plugin graph
+    computes the MatMulNBits graph's logits at every real token (a left-padded position sees no key:
+    its logits are the padding's, O = 0 there where the unfused graph averages masked keys)."""
+    model = decoder_model(np.random.default_rng(0), layers=LAYERS, padding=True)
+    nbits, plugins = plugin_graph(model)
+    flash = [n for n in plugins.graph.node if n.op_type == "FlashAttention"]
+    assert len(flash) == LAYERS and all(len(n.input) == 5 and n.input[4] for n in flash)
+    feeds = padded_feeds(3, 37, seed=1)
+    expected, got = run_ort(nbits, feeds)[0], run_plugin_graph(plugins, feeds)[0]
+    tokens = feeds["attention_mask"] == 1
+    np.testing.assert_allclose(got[tokens], expected[tokens], rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("masking", ["seqlens_k", "key_mask"])
 @pytest.mark.parametrize("causal", [0, 1])
-def test_flash_attention_reference_follows_the_contract(causal):
-    """ops.py: query i of batch b sees key j iff j < seqlens_k[b] and (causal) j <= i + seqlens_k[b] - Sq;
-    a row that sees no key has O = 0 and LSE = -inf. Checked one row at a time."""
+def test_flash_attention_reference_follows_the_contract(causal, masking):
+    """ops.py: query i of batch b sees key j iff j < Sk_b, key_mask[b, j] != 0 and (causal) j <= i + Sk_b - Sq,
+    with Sk_b = seqlens_k[b] (or Sk); a row that sees no key has O = 0 and LSE = -inf. Checked one row at a time."""
     rng = np.random.default_rng(0)
     B, HQ, HKV, SQ, SK, D = 3, 4, 2, 5, 7, 8
     q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((B, HQ, SQ, D), (B, HKV, SK, D), (B, HKV, SK, D)))
     lens = np.array([7, 3, 1], np.int32)
-    node = helper.make_node("FlashAttention", ["q", "k", "v", "lens"], ["o", "lse"], domain="qcompiler", causal=causal, scale=0.3)
+    keep = np.array([[0, 0, 1, 1, 1, 1, 1], [1, 0, 1, 0, 1, 1, 0], [0] * 7], np.int32)
+    extra = ["lens"] if masking == "seqlens_k" else ["", "keep"]
+    node = helper.make_node("FlashAttention", ["q", "k", "v", *extra], ["o", "lse"], domain="qcompiler", causal=causal,
+                            scale=0.3)
     g = helper.make_graph([node], "attn", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "qkv"]
-                          + [helper.make_tensor_value_info("lens", TensorProto.INT32, [B])],
+                          + [helper.make_tensor_value_info(extra[-1], TensorProto.INT32, None)],
                           [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("o", "lse")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("qcompiler", 1)])
-    o, lse = run_plugin_graph(model, {"q": q, "k": k, "v": v, "lens": lens})
+    o, lse = run_plugin_graph(model, {"q": q, "k": k, "v": v, extra[-1]: lens if masking == "seqlens_k" else keep})
     for b, h, i in np.ndindex(B, HQ, SQ):
-        keys = [j for j in range(SK) if j < lens[b] and (not causal or j <= i + lens[b] - SQ)]
+        sk = lens[b] if masking == "seqlens_k" else SK
+        kept = keep[b] if masking == "key_mask" else np.ones(SK)
+        keys = [j for j in range(SK) if j < sk and kept[j] and (not causal or j <= i + sk - SQ)]
         if not keys:
             assert lse[b, h, i] == -np.inf and not o[b, h, i].any()
             continue

@@ -103,13 +103,27 @@ def test_quantize_plugin(norm, dtype):
     assert (q.int() - qr.int()).abs().max() <= 1
 
 
-ATTN_CASES = [  # dtype, Hq, Hkv, D, causal, padded, tactic
-    ("float16", 8, 8, 64, False, False, "d64"), ("float16", 8, 2, 64, True, True, "d64"),
-    ("bfloat16", 4, 1, 128, True, False, "d128"), ("float16", 6, 3, 128, False, True, "d128"),
-    ("float16", 4, 4, 128, True, True, "d128"), ("bfloat16", 8, 4, 64, False, False, "d64"),
-    ("float16", 8, 2, 64, True, True, "wgmma_d64"), ("bfloat16", 4, 1, 128, True, False, "wgmma_d128"),
-    ("float16", 6, 3, 128, False, True, "wgmma_d128_s3"), ("bfloat16", 8, 8, 64, False, False, "wgmma_d64"),
+ATTN_CASES = [  # dtype, Hq, Hkv, D, causal, masking ("", "seqlens_k", "key_mask"), tactic
+    ("float16", 8, 8, 64, False, "", "d64"), ("float16", 8, 2, 64, True, "seqlens_k", "d64"),
+    ("bfloat16", 4, 1, 128, True, "", "d128"), ("float16", 6, 3, 128, False, "seqlens_k", "d128"),
+    ("float16", 4, 4, 128, True, "seqlens_k", "d128"), ("bfloat16", 8, 4, 64, False, "", "d64"),
+    ("float16", 8, 2, 64, True, "key_mask", "d64"), ("bfloat16", 4, 1, 128, False, "key_mask", "d128"),
+    ("float16", 6, 3, 128, True, "key_mask", "d128"),
+    ("float16", 8, 2, 64, True, "seqlens_k", "wgmma_d64"), ("bfloat16", 4, 1, 128, True, "", "wgmma_d128"),
+    ("float16", 6, 3, 128, False, "seqlens_k", "wgmma_d128_s3"), ("bfloat16", 8, 8, 64, False, "", "wgmma_d64"),
 ]
+
+
+def key_padding(B: int, SK: int, generator: torch.Generator) -> torch.Tensor:
+    """int32 [B, SK] key masks: left padding, right padding, random holes, and (B > 3) a batch with no key."""
+    keep = torch.randint(0, 2, (B, SK), generator=generator, dtype=torch.int32)
+    pad = torch.randint(0, SK, (B,), generator=generator)
+    keep[0] = torch.arange(SK) >= pad[0]
+    if B > 1:
+        keep[1] = torch.arange(SK) < SK - pad[1]
+    if B > 3:
+        keep[3] = 0
+    return keep.cuda()
 
 
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "-".join(map(str, c)))
@@ -117,21 +131,25 @@ def test_attention_plugin(case):
     from qcompiler.plugins import aot, launch
     from qcompiler.plugins.flash_attention import flash_attention_reference
 
-    dtype, HQ, HKV, D, causal, padded, tactic = case
-    kern = aot.build(aot.FlashAttentionPlugin(dtype, HQ, HKV, D, causal, 0.0, padded, tactic))
+    dtype, HQ, HKV, D, causal, masking, tactic = case
+    kern = aot.build(aot.FlashAttentionPlugin(dtype, HQ, HKV, D, causal, 0.0, masking == "seqlens_k", tactic,
+                                              has_key_mask=masking == "key_mask"))
     torch.manual_seed(HQ * D)
-    for B, SQ, SK in ((2, 97, 97), (1, 1025, 1025), (3, 5, 200)):
+    generator = torch.Generator().manual_seed(D)
+    for B, SQ, SK in ((2, 97, 97), (1, 1025, 1025), (3, 5, 200), (4, 130, 130)):
         q = torch.randn(B, HQ, SQ, D, device="cuda", dtype=DT[dtype])
         k = torch.randn(B, HKV, SK, D, device="cuda", dtype=DT[dtype])
         v = torch.randn(B, HKV, SK, D, device="cuda", dtype=DT[dtype])
-        lens = torch.randint(1, SK + 1, (B,), device="cuda", dtype=torch.int32) if padded else None
+        lens = torch.randint(1, SK + 1, (B,), device="cuda", dtype=torch.int32) if masking == "seqlens_k" else None
+        keep = key_padding(B, SK, generator) if masking == "key_mask" else None
         o, lse = _poison(q.shape, DT[dtype]), _poison((B, HQ, SQ), torch.float32)
-        launch.launch(kern, {"Q": q, "K": k, "V": v, "seqlens_k": lens, "O": o, "LSE": lse},
+        launch.launch(kern, {"Q": q, "K": k, "V": v, "seqlens_k": lens, "key_mask": keep, "O": o, "LSE": lse},
                       {"B": B, "SQ": SQ, "SK": SK})
         torch.cuda.synchronize()
-        ro, rl = flash_attention_reference(q, k, v, causal=causal, seqlens_k=lens)
+        ro, rl = flash_attention_reference(q, k, v, causal=causal, seqlens_k=lens, key_mask=keep)
         rows = torch.isfinite(rl)
         assert torch.equal(torch.isfinite(lse), rows)
         assert not torch.isnan(o).any()
+        assert torch.all(o[~rows] == 0), "a row that sees no key must be 0"
         assert rel(o[rows], ro[rows]) < (2e-2 if dtype == "bfloat16" else 4e-3), (B, SQ, SK)
         assert torch.allclose(lse[rows], rl[rows], atol=2e-2)

@@ -68,7 +68,8 @@ def test_aot_builds_every_op():
     configs = [aot.Int4GemmPlugin("float16", 256, 512, 128, True, True, "m16"),
                aot.W8A8GemmPlugin("bfloat16", 256, 512, False, "small"),
                aot.QuantizePerTokenPlugin("float16", 512, "rms"),
-               aot.FlashAttentionPlugin("float16", 4, 2, 64, True, 0.0, True, "d64")]
+               aot.FlashAttentionPlugin("float16", 4, 2, 64, True, 0.0, True, "d64"),
+               aot.FlashAttentionPlugin("bfloat16", 4, 1, 128, False, 0.0, False, "d128", has_key_mask=True)]
     for cfg in configs:
         k = aot.build(cfg)
         assert f".entry {k.kernel_name}(" in k.ptx and ".target sm_90a" in k.ptx
