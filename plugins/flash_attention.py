@@ -41,14 +41,14 @@ MODE_DENSE, MODE_PADDED, MODE_VARLEN, MODE_KEY_MASK = 0, 1, 2, 3
 
 
 @triton.jit
-def _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, start, end, offs_m, offs_n, k_len, causal_off,
+def _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, start, end, offs_m, offs_n, k_lo, k_len, causal_off,
                 stride_ks, stride_vs, qk_scale,
                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_N: tl.constexpr):
     k_ptrs += start * stride_ks
     v_ptrs += start * stride_vs
     for s in range(start, end, BLOCK_N):
         if MASKED:
-            kmask = (s + offs_n) < k_len
+            kmask = ((s + offs_n) < k_len) & ((s + offs_n) >= k_lo)
             k = tl.load(k_ptrs, mask=kmask[None, :], other=0.0)
         else:
             k = tl.load(k_ptrs)
@@ -86,6 +86,48 @@ def _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, start, end, offs_m, o
 
 
 @triton.jit
+def _attn_rows(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, start_m, offs_m, offs_n, k_lo, k_hi, causal_off,
+               stride_ks, stride_vs, qk_scale, IS_CAUSAL: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """One query block over the keys in [k_lo, k_hi): the blocks cut by k_lo, k_hi or the causal diagonal
+    masked, those between not."""
+    if IS_CAUSAL:
+        hi = tl.minimum(k_hi, start_m + BLOCK_M + causal_off)
+        # keys below start_m + causal_off + 1 are visible to every row of this block
+        full = tl.minimum(tl.maximum(start_m + causal_off + 1, 0), k_hi) // BLOCK_N * BLOCK_N
+    else:
+        hi = k_hi
+        full = k_hi // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, 0)
+    lo = k_lo // BLOCK_N * BLOCK_N
+    lo_full = tl.minimum((k_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, hi)
+    full = tl.maximum(tl.minimum(full, hi), lo_full)
+    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, lo, lo_full, offs_m, offs_n, k_lo, k_hi,
+                                causal_off, stride_ks, stride_vs, qk_scale, True, IS_CAUSAL, KEY_MASK, BLOCK_N)
+    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, lo_full, full, offs_m, offs_n, k_lo, k_hi,
+                                causal_off, stride_ks, stride_vs, qk_scale, False, IS_CAUSAL, KEY_MASK, BLOCK_N)
+    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, full, hi, offs_m, offs_n, k_lo, k_hi,
+                                causal_off, stride_ks, stride_vs, qk_scale, True, IS_CAUSAL, KEY_MASK, BLOCK_N)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _kept_range(row, SK, SCAN: tl.constexpr):
+    """First and last kept key of a key-mask row, and how many are kept."""
+    zero = tl.program_id(0) * 0  # a run-time int32 (SK may be specialised to a constant)
+    first = zero + SK
+    last = zero - 1
+    count = zero
+    for s0 in range(0, SK, SCAN):
+        offs = s0 + tl.arange(0, SCAN)
+        kept = tl.load(row + offs, mask=offs < SK, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(kept, offs, SK), 0))
+        last = tl.maximum(last, tl.max(tl.where(kept, offs, -1), 0))
+        count += tl.sum(kept.to(tl.int32), 0)
+    return first, last, count
+
+
+@triton.jit
 def _flash_attn_fwd_kernel(
     Q, K, V, SEQ_Q, SEQ_K,  # inputs; SEQ_Q = cu_seqlens_q (varlen), SEQ_K = seqlens_k, cu_seqlens_k or key_mask
     SQ, SK, HQ,  # scalars: (max) query / key length, number of query heads
@@ -111,12 +153,7 @@ def _flash_attn_fwd_kernel(
         q_len = SQ
         k_start = 0
         k_len = tl.minimum(tl.load(SEQ_K + b), SK)
-    elif MODE == 3:
-        q_start = 0
-        q_len = SQ
-        k_start = 0
-        k_len = SK
-    else:
+    else:  # dense, key-masked
         q_start = 0
         q_len = SQ
         k_start = 0
@@ -133,26 +170,28 @@ def _flash_attn_fwd_kernel(
     q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=(offs_m < q_len)[:, None], other=0.0)
     k_ptrs = k_base + offs_n[None, :] * stride_ks + offs_d[:, None]  # K^T tile [D, BLOCK_N]
     v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
-    km_ptrs = SEQ_K + b.to(tl.int64) * SK + offs_n if MODE == 3 else SEQ_K
     qk_scale = SM_SCALE * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     # A finite floor instead of -inf keeps exp2(m_old - m_new) free of inf - inf for fully masked blocks.
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     causal_off = k_len - q_len
-    if IS_CAUSAL:
-        hi = tl.minimum(k_len, start_m + BLOCK_M + causal_off)
-        # keys below start_m + causal_off + 1 are visible to every row of this block
-        full = tl.minimum(tl.maximum(start_m + causal_off + 1, 0), k_len) // BLOCK_N * BLOCK_N
+    if MODE == 3:
+        row = SEQ_K + b.to(tl.int64) * SK
+        first, last, count = _kept_range(row, SK, 2048)
+        if count == last - first + 1:
+            # One run of kept keys (left or right padding, or none): a key range, masked only at its ends,
+            # and the padded key blocks skipped.
+            acc, l_i, m_i = _attn_rows(acc, l_i, m_i, q, k_ptrs, v_ptrs, row + offs_n, start_m, offs_m, offs_n,
+                                       first, last + 1, causal_off, stride_ks, stride_vs, qk_scale,
+                                       IS_CAUSAL, False, BLOCK_M, BLOCK_N)
+        elif count > 0:  # holes: the key mask read with every key block
+            acc, l_i, m_i = _attn_rows(acc, l_i, m_i, q, k_ptrs, v_ptrs, row + offs_n, start_m, offs_m, offs_n,
+                                       0, SK, causal_off, stride_ks, stride_vs, qk_scale,
+                                       IS_CAUSAL, True, BLOCK_M, BLOCK_N)
     else:
-        hi = k_len
-        full = k_len // BLOCK_N * BLOCK_N
-    hi = tl.maximum(hi, 0)
-    full = tl.minimum(full, hi)
-    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, 0, full, offs_m, offs_n, k_len, causal_off,
-                                stride_ks, stride_vs, qk_scale, False, IS_CAUSAL, MODE == 3, BLOCK_N)
-    acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, km_ptrs, full, hi, offs_m, offs_n, k_len,
-                                causal_off, stride_ks, stride_vs, qk_scale, True, IS_CAUSAL, MODE == 3, BLOCK_N)
+        acc, l_i, m_i = _attn_rows(acc, l_i, m_i, q, k_ptrs, v_ptrs, SEQ_K, start_m, offs_m, offs_n, 0, k_len,
+                                   causal_off, stride_ks, stride_vs, qk_scale, IS_CAUSAL, False, BLOCK_M, BLOCK_N)
     empty = l_i == 0.0
     acc = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)

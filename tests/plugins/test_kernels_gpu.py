@@ -239,13 +239,15 @@ def test_flash_attention_padded_and_varlen(causal):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("SQ,SK,HQ,HKV", [(97, 97, 4, 4), (1025, 1025, 4, 1), (1, 300, 8, 2), (200, 77, 6, 3)])
 def test_flash_attention_key_mask(dtype, D, causal, SQ, SK, HQ, HKV):
-    """key_mask [B, SK]: rows left-padded, right-padded, with random holes, and one with no key at all
-    (every row of it: O = 0, LSE = -inf). Judged like the dense case, against a same-precision baseline."""
+    """key_mask [B, SK]: rows left-padded, right-padded (one run of kept keys: the kernel's key-range path),
+    with random holes (its per-block mask path), with no key at all (every row of it: O = 0, LSE = -inf),
+    and with every key. Judged like the dense case, against a same-precision baseline."""
     from qcompiler.plugins.flash_attention import flash_attention, flash_attention_reference
 
     torch.manual_seed(SQ * 3 + SK + D)
-    q, k, v = _attn_case(4, HQ, HKV, SQ, SK, D, dtype)
-    keep = (torch.rand(4, SK, device="cuda") > 0.3).int()
+    q, k, v = _attn_case(5, HQ, HKV, SQ, SK, D, dtype)
+    keep = (torch.rand(5, SK, device="cuda") > 0.3).int()
+    keep[4] = 1
     pad = max(1, SK // 3)
     keep[0] = (torch.arange(SK, device="cuda") >= pad).int()
     keep[1] = (torch.arange(SK, device="cuda") < SK - pad).int()
