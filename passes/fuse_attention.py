@@ -273,7 +273,8 @@ class FuseAttention:
                 not_fired.append((softmax.name, "excluded by the user"))
                 continue
             if self.target == "plugin":
-                reason = self._rewrite_plugin(graph, m, mask_checks)
+                form = self._rewrite_plugin(graph, m, mask_checks)
+                reason = form if isinstance(form, str) else ""
             else:
                 heads = _dim(m.q, 1)
                 if heads is None:  # TorchScript exports reshape by sizes computed at run time
@@ -286,6 +287,8 @@ class FuseAttention:
                 continue
             fused.append({"softmax": softmax.name, "scale": m.scale, "masks": [k for k, _ in m.masks],
                           "gqa": m.k_raw is not m.k})
+            if self.target == "plugin":
+                fused[-1].update(causal=form.causal, key_mask=form.padding.name if form.padding is not None else None)
         if fused:
             graph.cleanup().toposort()
         what = f"{DOMAIN}::{FLASH_ATTENTION}" if self.target == "plugin" else "com.microsoft.MultiHeadAttention"
@@ -298,7 +301,9 @@ class FuseAttention:
         out.inputs.clear()
         return out
 
-    def _rewrite_plugin(self, graph: gs.Graph, m: AttentionMatch, mask_checks: dict[tuple[str, ...], MaskForm | str]) -> str:
+    def _rewrite_plugin(self, graph: gs.Graph, m: AttentionMatch,
+                        mask_checks: dict[tuple[str, ...], MaskForm | str]) -> MaskForm | str:
+        """The mask form the fused node takes, or why the subgraph is left as it is."""
         form = MaskForm(causal=False)
         if m.masks:
             terms = self._mask_terms(m)
@@ -324,7 +329,7 @@ class FuseAttention:
                        outputs=[out, lse])
         graph.nodes.append(node)
         add_domain(graph, DOMAIN)
-        return ""
+        return form
 
     def _mask_terms(self, m: AttentionMatch) -> list[tuple[str, gs.Tensor, gs.Tensor | None]]:
         """("add", mask, None) for ``Add(scores, mask)``; ("where", cond, fill) for ``Where(cond, scores, fill)``."""

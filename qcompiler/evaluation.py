@@ -82,12 +82,10 @@ def _runner(path: Path, threads: int | None):
     model = onnx.load(str(path))
     if not holds_plugin_ops(model):
         return create_session(path, threads)
-    from onnx.reference import ReferenceEvaluator
-
-    from qcompiler.backends.plugin_graph import reference_ops
+    from qcompiler.backends.plugin_graph import plugin_graph_evaluator
 
     logger.info("%s holds qcompiler plugin ops: evaluating it with their numpy references", path)
-    return ReferenceEvaluator(model, new_ops=reference_ops())
+    return plugin_graph_evaluator(model)
 
 
 def compare_outputs(original: Path, compiled: Path, feeds: Iterable[dict[str, np.ndarray]],

@@ -22,13 +22,14 @@ import logging
 import numpy as np
 import onnx
 
-__all__ = ["reference_ops", "kernel_ops", "run_plugin_graph"]
+__all__ = ["reference_ops", "kernel_ops", "plugin_graph_evaluator", "run_plugin_graph"]
 
 logger = logging.getLogger(__name__)
 
 
 def reference_ops() -> list[type]:
-    """``onnx.reference`` op classes computing the four ops as ops.py defines them."""
+    """``onnx.reference`` op classes computing the four ops as ops.py defines them (and FlashAttentionKeyMask,
+    the name ``prepare_for_tensorrt`` gives a FlashAttention with a key_mask)."""
     from onnx.reference.op_run import OpRun
 
     from qcompiler.plugins.ops import unpack_int4_matmulnbits
@@ -65,6 +66,10 @@ def reference_ops() -> list[type]:
             p = np.where(total > 0, np.exp(s - safe) / np.maximum(total, 1e-300), 0)
             return (p @ v).astype(q.dtype), lse.astype(np.float32)
 
+    class FlashAttentionKeyMask(FlashAttention):  # the TensorRT plugin name of a FlashAttention with key_mask
+        def _run(self, q, k, v, key_mask, causal=0, scale=0.0):
+            return super()._run(q, k, v, None, key_mask, causal=causal, scale=scale)
+
     class W8A8Gemm(OpRun):
         op_domain = "qcompiler"
 
@@ -87,7 +92,7 @@ def reference_ops() -> list[type]:
             q = np.clip(np.round(y / scale[..., None]), -127, 127).astype(np.int8)
             return q, scale.astype(np.float32)
 
-    return [Int4Gemm, FlashAttention, W8A8Gemm, QuantizePerToken]
+    return [Int4Gemm, FlashAttention, FlashAttentionKeyMask, W8A8Gemm, QuantizePerToken]
 
 
 @functools.cache
@@ -150,6 +155,10 @@ def kernel_ops(int4_tactic: str, attention_tactic: str, launched: list[str] | No
             record.append(config.tactic)
             return o.float().cpu().numpy().astype(q.dtype), lse.cpu().numpy()
 
+    class FlashAttentionKeyMask(FlashAttention):
+        def _run(self, q, k, v, key_mask, causal=0, scale=0.0):
+            return super()._run(q, k, v, None, key_mask, causal=causal, scale=scale)
+
     class W8A8Gemm(OpRun):
         op_domain = "qcompiler"
 
@@ -184,7 +193,7 @@ def kernel_ops(int4_tactic: str, attention_tactic: str, launched: list[str] | No
             record.append("quantize_per_token")
             return q.cpu().numpy().reshape(x.shape), scale.cpu().numpy().reshape(x.shape[:-1])
 
-    return [Int4Gemm, FlashAttention, W8A8Gemm, QuantizePerToken]
+    return [Int4Gemm, FlashAttention, FlashAttentionKeyMask, W8A8Gemm, QuantizePerToken]
 
 
 def _standard_op_fixes() -> list[type]:
@@ -200,8 +209,14 @@ def _standard_op_fixes() -> list[type]:
     return [GatherElements]
 
 
-def run_plugin_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray], ops: list[type] | None = None) -> list[np.ndarray]:
-    """``model``'s outputs for ``feeds``, its qcompiler nodes run by ``ops`` (default: :func:`reference_ops`)."""
+def plugin_graph_evaluator(model: onnx.ModelProto, ops: list[type] | None = None):
+    """ONNX's reference evaluator for ``model`` (``run(names, feeds)``), its qcompiler nodes run by ``ops``
+    (default: :func:`reference_ops`)."""
     from onnx.reference import ReferenceEvaluator
 
-    return ReferenceEvaluator(model, new_ops=(ops or reference_ops()) + _standard_op_fixes()).run(None, feeds)
+    return ReferenceEvaluator(model, new_ops=(ops or reference_ops()) + _standard_op_fixes())
+
+
+def run_plugin_graph(model: onnx.ModelProto, feeds: dict[str, np.ndarray], ops: list[type] | None = None) -> list[np.ndarray]:
+    """``model``'s outputs for ``feeds``, its qcompiler nodes run by ``ops`` (default: :func:`reference_ops`)."""
+    return plugin_graph_evaluator(model, ops).run(None, feeds)

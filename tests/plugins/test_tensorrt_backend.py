@@ -71,6 +71,28 @@ def test_prepare_runs_the_plugins_of_a_float32_graph_in_float16():
     assert np.linalg.norm(run_plugin_graph(prepared, feeds)[0] - expected) / np.linalg.norm(expected) < 2e-3
 
 
+def test_prepare_gives_a_key_masked_attention_its_own_plugin():
+    """FlashAttention with a key_mask (the padded decoder) becomes FlashAttentionKeyMask(Q, K, V, key_mask): a
+    plugin's inputs are fixed. Q/K/V read float16, the key mask int32, and the prepared graph computes the same."""
+    from qcompiler.backends.plugin_graph import run_plugin_graph
+    from qcompiler.backends.tensorrt import _element_types
+    from tests.passes.graphs import decoder_model
+    from tests.passes.test_plugin_graph import padded_feeds, plugin_graph
+
+    _, model = plugin_graph(decoder_model(np.random.default_rng(0), padding=True))
+    prepared = prepare_for_tensorrt(model)
+    onnx.checker.check_model(prepared)
+    types = _element_types(prepared)
+    attention = [n for n in prepared.graph.node if n.domain == "qcompiler" and "Attention" in n.op_type]
+    assert [n.op_type for n in attention] == ["FlashAttentionKeyMask"] * 2
+    assert all(len(n.input) == 4 and types[n.input[3]] == TensorProto.INT32 for n in attention)
+    assert all(types[n.input[i]] == TensorProto.FLOAT16 for n in attention for i in range(3))
+    feeds = padded_feeds(3, 37, seed=1)
+    tokens = feeds["attention_mask"] == 1
+    expected = run_plugin_graph(model, feeds)[0][tokens]
+    assert np.linalg.norm(run_plugin_graph(prepared, feeds)[0][tokens] - expected) / np.linalg.norm(expected) < 2e-3
+
+
 def test_prepare_leaves_a_float16_graph_without_casts():
     prepared = prepare_for_tensorrt(_int4_model())
     assert [n.op_type for n in prepared.graph.node] == ["Int4Gemm"]
