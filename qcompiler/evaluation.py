@@ -90,14 +90,21 @@ def _runner(path: Path, threads: int | None):
 
 def compare_outputs(original: Path, compiled: Path, feeds: Iterable[dict[str, np.ndarray]],
                     threads: int | None = None) -> tuple[list[OutputAgreement], int]:
-    """Cosine similarity, SQNR (dB) and max |error| of every graph output, accumulated over ``feeds``."""
+    """Cosine similarity, SQNR (dB) and max |error| of every graph output, accumulated over ``feeds``.
+
+    Positions a feed's 2-D ``attention_mask`` marks as padding are left out of outputs laid out [batch, seq,
+    ...]: their values are the padding's, and a fused attention may give them others (a left-padded position
+    sees no key: FlashAttention's output is 0 there, the unfused graph's an average of masked keys)."""
     reference, candidate = create_session(original, threads), _runner(compiled, threads)
     names = [o.name for o in reference.get_outputs()]
     sums = {n: np.zeros(4) for n in names}  # <a,b>, |a|^2, |b|^2, |a-b|^2
     max_abs = dict.fromkeys(names, 0.0)
     count = 0
     for feed in feeds:
+        tokens = np.asarray(feed["attention_mask"]) != 0 if np.ndim(feed.get("attention_mask")) == 2 else None
         for name, a, b in zip(names, reference.run(names, feed), candidate.run(names, feed), strict=True):
+            if tokens is not None and a.shape[:2] == tokens.shape:
+                a, b = a[tokens], b[tokens]
             a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
             sums[name] += (a @ b, a @ a, b @ b, np.sum((a - b) ** 2))
             max_abs[name] = max(max_abs[name], float(np.max(np.abs(a - b))) if a.size else 0.0)

@@ -75,6 +75,22 @@ def test_padded_decoder_takes_its_attention_mask_as_the_key_mask():
     np.testing.assert_allclose(got[tokens], expected[tokens], rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+def test_output_comparison_leaves_out_padding_positions(tmp_path):
+    """qcompile's output comparison on padded samples judges real tokens only: the plugin graph equals the
+    MatMulNBits graph there, while the left padding's own positions (which see no key) differ."""
+    from qcompiler.evaluation import compare_outputs
+
+    nbits, plugins = plugin_graph(decoder_model(np.random.default_rng(0), layers=LAYERS, padding=True))
+    paths = {name: tmp_path / f"{name}.onnx" for name in ("nbits", "plugins")}
+    onnx.save(nbits, str(paths["nbits"]))
+    onnx.save(plugins, str(paths["plugins"]))
+    feeds = [padded_feeds(3, 37, seed=1)]
+    (agreement,), _ = compare_outputs(paths["nbits"], paths["plugins"], feeds)
+    assert agreement.sqnr_db > 60.0, agreement
+    padding = ~feeds[0]["attention_mask"].astype(bool)
+    assert np.abs(run_ort(nbits, feeds[0])[0][padding] - run_plugin_graph(plugins, feeds[0])[0][padding]).max() > 1e-2
+
+
 @pytest.mark.parametrize("masking", ["seqlens_k", "key_mask"])
 @pytest.mark.parametrize("causal", [0, 1])
 def test_flash_attention_reference_follows_the_contract(causal, masking):
