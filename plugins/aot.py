@@ -201,7 +201,7 @@ def tactics(config) -> list[str]:
         from .flash_attention import ATTN_TACTICS
         from .flash_attention_wgmma import ATTN_WGMMA_TACTICS, supports
         return list(ATTN_TACTICS) + [name for name, cfg in ATTN_WGMMA_TACTICS.items()
-                                     if not config.has_key_mask and supports(cfg, config.head_dim, config.scale)]
+                                     if supports(cfg, config.head_dim, config.scale)]
     return ["default"]
 
 
@@ -372,11 +372,10 @@ def build_attn_cuda(c: FlashAttentionPlugin, cfg) -> AotKernel:
 
     if c.head_dim != cfg.D:
         raise ValueError(f"FlashAttention plugin: tactic {cfg.describe()} is for head dim {cfg.D}, not {c.head_dim}")
-    if c.has_key_mask:
-        raise ValueError(f"FlashAttention plugin: tactic {cfg.describe()} takes no key_mask (the Triton tactics do)")
-    name, source = fa.kernel_source(cfg, c.dtype, c.num_heads, c.kv_num_heads, c.causal, c.scale, c.has_seqlens_k)
+    name, source = fa.kernel_source(cfg, c.dtype, c.num_heads, c.kv_num_heads, c.causal, c.scale, c.has_seqlens_k,
+                                    c.has_key_mask)
     params = [("Q", "in", "Q"), ("K", "in", "K"), ("V", "in", "V")]
-    params += [("SEQLENS_K", "in", "seqlens_k")] * c.has_seqlens_k
+    params += [("SEQLENS_K", "in", "seqlens_k")] * c.has_seqlens_k + [("KEY_MASK", "in", "key_mask")] * c.has_key_mask
     params += [("SQ", "i32", Expr.of("SQ")), ("SK", "i32", Expr.of("SK")), ("O", "out", "O"), ("LSE", "out", "LSE")]
     grid = (Expr(1, (("SQ", cfg.BLOCK_M),)), Expr(c.num_heads, (("B", 1),)), Expr(1))
     return _nvrtc_kernel(fa, cfg, name, source, params, grid)

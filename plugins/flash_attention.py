@@ -244,7 +244,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         causal: bottom-right aligned causal mask.
         scale: softmax scale, default 1/sqrt(D).
         seqlens_k: int32 [B], valid keys per batch (padded mode).
-        key_mask: int32 [B, Sk], contiguous; 0 masks key j of batch b (key-masked mode; Triton tactics only).
+        key_mask: int32 [B, Sk], contiguous; 0 masks key j of batch b (key-masked mode).
         cu_seqlens_q, cu_seqlens_k: int32 [B+1] prefix sums (varlen mode).
         max_seqlen_q: longest query sequence in varlen mode (grid size); computed when None.
         config: launch tactic: an AttnConfig of the Triton kernel, or an AttnWgmmaConfig of the CUDA C++ kernel
@@ -313,17 +313,18 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         raise ValueError(f"FlashAttention: query heads {HQ} must be a multiple of kv heads {HKV}")
     if B == 0 or SQ == 0:
         return o, lse
-    dense_contiguous = mode in (MODE_DENSE, MODE_PADDED) and all(t.is_contiguous() for t in (q, k, v))
+    dense_contiguous = mode != MODE_VARLEN and all(t.is_contiguous() for t in (q, k, v))
     if config is None and dense_contiguous and (scale is None or scale > 0) and D in WGMMA_TACTIC_BY_HEAD_DIM \
             and q.is_cuda and sm90a_kernels_available(q.device.index if q.device.index is not None else 0):
         config = ATTN_WGMMA_TACTICS[WGMMA_TACTIC_BY_HEAD_DIM[D]]
     if isinstance(config, AttnWgmmaConfig):
         if not dense_contiguous or config.D != D or (scale is not None and scale <= 0):
-            raise ValueError(f"FlashAttention: tactic {config.describe()} needs contiguous dense/padded q/k/v (no key_mask) with head "
+            raise ValueError(f"FlashAttention: tactic {config.describe()} needs contiguous dense/padded q/k/v with head "
                              f"dim {config.D} and a positive scale")
         kernel = _cuda_kernel(str(q.dtype).removeprefix("torch."), HQ, HKV, bool(causal), float(scale or 0.0),
-                              mode == MODE_PADDED, config)
-        launch(kernel, {"Q": q, "K": k, "V": v, "seqlens_k": seqlens_k, "O": o, "LSE": lse}, {"B": B, "SQ": SQ, "SK": SK})
+                              mode == MODE_PADDED, mode == MODE_KEY_MASK, config)
+        launch(kernel, {"Q": q, "K": k, "V": v, "seqlens_k": seqlens_k, "key_mask": key_mask, "O": o, "LSE": lse},
+               {"B": B, "SQ": SQ, "SK": SK})
         return o, lse
     cfg = config or pick_attn_config(D, SQ)
     sm_scale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
@@ -340,10 +341,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
 @lru_cache(maxsize=64)
 def _cuda_kernel(dtype: str, num_heads: int, kv_num_heads: int, causal: bool, scale: float, padded: bool,
-                 cfg: AttnWgmmaConfig):
+                 key_masked: bool, cfg: AttnWgmmaConfig):
     from .aot import FlashAttentionPlugin, build_attn_cuda
 
-    return build_attn_cuda(FlashAttentionPlugin(dtype, num_heads, kv_num_heads, cfg.D, causal, scale, padded), cfg)
+    return build_attn_cuda(FlashAttentionPlugin(dtype, num_heads, kv_num_heads, cfg.D, causal, scale, padded,
+                                                has_key_mask=key_masked), cfg)
 
 
 def flash_attention_reference(q, k, v, *, causal=False, scale=None, seqlens_k=None, key_mask=None,

@@ -24,7 +24,11 @@ of ``O = P V``. P never leaves registers: the S accumulator fragment is the A re
 PV product. Rows past the sequence (or past ``seqlens_k``) are zero-filled, so padding never reaches
 the product. The output goes out through the consumer's own Q rows in shared memory.
 
-Semantics are flash_attention.py's (ops.FLASH_ATTENTION): dense or padded (``seqlens_k``) batches of
+With a ``key_mask`` each CTA first scans its batch row of the mask: one run of kept keys (left or right
+padding) is attended as a key range, the blocks before it never loaded; a mask with holes is read in the
+softmax of every block.
+
+Semantics are flash_attention.py's (ops.FLASH_ATTENTION): dense, padded (``seqlens_k``) or key-masked batches of
 contiguous [B, H, S, D] tensors, GQA/MQA, bottom-right aligned causal mask, O and the natural-log LSE
 (O = 0, LSE = -inf for a row that sees no key). Head dims 64 and 128, fp16/bf16, a positive scale.
 Needs sm_90a. This module never imports Triton or graph code.
@@ -116,9 +120,10 @@ def supports(cfg: AttnWgmmaConfig, head_dim: int, scale: float) -> bool:
 
 
 def kernel_name(cfg: AttnWgmmaConfig, dtype: str, num_heads: int, kv_num_heads: int, causal: bool,
-                has_seqlens_k: bool) -> str:
+                has_seqlens_k: bool, has_key_mask: bool = False) -> str:
     return (f"qc_attn_wgmma_{'bf16' if dtype == 'bfloat16' else 'f16'}_d{cfg.D}_m{cfg.BLOCK_M}_n{cfg.BN}"
-            f"_s{cfg.STAGES}_h{num_heads}_kv{kv_num_heads}{'_causal' if causal else ''}{'_padded' if has_seqlens_k else ''}")
+            f"_s{cfg.STAGES}_h{num_heads}_kv{kv_num_heads}{'_causal' if causal else ''}{'_padded' if has_seqlens_k else ''}"
+            f"{'_keymask' if has_key_mask else ''}")
 
 
 def _wgmma_ss(n: int, dtype: str) -> str:
@@ -153,6 +158,7 @@ _SOURCE = r"""
 #define STAGES @STAGES@
 #define CAUSAL @CAUSAL@
 #define PADDED @PADDED@
+#define KEYMASK @KEYMASK@
 #define HQ @HQ@
 #define GQA @GQA@
 #define SCALE_LOG2 @SCALE_LOG2@  // softmax scale * log2(e): the exponentials are exp2
@@ -232,7 +238,8 @@ __device__ __forceinline__ void load_tile(u32 dst, const u16* __restrict__ src, 
 // exp2 domain), m the running max, l the lane's partial row sum; returns the two rescale factors of O.
 template <bool MASK>
 __device__ __forceinline__ void softmax(float (&s)[BN / 2], float (&m)[2], float (&l)[2], float (&alpha)[2],
-                                        int key0, int row0, int k_len, int causal_off, int t) {
+                                        int key0, int row0, int k_lo, int k_len, const int* __restrict__ kept,
+                                        int causal_off, int t) {
   float mx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
   for (int i = 0; i < BN / 8; ++i)
@@ -240,7 +247,10 @@ __device__ __forceinline__ void softmax(float (&s)[BN / 2], float (&m)[2], float
     for (int e = 0; e < 4; ++e) {
       if (MASK) {
         const int key = key0 + 8 * i + 2 * t + (e & 1);
-        bool keep = key < k_len;
+        bool keep = key < k_len && key >= k_lo;
+#if KEYMASK
+        if (kept != nullptr) keep = keep && kept[key] != 0;
+#endif
 #if CAUSAL
         keep = keep && key <= row0 + 8 * (e >> 1) + causal_off;
 #endif
@@ -280,6 +290,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
 #if PADDED
     const int* __restrict__ SEQLENS_K,
 #endif
+#if KEYMASK
+    const int* __restrict__ KEY_MASK,
+#endif
     int SQ, int SK, u16* __restrict__ O, float* __restrict__ LSE) {
   extern __shared__ u8 smem_raw[];
   const u32 raw = smem_addr(smem_raw);
@@ -297,13 +310,58 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
   // Longest causal rows first: block 0 takes the last query rows, so the grid's tail is short work.
   const int pid_m = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   const int bh = blockIdx.y, b = bh / HQ, kvh = (bh % HQ) / GQA;
+#if KEYMASK
+  // The batch row of the key mask, scanned once: where its kept keys form one run (left or right padding, none),
+  // the keys [k_lo, k_len) are attended like a dense row's, the blocks before k_lo skipped; otherwise (holes)
+  // every block reads the mask.
+  __shared__ int kept_range[3];
+  if (tid == 0) {
+    kept_range[0] = SK;
+    kept_range[1] = -1;
+    kept_range[2] = 0;
+  }
+  __syncthreads();
+  const int* const km_row = KEY_MASK + (long long)b * SK;
+  int first = SK, last = -1, count = 0;
+#pragma unroll 4
+  for (int key = tid; key < SK; key += THREADS)
+    if (km_row[key] != 0) {
+      first = min(first, key);
+      last = key;
+      ++count;
+    }
+#pragma unroll
+  for (int o = 16; o; o >>= 1) {
+    first = min(first, __shfl_xor_sync(0xffffffffu, first, o));
+    last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
+    count += __shfl_xor_sync(0xffffffffu, count, o);
+  }
+  if (lane == 0) {
+    atomicMin(&kept_range[0], first);
+    atomicMax(&kept_range[1], last);
+    atomicAdd(&kept_range[2], count);
+  }
+  __syncthreads();
+  first = kept_range[0];
+  last = kept_range[1];
+  count = kept_range[2];
+  const bool holes = count > 0 && count != last - first + 1;
+  const int k_lo = holes || count == 0 ? 0 : first;
+  const int k_len = holes ? SK : last + 1;
+  const int* const kept = holes ? km_row : nullptr;
+  const int causal_off = SK - SQ;
+#else
 #if PADDED
   const int k_len = max(min(SEQLENS_K[b], SK), 0);
 #else
   const int k_len = SK;
 #endif
-  const int m0 = pid_m * BM;
+  const int k_lo = 0;
+  const bool holes = false;
+  const int* const kept = nullptr;
   const int causal_off = k_len - SQ;
+#endif
+  const int m0 = pid_m * BM;
 #if CAUSAL
   const int hi = max(min(k_len, m0 + BM + causal_off), 0);
   const int full_keys = min(max(m0 + causal_off + 1, 0), k_len);  // keys every row of the block sees
@@ -311,8 +369,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
   const int hi = k_len;
   const int full_keys = k_len;
 #endif
-  const int n_blocks = (hi + BN - 1) / BN;
-  const int n_full = full_keys / BN;  // blocks before it need no mask
+  const int j0 = k_lo / BN;  // the first key block attended
+  const int n_blocks = max((hi + BN - 1) / BN - j0, 0);
+  const int n_full = full_keys / BN;  // blocks before it need no mask (but a block cut by k_lo, or any with holes)
   const u32 q_smem = base;
   auto stage_addr = [&](const Slot& sl) { return base + Q_BYTES + (u32)sl.stage * STAGE_BYTES; };
 
@@ -339,13 +398,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
     for (int j = 0; j <= n_blocks; ++j) {
       if (j < n_blocks) {
         if (j >= STAGES) mbar_wait(empty_k(sl.stage), sl.phase ^ 1);  // its previous use was released
-        load_tile<BN, 128>(stage_addr(sl), k_head + (long long)j * BN * D, k_len - j * BN, tid);
+        load_tile<BN, 128>(stage_addr(sl), k_head + (long long)(j + j0) * BN * D, k_len - (j + j0) * BN, tid);
         cp_async_arrive(full_k(sl.stage));
       }
       if (j > 0) {
         if (j > STAGES) mbar_wait(empty_v(prev.stage), prev.phase ^ 1);
-        load_tile<BN, 128>(stage_addr(prev) + TILE_BYTES, v_head + (long long)(j - 1) * BN * D, k_len - (j - 1) * BN,
-                           tid);
+        load_tile<BN, 128>(stage_addr(prev) + TILE_BYTES, v_head + (long long)(j - 1 + j0) * BN * D,
+                           k_len - (j - 1 + j0) * BN, tid);
         cp_async_arrive(full_v(prev.stage));
       }
       prev = sl;
@@ -393,10 +452,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async (generic) writes -> wgmma reads
   };
   auto do_softmax = [&](int j) {
-    if (j >= n_full)
-      softmax<true>(s, m, l, alpha, j * BN, row0, k_len, causal_off, t);
+    const int key0 = (j + j0) * BN;
+    if (holes || j + j0 >= n_full || key0 < k_lo)
+      softmax<true>(s, m, l, alpha, key0, row0, k_lo, k_len, kept, causal_off, t);
     else
-      softmax<false>(s, m, l, alpha, j * BN, row0, k_len, causal_off, t);
+      softmax<false>(s, m, l, alpha, key0, row0, k_lo, k_len, kept, causal_off, t);
   };
   // s -> the A fragments of P: k16 step kk takes (row g, keys 2t..), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..).
   auto pack_p = [&]() {
@@ -511,10 +571,10 @@ def _float_literal(x: float) -> str:
 
 
 def kernel_source(cfg: AttnWgmmaConfig, dtype: str, num_heads: int, kv_num_heads: int, causal: bool, scale: float,
-                  has_seqlens_k: bool) -> tuple[str, str]:
+                  has_seqlens_k: bool, has_key_mask: bool = False) -> tuple[str, str]:
     """(entry name, CUDA C++ source) of one plugin configuration; heads, head dim and scale are compiled in.
 
-    Parameters in launch order: Q, K, V, [seqlens_k], SQ, SK, O, LSE (contiguous [B, H, S, D] tensors, LSE
+    Parameters in launch order: Q, K, V, [seqlens_k | key_mask], SQ, SK, O, LSE (contiguous [B, H, S, D] tensors, LSE
     [B, Hq, SQ]). Dynamic shared memory: ``cfg.dynamic_shared_bytes``; grid (cdiv(SQ, BLOCK_M), B * Hq);
     block 128 * (WG + 1) threads.
 
@@ -527,14 +587,17 @@ def kernel_source(cfg: AttnWgmmaConfig, dtype: str, num_heads: int, kv_num_heads
     if num_heads <= 0 or kv_num_heads <= 0 or num_heads % kv_num_heads:
         raise ValueError(f"FlashAttention wgmma kernel: num_heads {num_heads} must be a multiple of kv_num_heads "
                          f"{kv_num_heads}")
+    if has_seqlens_k and has_key_mask:
+        raise ValueError("FlashAttention wgmma kernel: seqlens_k and key_mask exclude each other")
     if not supports(cfg, cfg.D, scale):
         raise ValueError(f"FlashAttention wgmma kernel {cfg.describe()}: needs a scale >= 0 (0: 1/sqrt(D)), got {scale}")
     scale = scale or 1.0 / math.sqrt(cfg.D)
     dt = "bf16" if dtype == "bfloat16" else "f16"
-    name = kernel_name(cfg, dtype, num_heads, kv_num_heads, causal, has_seqlens_k)
+    name = kernel_name(cfg, dtype, num_heads, kv_num_heads, causal, has_seqlens_k, has_key_mask)
     subs = {"@NAME@": name, "@BF16@": str(int(dtype == "bfloat16")), "@D@": str(cfg.D), "@WG@": str(cfg.WG),
             "@BN@": str(cfg.BN), "@STAGES@": str(cfg.STAGES), "@CAUSAL@": str(int(causal)),
-            "@PADDED@": str(int(has_seqlens_k)), "@HQ@": str(num_heads), "@GQA@": str(num_heads // kv_num_heads),
+            "@PADDED@": str(int(has_seqlens_k)), "@KEYMASK@": str(int(has_key_mask)), "@HQ@": str(num_heads),
+            "@GQA@": str(num_heads // kv_num_heads),
             "@SCALE_LOG2@": _float_literal(scale * math.log2(math.e)),
             "@REGS_CONSUMER@": str(cfg.consumer_registers), "@WGMMA_QK@": _wgmma_ss(cfg.BN, dt), "@WGMMA_PV@": _wgmma_rs_transposed_b(cfg.D, dt)}
     return name, fill(_SOURCE, subs)

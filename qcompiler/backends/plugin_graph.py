@@ -15,7 +15,6 @@ checks of small models and a few windows of text, not for serving.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 
@@ -109,8 +108,7 @@ def kernel_ops(int4_tactic: str, attention_tactic: str, launched: list[str] | No
                w8a8_tactic: str = "large") -> list[type]:
     """``onnx.reference`` op classes that run the four ops on the plugins' AOT kernels (CUDA GPU, CuPy,
     Triton): the GEMMs and attention in float16, QuantizePerToken in its input's type. ``launched`` (if
-    given) collects the tactic of every launch. A FlashAttention with a key_mask runs the Triton tactic for its
-    head dim when ``attention_tactic`` is a wgmma one (those take no key mask)."""
+    given) collects the tactic of every launch."""
     import torch
     from onnx.reference.op_run import OpRun
 
@@ -143,9 +141,6 @@ def kernel_ops(int4_tactic: str, attention_tactic: str, launched: list[str] | No
             (B, HQ, SQ, D), (HKV, SK) = q.shape, k.shape[1:3]
             config = aot.FlashAttentionPlugin("float16", HQ, HKV, D, bool(causal), float(scale), seqlens_k is not None,
                                               attention_tactic, has_key_mask=key_mask is not None)
-            if config.has_key_mask and attention_tactic not in aot.tactics(config):
-                # the wgmma tactics take no key mask (TensorRT's autotune does not offer them either)
-                config = dataclasses.replace(config, tactic="d64" if D <= 64 else ("d128" if D <= 128 else "d256"))
             o = torch.full(q.shape, float("nan"), dtype=torch.float16, device="cuda")
             lse = torch.full((B, HQ, SQ), float("nan"), dtype=torch.float32, device="cuda")
             tensors = {"Q": cuda(q, torch.float16), "K": cuda(k, torch.float16), "V": cuda(v, torch.float16),

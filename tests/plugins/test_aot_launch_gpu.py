@@ -108,7 +108,8 @@ ATTN_CASES = [  # dtype, Hq, Hkv, D, causal, masking ("", "seqlens_k", "key_mask
     ("bfloat16", 4, 1, 128, True, "", "d128"), ("float16", 6, 3, 128, False, "seqlens_k", "d128"),
     ("float16", 4, 4, 128, True, "seqlens_k", "d128"), ("bfloat16", 8, 4, 64, False, "", "d64"),
     ("float16", 8, 2, 64, True, "key_mask", "d64"), ("bfloat16", 4, 1, 128, False, "key_mask", "d128"),
-    ("float16", 6, 3, 128, True, "key_mask", "d128"),
+    ("float16", 6, 3, 128, True, "key_mask", "d128"), ("bfloat16", 8, 2, 64, True, "key_mask", "wgmma_d64"),
+    ("float16", 4, 1, 128, False, "key_mask", "wgmma_d128"), ("float16", 6, 3, 128, True, "key_mask", "wgmma_d128_s3"),
     ("float16", 8, 2, 64, True, "seqlens_k", "wgmma_d64"), ("bfloat16", 4, 1, 128, True, "", "wgmma_d128"),
     ("float16", 6, 3, 128, False, "seqlens_k", "wgmma_d128_s3"), ("bfloat16", 8, 8, 64, False, "", "wgmma_d64"),
 ]

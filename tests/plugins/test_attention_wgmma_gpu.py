@@ -27,25 +27,32 @@ SHAPES = [(2, 4, 4, 97, 97), (1, 4, 1, 1025, 1025), (2, 8, 2, 1, 300), (2, 6, 3,
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.describe().replace(" ", "-"))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
-def test_attention_wgmma_matches_reference(cfg, dtype, causal, padded):
+@pytest.mark.parametrize("masking", ["", "seqlens_k", "key_mask"], ids=["dense", "padded", "key_mask"])
+def test_attention_wgmma_matches_reference(cfg, dtype, causal, masking):
     for B, HQ, HKV, SQ, SK in SHAPES:
         torch.manual_seed(SQ + SK + cfg.D)
         q = torch.randn(B, HQ, SQ, cfg.D, device="cuda", dtype=dtype)
         k = torch.randn(B, HKV, SK, cfg.D, device="cuda", dtype=dtype)
         v = torch.randn(B, HKV, SK, cfg.D, device="cuda", dtype=dtype)
-        lens = None
-        if padded:  # keys past lens[b] hold NaN: masked keys must never reach the product
+        lens = keep = None
+        if masking == "key_mask":  # per batch entry in turn: left padding, right padding, holes, no key, every key
+            keep = (torch.rand(B, SK, device="cuda") > 0.3).int()
+            pad = max(1, SK // 3)
+            for b in range(B):
+                keep[b] = [torch.arange(SK, device="cuda") >= pad, torch.arange(SK, device="cuda") < SK - pad,
+                           keep[b] != 0, torch.zeros(SK, device="cuda", dtype=torch.bool),
+                           torch.ones(SK, device="cuda", dtype=torch.bool)][(b + SQ) % 5].int()
+        if masking == "seqlens_k":  # keys past lens[b] hold NaN: masked keys must never reach the product
             lens = torch.randint(0, SK + 1, (B,), device="cuda", dtype=torch.int32)
             lens[0] = SK // 2
             for b in range(B):
                 k[b, :, int(lens[b]):] = float("nan")
                 v[b, :, int(lens[b]):] = float("nan")
-        o, lse = flash_attention(q, k, v, causal=causal, seqlens_k=lens, config=cfg)
+        o, lse = flash_attention(q, k, v, causal=causal, seqlens_k=lens, key_mask=keep, config=cfg)
         ro, rlse = flash_attention_reference(q.float(), k.float().nan_to_num(), v.float().nan_to_num(), causal=causal,
-                                             seqlens_k=lens)
+                                             seqlens_k=lens, key_mask=keep)
         base = flash_attention_reference(q, k.nan_to_num(), v.nan_to_num(), causal=causal, seqlens_k=lens,
-                                         dtype=dtype)[0]
+                                         key_mask=keep, dtype=dtype)[0]
         rows = torch.isfinite(rlse)
         shape = (B, HQ, HKV, SQ, SK)
         assert torch.equal(torch.isfinite(lse), rows), shape

@@ -13,8 +13,9 @@ import pytest
 from qcompiler.plugins.flash_attention_wgmma import ATTN_WGMMA_TACTICS, AttnWgmmaConfig, kernel_source
 from tests.plugins.cuda_kernels import assemble, check_register_handover, nvrtc_or_skip
 
-# dtype, Hq, Hkv, causal, padded
-PATHS = [("float16", 32, 8, False, False), ("bfloat16", 8, 8, True, True), ("float16", 4, 1, True, False)]
+# dtype, Hq, Hkv, causal, masking ("", "seqlens_k", "key_mask")
+PATHS = [("float16", 32, 8, False, ""), ("bfloat16", 8, 8, True, "seqlens_k"), ("float16", 4, 1, True, ""),
+         ("float16", 8, 2, True, "key_mask"), ("bfloat16", 4, 4, False, "key_mask")]
 
 
 @pytest.mark.parametrize("tactic", list(ATTN_WGMMA_TACTICS))
@@ -24,12 +25,13 @@ def test_every_tactic_compiles_without_spills(tactic, path, tmp_path):
 
     nvrtc_or_skip()
     cfg = ATTN_WGMMA_TACTICS[tactic]
-    dtype, hq, hkv, causal, padded = path
-    kern = aot.build(aot.FlashAttentionPlugin(dtype, hq, hkv, cfg.D, causal, 0.0, padded, tactic))
+    dtype, hq, hkv, causal, masking = path
+    kern = aot.build(aot.FlashAttentionPlugin(dtype, hq, hkv, cfg.D, causal, 0.0, masking == "seqlens_k", tactic,
+                                              has_key_mask=masking == "key_mask"))
     assert re.search(r"^\.version 8\.0$", kern.ptx, re.M) and re.search(r"^\.target sm_90a$", kern.ptx, re.M)
     entry = re.search(r"\.entry\s+" + re.escape(kern.kernel_name) + r"\s*\((.*?)\)", kern.ptx, re.S)
     assert entry and entry.group(1).count(".param") == len(kern.params)
-    assert [k for _, k, _ in kern.params] == ["in"] * (3 + padded) + ["i32", "i32", "out", "out"]
+    assert [k for _, k, _ in kern.params] == ["in"] * (3 + bool(masking)) + ["i32", "i32", "out", "out"]
     assert kern.num_warps == 4 * (cfg.WG + 1) and kern.shared_mem == cfg.dynamic_shared_bytes <= 227 * 1024
     log, sass = assemble(kern.ptx, "sm_90a", tmp_path)
     assert "0 bytes spill stores" in log, log

@@ -42,16 +42,15 @@ def test_plugin_graph_on_the_plugin_kernels(hidden, int4_tactic, attention_tacti
 
 @pytest.mark.parametrize("attention_tactic", ["d64", "wgmma_d64"])
 def test_padded_plugin_graph_on_the_plugin_kernels(attention_tactic):
-    """The decoder with an attention_mask (left- and right-padded rows): FlashAttention with key_mask on
-    the Triton kernel (a wgmma tactic asked for falls back to it: those take no key mask, as TensorRT's
-    autotune knows), against the references at every real token."""
+    """The decoder with an attention_mask (left- and right-padded rows, and full ones): FlashAttention with
+    key_mask on the Triton and the wgmma kernel, against the references at every real token."""
     model = decoder_model(np.random.default_rng(0), layers=LAYERS, padding=True)
     _, plugins = plugin_graph(model)
     for batch, seq in ((3, 37), (2, 130), (1, 1)):
         feeds = padded_feeds(batch, seq, seed=seq)
         launched: list[str] = []
         got = run_plugin_graph(plugins, feeds, ops=kernel_ops("m16", attention_tactic, launched))[0]
-        assert launched.count("d64") == LAYERS
+        assert launched.count(attention_tactic) == LAYERS
         expected = run_plugin_graph(plugins, feeds)[0]
         tokens = feeds["attention_mask"] == 1
         assert np.isfinite(got).all()
