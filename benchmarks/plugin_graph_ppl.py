@@ -13,7 +13,13 @@ with one tactic pair per row.
         --kernels wgmma_64x128:wgmma_d64,mma_n32_w4_sw:d64                         # GPU rows
 
 (--save-ids writes the token windows, so a GPU machine without the tokenizer scores the same tokens. A
---plugin-graph may hold any of the four plugin ops, e.g. `qcompile --backend tensorrt --plugins` output.)
+--plugin-graph may hold any of the four plugin ops, e.g. `qcompile --backend tensorrt --plugins` output. Models
+that also take attention_mask / position_ids get them as qcompile's evaluation feeds them.)
+
+--padded (models taking attention_mask): a second table. The first window's prefixes of 4/4, 3/4, 2/4 and 1/4 of its
+length, left-padded into one batch, against each prefix run alone, per implementation: the largest |logit
+difference| at real tokens over the largest |logit|. This runs FlashAttention's key_mask (one run of kept keys per
+row) on a real model.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import onnx
 
 from qcompiler.backends.plugin_graph import kernel_ops, run_plugin_graph
 from qcompiler.config import Recipe, WeightOnlyConfig
-from qcompiler.evaluation import perplexity_of
+from qcompiler.evaluation import lm_feeds, perplexity_of
 from qcompiler.graph import export_graph, import_graph, save_model
 from qcompiler.pass_manager import PassContext
 from qcompiler.pipeline import build_passes
@@ -68,6 +74,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-seq-len", type=int, default=8192)
     ap.add_argument("--save-plugin-graph")
     ap.add_argument("--kernels", default="", help="INT4_TACTIC:ATTENTION_TACTIC[:W8A8_TACTIC],... (needs CUDA)")
+    ap.add_argument("--padded", action="store_true", help="also the left-padded batch table (see above)")
     args = ap.parse_args(argv)
     if bool(args.model) == bool(args.plugin_graph):
         raise SystemExit("plugin_graph_ppl: give exactly one of --model and --plugin-graph")
@@ -81,17 +88,20 @@ def main(argv=None) -> None:
         raise SystemExit("plugin_graph_ppl: give --ids, or --tokenizer (with --text)")
     if args.save_ids:
         np.save(args.save_ids, windows)
-    feeds = [{"input_ids": w[None].astype(np.int64)} for w in windows]
-    rows = []
+    model = onnx.load(args.model or args.plugin_graph)
+    feeds = lm_feeds(model, windows)
+    if args.padded and ("attention_mask" not in feeds[0] or "position_ids" in feeds[0]):
+        raise SystemExit("plugin_graph_ppl: --padded needs a model that takes attention_mask (and not position_ids)")
+    implementations = []  # (name, logits of a feed)
 
     def row(name: str, logits_of) -> None:
         start = time.time()
-        rows.append((name, perplexity_of(logits_of, feeds), time.time() - start))
-        print(f"| {rows[-1][0]} | {rows[-1][1]:.4f} | {rows[-1][2]:.0f} |", flush=True)
+        implementations.append((name, logits_of))
+        ppl = perplexity_of(logits_of, feeds)
+        print(f"| {name} | {ppl:.4f} | {time.time() - start:.0f} |", flush=True)
 
     print(f"# Perplexity of the plugin graph, {len(windows)} x {windows.shape[1]} tokens\n")
     if args.model:
-        model = onnx.load(args.model)
         nbits, plugin, summary = plugin_graphs(model, args.group_size, args.max_seq_len)
         print(f"Passes: {summary}\n")
         print("| graph | ppl | s |\n|---|---|---|")
@@ -100,13 +110,32 @@ def main(argv=None) -> None:
         if args.save_plugin_graph:
             save_model(plugin, args.save_plugin_graph)
     else:
-        plugin = onnx.load(args.plugin_graph)
+        plugin = model
         print("| graph | ppl | s |\n|---|---|---|")
     row("plugin graph, numpy references (float64)", lambda f: run_plugin_graph(plugin, f)[0])
     for spec in filter(None, args.kernels.split(",")):
         int4_tactic, attention_tactic, w8a8_tactic = (spec.split(":") + ["large"])[:3]
         ops = kernel_ops(int4_tactic, attention_tactic, w8a8_tactic=w8a8_tactic)
         row(f"plugin graph, kernels {spec} (float16)", lambda f, ops=ops: run_plugin_graph(plugin, f, ops)[0])
+    if args.padded:
+        print("\n| graph | left-padded batch vs each prefix alone: max abs logit error / max abs logit |\n|---|---|")
+        for name, logits_of in implementations:
+            print(f"| {name} | {padded_batch_error(logits_of, windows[0]):.2e} |", flush=True)
+
+
+def padded_batch_error(logits_of, window: np.ndarray) -> float:
+    """The window's prefixes of 4/4 .. 1/4 of its length left-padded into one batch, against each alone."""
+    seq = len(window)
+    lengths = [max(1, seq * quarters // 4) for quarters in (4, 3, 2, 1)]
+    ids, mask = np.zeros((4, seq), np.int64), np.zeros((4, seq), np.int64)
+    for row, length in enumerate(lengths):
+        ids[row, seq - length:], mask[row, seq - length:] = window[:length], 1
+    batch = logits_of({"input_ids": ids, "attention_mask": mask})
+    worst = 0.0
+    for row, length in enumerate(lengths):
+        alone = logits_of({"input_ids": ids[row:row + 1, seq - length:], "attention_mask": mask[row:row + 1, seq - length:]})[0]
+        worst = max(worst, float(np.abs(batch[row, seq - length:] - alone).max() / np.abs(alone).max()))
+    return worst
 
 
 if __name__ == "__main__":
