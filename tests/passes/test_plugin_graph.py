@@ -141,6 +141,22 @@ def test_evaluation_scores_a_plugin_graph_through_the_references(tmp_path):
     assert (agreement.name, samples) == ("logits", 3) and agreement.sqnr_db > 10.0
 
 
+def test_benchmark_padded_batch_of_the_padded_decoder(tmp_path):
+    """plugin_graph_ppl --padded: a left-padded batch of a window's prefixes equals each prefix alone on the
+    references; a model without attention_mask is refused."""
+    from benchmarks.plugin_graph_ppl import _worst, main, padded_batch
+
+    _, plugins = plugin_graph(decoder_model(np.random.default_rng(0), layers=LAYERS, padding=True))
+    window = np.random.default_rng(2).integers(0, 384, 40)
+    batch, alone = padded_batch(lambda f: run_plugin_graph(plugins, f)[0], window, [40, 30, 20, 10])
+    assert [len(b) for b in batch] == [40, 30, 20, 10] and _worst(batch, alone) < 1e-5
+    _, unpadded = plugin_graph(decoder_model(np.random.default_rng(0), layers=LAYERS))
+    onnx.save(unpadded, str(tmp_path / "p.onnx"))
+    np.save(tmp_path / "ids.npy", window[None])
+    with pytest.raises(SystemExit, match="--padded needs a model that takes attention_mask"):
+        main(["--plugin-graph", str(tmp_path / "p.onnx"), "--ids", str(tmp_path / "ids.npy"), "--padded"])
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--ids", "x.npy"], "exactly one of --model and --plugin-graph"),
     (["--plugin-graph", "p.onnx"], "give --ids, or --tokenizer"),
