@@ -48,8 +48,9 @@ Ops
     Attributes: ``causal`` (int 0/1, default 0; bottom-right aligned: query i sees key j iff
     j <= i + Sk_b - Sq, with Sk_b = seqlens_k[b] if given, else Sk), ``scale`` (float, default 0
     meaning 1/sqrt(D)).
-    TensorRT: a plugin's input list is fixed, so a node with ``key_mask`` is registered as
-    ``qcompiler::FlashAttentionKeyMask(Q, K, V, key_mask)`` (the backend renames it before parsing).
+    TensorRT: a plugin's input list is fixed, so a node with ``seqlens_k`` or ``key_mask`` is registered as
+    ``qcompiler::FlashAttentionSeqLens(Q, K, V, seqlens_k)`` or ``qcompiler::FlashAttentionKeyMask(Q, K, V,
+    key_mask)`` (:data:`MASKED_ATTENTION_PLUGINS`; the backend renames the node before parsing).
     Outputs: ``O`` like Q; optional ``LSE`` float32 [B, Hq, Sq] (natural log; -inf for a row that sees
     no key, whose O is 0).
     The kernel also takes packed variable-length batches (cu_seqlens); that form is a kernel-level API
@@ -73,7 +74,7 @@ import numpy as np
 __all__ = [
     "DOMAIN", "DOMAIN_VERSION", "INT4_GEMM", "W8A8_GEMM", "QUANTIZE_PER_TOKEN", "FLASH_ATTENTION",
     "OpSpec", "OP_SPECS", "INT4_LAYOUT", "infer_output_shapes", "validate_attributes",
-    "pack_int4_matmulnbits", "unpack_int4_matmulnbits", "NORMS",
+    "pack_int4_matmulnbits", "unpack_int4_matmulnbits", "NORMS", "MASKED_ATTENTION_PLUGINS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ W8A8_GEMM = "W8A8Gemm"
 QUANTIZE_PER_TOKEN = "QuantizePerToken"
 FLASH_ATTENTION = "FlashAttention"
 NORMS = ("none", "rms", "layer")
+# FlashAttention's optional mask input (its index) -> the TensorRT plugin that takes Q, K, V and that input.
+MASKED_ATTENTION_PLUGINS = {3: "FlashAttentionSeqLens", 4: "FlashAttentionKeyMask"}
 
 INT4_LAYOUT = (
     "MatMulNBits bits=4: B uint8 [N, n_blocks, block_size/2]; k = blk*block_size + i -> byte i//2 of "

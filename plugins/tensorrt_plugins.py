@@ -12,9 +12,9 @@ Plugin input arity is fixed per op: Int4Gemm takes (X, B, scales, zero_points, b
 (O, LSE). ``qcompiler.backends.tensorrt`` materialises absent optional inputs (zero points 8, bias 0,
 gamma 1, beta 0) before parsing, so one registration serves every node. aot_impl sees no tensor values,
 so a materialised input is compiled in and costs one small read (zero points: N*K/(2*block) bytes).
-A FlashAttention with a key_mask is a second plugin, FlashAttentionKeyMask (Q, K, V, key_mask): a
-materialised all-ones mask would cost the unmasked attention its mask-free inner loop. A padded
-FlashAttention (seqlens_k) has no TensorRT registration yet.
+A FlashAttention with seqlens_k or a key_mask is a plugin of its own, FlashAttentionSeqLens (Q, K, V,
+seqlens_k) or FlashAttentionKeyMask (Q, K, V, key_mask) (``ops.MASKED_ATTENTION_PLUGINS``): a materialised
+neutral mask would cost the unmasked attention its mask-free inner loop.
 
 TensorRT cannot be installed on the machines this was written on: this module is written against the
 documented API (TensorRT 10.x ``tensorrt.plugin``) and imported lazily; the PTX and launch parameters
@@ -38,7 +38,7 @@ def TACTIC_NAMES(op_type: str) -> list[str]:  # noqa: N802 - a table by op, kept
     if op_type == "Int4Gemm":  # every tactic; autotune offers those aot.tactics allows for the weight's shape
         from .int4_gemm import INT4_TACTICS
         return list(INT4_TACTICS) + list(aot.cuda_tactics())
-    if op_type in ("FlashAttention", "FlashAttentionKeyMask"):  # every tactic; autotune offers those that apply
+    if "Attention" in op_type:  # every tactic of every FlashAttention plugin; autotune offers those that apply
         from .flash_attention import ATTN_TACTICS
         from .flash_attention_wgmma import ATTN_WGMMA_TACTICS
         return list(ATTN_TACTICS) + list(ATTN_WGMMA_TACTICS)
@@ -77,7 +77,7 @@ def _rows(shape_expr, keep_last: int = 1):
 
 
 def register_plugins() -> None:
-    """Registers the qcompiler plugins with TensorRT (idempotent): the four ops, and FlashAttention with a key mask.
+    """Registers the qcompiler plugins with TensorRT (idempotent): the four ops, and FlashAttention with a mask.
 
     Raises:
         ImportError: TensorRT (with ``tensorrt.plugin``, TensorRT >= 10.6) is not installed.
@@ -90,7 +90,7 @@ def register_plugins() -> None:
     import tensorrt.plugin as trtp
 
     from . import aot
-    from .ops import infer_output_shapes
+    from .ops import FLASH_ATTENTION, MASKED_ATTENTION_PLUGINS, OP_SPECS, infer_output_shapes
 
     def out_desc(shape, dtype):
         return trtp.from_shape_expr(tuple(shape), dtype=dtype)
@@ -159,17 +159,17 @@ def register_plugins() -> None:
         o, lse = infer_output_shapes("FlashAttention", [list(Q.shape_expr), list(K.shape_expr), list(V.shape_expr)])
         return out_desc(o, Q.dtype), out_desc(lse, trt.float32)
 
-    def attn_tactics(op_type, Q, scale, key_mask):
-        names = TACTIC_NAMES(op_type)
-        config = aot.FlashAttentionPlugin("float16", 1, 1, Q.shape_expr[3].constant_value(), scale=scale,
-                                          has_key_mask=key_mask)
-        return [names.index(name) + 1 for name in aot.tactics(config)]
-
-    def attn_aot(op_type, Q, K, causal, scale, tactic, key_mask):
+    def attn_config(op_type, Q, K, causal, scale, tactic_name, mask):
         hq, d = Q.shape_expr[1].constant_value(), Q.shape_expr[3].constant_value()
-        hkv = K.shape_expr[1].constant_value()
-        cfg = aot.FlashAttentionPlugin(_dtype_name(trt, Q.dtype), hq, hkv, d, bool(causal), scale, False,
-                                       TACTIC_NAMES(op_type)[tactic - 1], has_key_mask=key_mask)
+        return aot.FlashAttentionPlugin(_dtype_name(trt, Q.dtype), hq, K.shape_expr[1].constant_value(), d, bool(causal),
+                                        scale, mask == "seqlens_k", tactic_name, has_key_mask=mask == "key_mask")
+
+    def attn_tactics(op_type, Q, K, scale, mask):
+        names = TACTIC_NAMES(op_type)
+        return [names.index(name) + 1 for name in aot.tactics(attn_config(op_type, Q, K, False, scale, "", mask))]
+
+    def attn_aot(op_type, Q, K, causal, scale, tactic, mask):
+        cfg = attn_config(op_type, Q, K, causal, scale, TACTIC_NAMES(op_type)[tactic - 1], mask)
         env = {"B": Q.shape_expr[0], "SQ": Q.shape_expr[2], "SK": K.shape_expr[2]}
         return _to_trt(trtp, aot.build(cfg), env)
 
@@ -180,28 +180,34 @@ def register_plugins() -> None:
 
     @trtp.autotune("qcompiler::FlashAttention")
     def _attn_tune(Q, K, V, causal: int, scale: float, outputs):
-        tactics = attn_tactics("FlashAttention", Q, scale, False)
+        tactics = attn_tactics("FlashAttention", Q, K, scale, "")
         return [trtp.AutoTuneCombination("FP16|BF16, FP16|BF16, FP16|BF16, FP16|BF16, FP32", "LINEAR", tactics)]
 
     @trtp.aot_impl("qcompiler::FlashAttention")
     def _attn_aot(Q: trtp.TensorDesc, K: trtp.TensorDesc, V: trtp.TensorDesc, causal: int, scale: float,
                   outputs, tactic: int):
-        return attn_aot("FlashAttention", Q, K, causal, scale, tactic, False)
+        return attn_aot("FlashAttention", Q, K, causal, scale, tactic, "")
 
-    @trtp.register("qcompiler::FlashAttentionKeyMask")
-    def _masked_attn_desc(Q: trtp.TensorDesc, K: trtp.TensorDesc, V: trtp.TensorDesc, key_mask: trtp.TensorDesc,
-                          causal: int, scale: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
-        return attn_desc(Q, K, V)
+    def register_masked_attention(op_type: str, mask: str) -> None:
+        """The plugin of a FlashAttention with its ``mask`` input (int32) as the fourth."""
 
-    @trtp.autotune("qcompiler::FlashAttentionKeyMask")
-    def _masked_attn_tune(Q, K, V, key_mask, causal: int, scale: float, outputs):
-        tactics = attn_tactics("FlashAttentionKeyMask", Q, scale, True)
-        return [trtp.AutoTuneCombination("FP16|BF16, FP16|BF16, FP16|BF16, INT32, FP16|BF16, FP32", "LINEAR", tactics)]
+        @trtp.register(f"qcompiler::{op_type}")
+        def _desc(Q: trtp.TensorDesc, K: trtp.TensorDesc, V: trtp.TensorDesc, M: trtp.TensorDesc, causal: int,
+                  scale: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+            return attn_desc(Q, K, V)
 
-    @trtp.aot_impl("qcompiler::FlashAttentionKeyMask")
-    def _masked_attn_aot(Q: trtp.TensorDesc, K: trtp.TensorDesc, V: trtp.TensorDesc, key_mask: trtp.TensorDesc,
-                         causal: int, scale: float, outputs, tactic: int):
-        return attn_aot("FlashAttentionKeyMask", Q, K, causal, scale, tactic, True)
+        @trtp.autotune(f"qcompiler::{op_type}")
+        def _tune(Q, K, V, M, causal: int, scale: float, outputs):
+            tactics = attn_tactics(op_type, Q, K, scale, mask)
+            return [trtp.AutoTuneCombination("FP16|BF16, FP16|BF16, FP16|BF16, INT32, FP16|BF16, FP32", "LINEAR", tactics)]
+
+        @trtp.aot_impl(f"qcompiler::{op_type}")
+        def _aot(Q: trtp.TensorDesc, K: trtp.TensorDesc, V: trtp.TensorDesc, M: trtp.TensorDesc, causal: int,
+                 scale: float, outputs, tactic: int):
+            return attn_aot(op_type, Q, K, causal, scale, tactic, mask)
+
+    for index, op_type in MASKED_ATTENTION_PLUGINS.items():
+        register_masked_attention(op_type, OP_SPECS[FLASH_ATTENTION].inputs[index])
 
     _REGISTERED = True
     logger.info("registered qcompiler TensorRT plugins")

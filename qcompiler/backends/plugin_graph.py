@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 
 
 def reference_ops() -> list[type]:
-    """``onnx.reference`` op classes computing the four ops as ops.py defines them (and FlashAttentionKeyMask,
-    the name ``prepare_for_tensorrt`` gives a FlashAttention with a key_mask)."""
+    """``onnx.reference`` op classes computing the four ops as ops.py defines them (and FlashAttention under the
+    plugin names ``prepare_for_tensorrt`` gives its masked forms)."""
     from onnx.reference.op_run import OpRun
 
     from qcompiler.plugins.ops import unpack_int4_matmulnbits
@@ -65,10 +65,6 @@ def reference_ops() -> list[type]:
             p = np.where(total > 0, np.exp(s - safe) / np.maximum(total, 1e-300), 0)
             return (p @ v).astype(q.dtype), lse.astype(np.float32)
 
-    class FlashAttentionKeyMask(FlashAttention):  # the TensorRT plugin name of a FlashAttention with key_mask
-        def _run(self, q, k, v, key_mask, causal=0, scale=0.0):
-            return super()._run(q, k, v, None, key_mask, causal=causal, scale=scale)
-
     class W8A8Gemm(OpRun):
         op_domain = "qcompiler"
 
@@ -91,7 +87,23 @@ def reference_ops() -> list[type]:
             q = np.clip(np.round(y / scale[..., None]), -127, 127).astype(np.int8)
             return q, scale.astype(np.float32)
 
-    return [Int4Gemm, FlashAttention, FlashAttentionKeyMask, W8A8Gemm, QuantizePerToken]
+    return [Int4Gemm, FlashAttention, *_masked_attention_ops(FlashAttention), W8A8Gemm, QuantizePerToken]
+
+
+def _masked_attention_ops(flash_attention: type) -> list[type]:
+    """``flash_attention`` under the TensorRT plugin names of its masked forms (``ops.MASKED_ATTENTION_PLUGINS``:
+    Q, K, V and the mask input), which ``prepare_for_tensorrt`` gives such nodes."""
+    from qcompiler.plugins.ops import FLASH_ATTENTION, MASKED_ATTENTION_PLUGINS, OP_SPECS
+
+    def masked(index: int) -> type:
+        name = OP_SPECS[FLASH_ATTENTION].inputs[index]
+
+        def _run(self, q, k, v, mask, causal=0, scale=0.0):
+            return flash_attention._run(self, q, k, v, **{name: mask}, causal=causal, scale=scale)
+
+        return type(MASKED_ATTENTION_PLUGINS[index], (flash_attention,), {"_run": _run})
+
+    return [masked(index) for index in MASKED_ATTENTION_PLUGINS]
 
 
 @functools.cache
@@ -150,10 +162,6 @@ def kernel_ops(int4_tactic: str, attention_tactic: str, launched: list[str] | No
             record.append(config.tactic)
             return o.float().cpu().numpy().astype(q.dtype), lse.cpu().numpy()
 
-    class FlashAttentionKeyMask(FlashAttention):
-        def _run(self, q, k, v, key_mask, causal=0, scale=0.0):
-            return super()._run(q, k, v, None, key_mask, causal=causal, scale=scale)
-
     class W8A8Gemm(OpRun):
         op_domain = "qcompiler"
 
@@ -188,7 +196,7 @@ def kernel_ops(int4_tactic: str, attention_tactic: str, launched: list[str] | No
             record.append("quantize_per_token")
             return q.cpu().numpy().reshape(x.shape), scale.cpu().numpy().reshape(x.shape[:-1])
 
-    return [Int4Gemm, FlashAttention, FlashAttentionKeyMask, W8A8Gemm, QuantizePerToken]
+    return [Int4Gemm, FlashAttention, *_masked_attention_ops(FlashAttention), W8A8Gemm, QuantizePerToken]
 
 
 def _standard_op_fixes() -> list[type]:

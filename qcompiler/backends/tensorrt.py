@@ -3,7 +3,7 @@
 Steps: (1) a prepared copy of the model (the input is never modified): absent optional plugin inputs
 are materialised with their neutral values (Int4Gemm zero points 8 and bias 0, W8A8Gemm bias 0,
 QuantizePerToken gamma 1 / beta 0) so each op has one plugin signature, FlashAttention nodes get
-their LSE output (and become FlashAttentionKeyMask where they read a key_mask), and in a float32
+their LSE output (and become FlashAttentionSeqLens / FlashAttentionKeyMask where they read a mask), and in a float32
 graph the plugins read float16 (Casts in and out);
 (2) the qcompiler plugins are registered (``qcompiler.plugins.tensorrt_plugins``, AOT: the engine
 embeds the kernels' PTX and needs no Python at run time); (3) TensorRT's ONNX parser builds a
@@ -24,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qcompiler.errors import QCompileError
+from qcompiler.plugins.ops import MASKED_ATTENTION_PLUGINS
 
 __all__ = ["TensorRTUnavailableError", "prepare_for_tensorrt", "build_engine"]
 
@@ -87,13 +88,12 @@ def prepare_for_tensorrt(model: onnx.ModelProto) -> onnx.ModelProto:
             if not ins[2]:
                 ins[2] = const(f"{node.name}_beta", np.zeros(1, np.float16))
         elif node.op_type == "FlashAttention":
-            if len(ins) > 3 and ins[3]:
-                raise QCompileError(f"FlashAttention node {node.name!r}: seqlens_k has no TensorRT plugin yet")
-            if len(ins) > 4 and ins[4]:  # its own plugin: the input list of a plugin is fixed
-                node.op_type = "FlashAttentionKeyMask"
-                ins = ins[:3] + [ins[4]]
-            else:
-                ins = ins[:3]
+            masks = [i for i in MASKED_ATTENTION_PLUGINS if i < len(ins) and ins[i]]
+            if len(masks) > 1:
+                raise QCompileError(f"FlashAttention node {node.name!r}: seqlens_k and key_mask exclude each other")
+            if masks:  # its own plugin: the input list of a plugin is fixed
+                node.op_type = MASKED_ATTENTION_PLUGINS[masks[0]]
+            ins = ins[:3] + [ins[i] for i in masks]
             if len(node.output) < 2:
                 node.output.append(f"{node.name or node.output[0]}_lse")
         else:
@@ -127,8 +127,8 @@ def _element_types(model: onnx.ModelProto) -> dict[str, int]:
 
 
 # Per op: the float inputs the kernel reads in the activation type, and the outputs it writes in it.
-_HALF_INPUTS = {"Int4Gemm": (0, 2, 4), "FlashAttention": (0, 1, 2), "FlashAttentionKeyMask": (0, 1, 2)}
-_HALF_OUTPUTS = {"Int4Gemm": (0,), "FlashAttention": (0,), "FlashAttentionKeyMask": (0,)}
+_HALF_INPUTS = {"Int4Gemm": (0, 2, 4), **{name: (0, 1, 2) for name in ("FlashAttention", *MASKED_ATTENTION_PLUGINS.values())}}
+_HALF_OUTPUTS = {"Int4Gemm": (0,), **{name: (0,) for name in ("FlashAttention", *MASKED_ATTENTION_PLUGINS.values())}}
 
 
 def _float16_around_plugins(model: onnx.ModelProto) -> None:

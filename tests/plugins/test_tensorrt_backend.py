@@ -93,6 +93,32 @@ def test_prepare_gives_a_key_masked_attention_its_own_plugin():
     assert np.linalg.norm(run_plugin_graph(prepared, feeds)[0][tokens] - expected) / np.linalg.norm(expected) < 2e-3
 
 
+def _attention_model(mask_inputs):
+    node = helper.make_node("FlashAttention", ["q", "k", "v", *mask_inputs], ["o", "lse"], domain="qcompiler", causal=1)
+    extra = [helper.make_tensor_value_info("lens", TensorProto.INT32, ["b"]),
+             helper.make_tensor_value_info("keep", TensorProto.INT32, ["b", "s"])]
+    g = helper.make_graph([node], "attn", [helper.make_tensor_value_info(n, TensorProto.FLOAT16, ["b", 2, "s", 16])
+                                           for n in "qkv"] + [i for i in extra if i.name in mask_inputs],
+                          [helper.make_tensor_value_info(n, TensorProto.UNDEFINED, None) for n in ("o", "lse")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("qcompiler", 1)])
+
+
+def test_prepare_gives_a_seqlens_attention_its_own_plugin():
+    from qcompiler.backends.plugin_graph import run_plugin_graph
+    from qcompiler.errors import QCompileError
+
+    model = _attention_model(["lens"])
+    prepared = prepare_for_tensorrt(model)
+    (node,) = prepared.graph.node
+    assert node.op_type == "FlashAttentionSeqLens" and list(node.input) == ["q", "k", "v", "lens"]
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((2, 2, 5, 16)).astype(np.float16) for n in "qkv"} | {"lens": np.array([5, 2], np.int32)}
+    for got, want in zip(run_plugin_graph(prepared, feeds), run_plugin_graph(model, feeds), strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(QCompileError, match="exclude each other"):
+        prepare_for_tensorrt(_attention_model(["lens", "keep"]))
+
+
 def test_prepare_leaves_a_float16_graph_without_casts():
     prepared = prepare_for_tensorrt(_int4_model())
     assert [n.op_type for n in prepared.graph.node] == ["Int4Gemm"]
