@@ -292,7 +292,9 @@ class FuseAttention:
         if fused:
             graph.cleanup().toposort()
         what = f"{DOMAIN}::{FLASH_ATTENTION}" if self.target == "plugin" else "com.microsoft.MultiHeadAttention"
-        return PassResult(bool(fused), f"fused {len(fused)} attention subgraphs into {what}", fused, not_fired)
+        padded = sorted({d["key_mask"] for d in fused if d.get("key_mask")})
+        masked = f" ({sum(bool(d.get('key_mask')) for d in fused)} with key_mask from {', '.join(padded)})" if padded else ""
+        return PassResult(bool(fused), f"fused {len(fused)} attention subgraphs into {what}{masked}", fused, not_fired)
 
     def _detach(self, graph: gs.Graph, m: AttentionMatch) -> gs.Tensor:
         if m.k_bshd is not None:

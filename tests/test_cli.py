@@ -151,5 +151,6 @@ def test_plugins_for_a_padded_encoder(tmp_path, capsys):
     report = capsys.readouterr().out
     flash = [n for n in onnx.load(str(out)).graph.node if n.op_type == "FlashAttention"]
     assert len(flash) == 2 and all(n.input[4] == "attention_mask_key_mask_int32" for n in flash)
+    assert "fused 2 attention subgraphs into qcompiler::FlashAttention (2 with key_mask from attention_mask)" in report
     sqnr = float(next(line for line in report.splitlines() if line.startswith("| last_hidden_state |")).split("|")[3])
     assert sqnr > 25.0, report  # 36.8 dB measured
