@@ -159,17 +159,17 @@ def register_plugins() -> None:
         o, lse = infer_output_shapes("FlashAttention", [list(Q.shape_expr), list(K.shape_expr), list(V.shape_expr)])
         return out_desc(o, Q.dtype), out_desc(lse, trt.float32)
 
-    def attn_config(op_type, Q, K, causal, scale, tactic_name, mask):
+    def attn_config(Q, K, causal, scale, tactic_name, mask):
         hq, d = Q.shape_expr[1].constant_value(), Q.shape_expr[3].constant_value()
         return aot.FlashAttentionPlugin(_dtype_name(trt, Q.dtype), hq, K.shape_expr[1].constant_value(), d, bool(causal),
                                         scale, mask == "seqlens_k", tactic_name, has_key_mask=mask == "key_mask")
 
     def attn_tactics(op_type, Q, K, scale, mask):
         names = TACTIC_NAMES(op_type)
-        return [names.index(name) + 1 for name in aot.tactics(attn_config(op_type, Q, K, False, scale, "", mask))]
+        return [names.index(name) + 1 for name in aot.tactics(attn_config(Q, K, False, scale, "", mask))]
 
     def attn_aot(op_type, Q, K, causal, scale, tactic, mask):
-        cfg = attn_config(op_type, Q, K, causal, scale, TACTIC_NAMES(op_type)[tactic - 1], mask)
+        cfg = attn_config(Q, K, causal, scale, TACTIC_NAMES(op_type)[tactic - 1], mask)
         env = {"B": Q.shape_expr[0], "SQ": Q.shape_expr[2], "SK": K.shape_expr[2]}
         return _to_trt(trtp, aot.build(cfg), env)
 

@@ -59,9 +59,9 @@ def _list_recipes() -> None:
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
               help="Lowering target: ORT integer kernels, or standard Q/DQ for TensorRT.")
 @click.option("--plugins", is_flag=True, help="With --backend tensorrt: lower 4-bit weight-only GEMMs (MatMulNBits), "
-              "per-token W8A8 GEMMs and causal attention to qcompiler's TensorRT plugin ops.")
+              "per-token W8A8 GEMMs and attention (causal and/or padding masks) to qcompiler's TensorRT plugin ops.")
 @click.option("--max-seq-len", default=4096, show_default=True, type=click.IntRange(min=1),
-              help="With --plugins: the longest sequence the engine is for (run-time causal masks are checked up to it).")
+              help="With --plugins: the longest sequence the engine is for (run-time attention masks are checked up to it).")
 @click.option("--explain", is_flag=True, help="List every candidate a pass declined, with the reason.")
 @click.option("--list-recipes", is_flag=True, help="List the built-in recipes and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="Errors only.")

@@ -80,8 +80,8 @@ def build_passes(recipe: Recipe, backend: str = "onnxruntime", *, have_stats: bo
     """The literal pass list for ``recipe``. Calibrate steps sit where statistics must be (re)taken.
 
     ``plugins`` (TensorRT backend) ends with the lowerings to qcompiler's plugin ops: 4-bit MatMulNBits
-    to Int4Gemm, per-token W8A8 Q/DQ GEMMs to QuantizePerToken + W8A8Gemm, causal attention (checked up
-    to ``max_seq_len``) to FlashAttention.
+    to Int4Gemm, per-token W8A8 Q/DQ GEMMs to QuantizePerToken + W8A8Gemm, attention with a causal and/or
+    key padding mask (checked up to ``max_seq_len``) to FlashAttention.
     """
     if plugins and backend != "tensorrt":
         raise QCompileError(f"plugin ops (--plugins) are TensorRT plugins: use --backend tensorrt, not {backend}")

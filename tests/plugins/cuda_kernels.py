@@ -1,5 +1,6 @@
 """What the tests of the hand-written CUDA C++ kernels share: the CPU toolchain (NVRTC, Triton's bundled ptxas and
-cuobjdump), the relative error, and the INT4 kernels' GPU checks against the fp32 reference."""
+cuobjdump), the relative error, the attention kernels' key masks, and the INT4 kernels' GPU checks against the fp32
+reference."""
 
 import os
 import re
@@ -94,3 +95,23 @@ def check_padding_nibbles_ignored(cfg, M: int) -> None:
     noisy = int4_gemm(x, noisy_b, s, z, block_size=block, config=cfg)
     assert torch.equal(clean, noisy)
     assert rel(clean, int4_gemm_reference(x, b, s, z)) < 2e-3
+
+
+KEY_PADDINGS = ("left", "right", "holes", "none kept", "all kept")
+
+
+def key_padding(batch: int, keys: int, first: int = 0):
+    """An int32 CUDA key mask [batch, keys] whose rows take the KEY_PADDINGS in turn from ``first``: a third of the
+    keys (at least one) padded on the left or the right (one run of kept keys: the kernels' key-range path), 30% random
+    holes (their per-block mask path), no key kept (O = 0 and LSE = -inf), every key kept."""
+    import torch
+
+    pad = max(1, keys // 3)
+    position = torch.arange(keys, device="cuda")
+    holes = torch.rand(batch, keys, device="cuda") > 0.3
+    rows = []
+    for b in range(batch):
+        kind = KEY_PADDINGS[(b + first) % len(KEY_PADDINGS)]
+        rows.append({"left": position >= pad, "right": position < keys - pad, "holes": holes[b],
+                     "none kept": torch.zeros_like(holes[b]), "all kept": torch.ones_like(holes[b])}[kind])
+    return torch.stack(rows).int()

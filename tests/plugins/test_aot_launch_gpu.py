@@ -17,6 +17,7 @@ from qcompiler.plugins.int4_gemm import INT4_TACTICS  # noqa: E402 - after the i
 from qcompiler.plugins.int4_gemm_mma import INT4_MMA_TACTICS  # noqa: E402
 from qcompiler.plugins.int4_gemm_wgmma import INT4_WGMMA_TACTICS  # noqa: E402
 from qcompiler.plugins.w8a8_gemm import W8A8_TACTICS  # noqa: E402
+from tests.plugins.cuda_kernels import key_padding  # noqa: E402
 
 DT = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -115,18 +116,6 @@ ATTN_CASES = [  # dtype, Hq, Hkv, D, causal, masking ("", "seqlens_k", "key_mask
 ]
 
 
-def key_padding(B: int, SK: int, generator: torch.Generator) -> torch.Tensor:
-    """int32 [B, SK] key masks: left padding, right padding, random holes, and (B > 3) a batch with no key."""
-    keep = torch.randint(0, 2, (B, SK), generator=generator, dtype=torch.int32)
-    pad = torch.randint(0, SK, (B,), generator=generator)
-    keep[0] = torch.arange(SK) >= pad[0]
-    if B > 1:
-        keep[1] = torch.arange(SK) < SK - pad[1]
-    if B > 3:
-        keep[3] = 0
-    return keep.cuda()
-
-
 @pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_attention_plugin(case):
     from qcompiler.plugins import aot, launch
@@ -136,13 +125,12 @@ def test_attention_plugin(case):
     kern = aot.build(aot.FlashAttentionPlugin(dtype, HQ, HKV, D, causal, 0.0, masking == "seqlens_k", tactic,
                                               has_key_mask=masking == "key_mask"))
     torch.manual_seed(HQ * D)
-    generator = torch.Generator().manual_seed(D)
     for B, SQ, SK in ((2, 97, 97), (1, 1025, 1025), (3, 5, 200), (4, 130, 130)):
         q = torch.randn(B, HQ, SQ, D, device="cuda", dtype=DT[dtype])
         k = torch.randn(B, HKV, SK, D, device="cuda", dtype=DT[dtype])
         v = torch.randn(B, HKV, SK, D, device="cuda", dtype=DT[dtype])
         lens = torch.randint(1, SK + 1, (B,), device="cuda", dtype=torch.int32) if masking == "seqlens_k" else None
-        keep = key_padding(B, SK, generator) if masking == "key_mask" else None
+        keep = key_padding(B, SK, first=SQ) if masking == "key_mask" else None
         o, lse = _poison(q.shape, DT[dtype]), _poison((B, HQ, SQ), torch.float32)
         launch.launch(kern, {"Q": q, "K": k, "V": v, "seqlens_k": lens, "key_mask": keep, "O": o, "LSE": lse},
                       {"B": B, "SQ": SQ, "SK": SK})

@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() 
 
 from qcompiler.plugins.flash_attention import flash_attention, flash_attention_reference  # noqa: E402
 from qcompiler.plugins.flash_attention_wgmma import ATTN_WGMMA_TACTICS, AttnWgmmaConfig  # noqa: E402
-from tests.plugins.cuda_kernels import rel  # noqa: E402
+from tests.plugins.cuda_kernels import key_padding, rel  # noqa: E402
 
 # + one consumer warpgroup (no ping-pong, no register hand-over), 192-key blocks, 3 consumer warpgroups, 64-key blocks,
 # FA3's 176-key blocks (not a multiple of 64).
@@ -35,13 +35,8 @@ def test_attention_wgmma_matches_reference(cfg, dtype, causal, masking):
         k = torch.randn(B, HKV, SK, cfg.D, device="cuda", dtype=dtype)
         v = torch.randn(B, HKV, SK, cfg.D, device="cuda", dtype=dtype)
         lens = keep = None
-        if masking == "key_mask":  # per batch entry in turn: left padding, right padding, holes, no key, every key
-            keep = (torch.rand(B, SK, device="cuda") > 0.3).int()
-            pad = max(1, SK // 3)
-            for b in range(B):
-                keep[b] = [torch.arange(SK, device="cuda") >= pad, torch.arange(SK, device="cuda") < SK - pad,
-                           keep[b] != 0, torch.zeros(SK, device="cuda", dtype=torch.bool),
-                           torch.ones(SK, device="cuda", dtype=torch.bool)][(b + SQ) % 5].int()
+        if masking == "key_mask":  # every kind of padding over the shapes
+            keep = key_padding(B, SK, first=SQ)
         if masking == "seqlens_k":  # keys past lens[b] hold NaN: masked keys must never reach the product
             lens = torch.randint(0, SK + 1, (B,), device="cuda", dtype=torch.int32)
             lens[0] = SK // 2

@@ -15,6 +15,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
+from tests.plugins.cuda_kernels import key_padding  # noqa: E402 - after the importorskips
+
 
 def rel(a, b):
     a, b = a.double(), b.double()
@@ -246,12 +248,7 @@ def test_flash_attention_key_mask(dtype, D, causal, SQ, SK, HQ, HKV):
 
     torch.manual_seed(SQ * 3 + SK + D)
     q, k, v = _attn_case(5, HQ, HKV, SQ, SK, D, dtype)
-    keep = (torch.rand(5, SK, device="cuda") > 0.3).int()
-    keep[4] = 1
-    pad = max(1, SK // 3)
-    keep[0] = (torch.arange(SK, device="cuda") >= pad).int()
-    keep[1] = (torch.arange(SK, device="cuda") < SK - pad).int()
-    keep[3] = 0
+    keep = key_padding(5, SK)
     o, lse = flash_attention(q, k, v, causal=causal, key_mask=keep)
     ro, rlse = flash_attention_reference(q, k, v, causal=causal, key_mask=keep)
     rows = torch.isfinite(rlse)
