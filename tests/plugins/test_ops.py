@@ -85,3 +85,22 @@ def test_aot_builds_every_op():
     int4 = aot.build(configs[0])
     t = INT4_TACTICS["m16"]
     assert tuple(g.evaluate({"M": 33}) for g in int4.grid) == (-(-256 // t.BLOCK_N), -(-33 // t.BLOCK_M), 1)
+
+
+def test_attention_masks_are_refused_when_malformed_or_both_given():
+    """Checked before any launch, so on a CPU too: seqlens_k and key_mask exclude each other, and a key mask must
+    be contiguous int32 [B, Sk]."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from qcompiler.plugins import aot
+    from qcompiler.plugins.flash_attention import flash_attention
+
+    q = k = v = torch.zeros(2, 4, 8, 64, dtype=torch.float16)
+    keep = torch.ones(2, 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match="give seqlens_k or key_mask, not both"):
+        flash_attention(q, k, v, seqlens_k=torch.full((2,), 8, dtype=torch.int32), key_mask=keep)
+    for bad in (keep.bool(), keep[:, :4], keep.t().contiguous().t()):
+        with pytest.raises(ValueError, match="key_mask must be contiguous int32"):
+            flash_attention(q, k, v, key_mask=bad)
+    with pytest.raises(ValueError, match="exclude each other"):
+        aot.build(aot.FlashAttentionPlugin("float16", 4, 4, 64, False, 0.0, True, "d64", has_key_mask=True))
