@@ -7,7 +7,9 @@ exporter; RoPE already applied upstream)::
     K ─[Unsqueeze─Expand─Reshape]─Transpose(0,1,3,2)─MatMul─[Mul|Div c]─[Add mask | Where(cond, ., fill) | Cast f32]*─Softmax─[Cast]─MatMul─ O
     V ─[Unsqueeze─Expand─Reshape]──────────────────────────────────────────────────────────────────────────────────────────────────┘
 
-with an optional scalar Mul on Q (or on K^T) folded into the scale. The bracketed GQA repeat of K/V
+with an optional scalar Mul on Q (or on K^T) folded into the scale, and after the Softmax optionally the
+``Where(IsNaN(P), 0, P)`` that torch's scaled_dot_product_attention export adds (a row its mask leaves
+without a key gives 0, as the fused op does). The bracketed GQA repeat of K/V
 (``repeat_kv``) is stripped for the plugin target, whose kernel indexes kv head ``h // (Hq/Hkv)``. A
 Cast to float32 before Softmax and one to a float type after it (``softmax(x, dtype=float32).to(v.dtype)``)
 are what the fused kernels do inside: float32 softmax, probabilities in V's type.
@@ -19,7 +21,10 @@ Targets:
     (causal only), or a mask computed at run time from shapes and at most one input's values, a
     [batch, sequence] padding input (``attention_mask``), computed with ONNX Runtime at lengths up to
     ``max_seq_len`` and checked at each against ``causal(i, j) and pad[b, j] != 0``, for padding
-    patterns of 0/1 values: none, left, right and random holes. Checked means every kept position is
+    patterns of 0/1 values: none, left, right and random holes. With a KV cache (K and V are
+    ``Concat(past, new)`` of a graph input ``past`` [batch, heads, past, head_dim]) the queries are the
+    last of the keys: causal(i, j) is j <= i + past, checked at prefills, one-token decode steps and
+    chunks after a cache; the padding input then covers past and new tokens. Checked means every kept position is
     kept and every dropped one is dropped or pushed below -1e4. The padding input reaches the node as
     ``key_mask = Cast(pad, int32)``. Exact at every query row that sees a key; a row that sees none
     (a left-padded position before the first token, or a batch entry with no token) gets O = 0 where
@@ -34,7 +39,9 @@ Targets:
     because ``softmax(where(c, s, f)) = softmax(s + where(c, 0, f))`` whenever f is a large negative
     number (f + s rounds to f, exactly as f does) and exactly when f is -inf. The head count comes from
     Q's type, or (TorchScript exports reshape by sizes computed at run time) from ONNX Runtime's symbolic
-    shape inference. The result is the unfused graph's function up to float rounding.
+    shape inference. The result is the unfused graph's function up to float rounding, except, behind a
+    NaN guard, on rows that see no key: the bias is kept finite (a -inf row would give NaN), so they
+    average V where the guard gives 0.
 
 A candidate that does not match says why in ``PassResult.not_fired``.
 """
@@ -79,6 +86,7 @@ class AttentionMatch:
     nodes: list[gs.Node]
     scores: gs.Tensor  # QK^T, [B, H, S, T]
     k_bshd: gs.Tensor | None = None  # set when K^T came as Transpose([B, S, H, D], perm=[0,2,3,1])
+    nan_guard: bool = False  # Where(IsNaN(P), 0, P) after the Softmax: rows without a key give 0
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,32 @@ class MaskForm:
 
     causal: bool
     padding: gs.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class CheckPoint:
+    """Sizes at which a mask computed at run time is checked: ``seq`` new tokens (the queries) after
+    ``past`` cached ones (a KV cache's; 0 without one)."""
+
+    batch: int
+    seq: int
+    past: int = 0
+
+    @property
+    def keys(self) -> int:
+        return self.past + self.seq
+
+
+def _check_points(max_seq_len: int, *, cache: bool, padded: bool) -> list[CheckPoint]:
+    """The lengths of ``_CHECK_LENGTHS`` up to ``max_seq_len`` (and it) as keys, each as a prefill; with a
+    KV cache also as a one-token decode step and as a chunk of a third of them after the rest. Four rows
+    with a padding input while masks are small (its four patterns), else two."""
+    points = []
+    for keys in sorted({n for n in _CHECK_LENGTHS if n < max_seq_len} | {max_seq_len}):
+        batch = 4 if padded and keys <= 1024 else 2
+        seqs = {keys, 1, max(1, keys // 3)} if cache else {keys}
+        points += [CheckPoint(batch, seq, keys - seq) for seq in sorted(seqs, reverse=True)]
+    return points
 
 
 def _dim(t: gs.Tensor, axis: int) -> int | None:
@@ -110,6 +144,18 @@ def _strip_repeat_kv(t: gs.Tensor) -> tuple[gs.Tensor, list[gs.Node]]:
     if axes is None or list(np.asarray(axes).reshape(-1)) != [2]:
         return t, []
     return unsq.inputs[0], [reshape, expand, unsq]
+
+
+def _nan_guard(p: gs.Tensor) -> list[gs.Node]:
+    """[IsNaN, Where] for ``Where(IsNaN(p), 0, p)``, else []. torch exports scaled_dot_product_attention
+    with it: a row its mask leaves without a key (all -inf) gives NaN probabilities, zeroed here, so
+    that row's output is 0, as the kernel's is."""
+    isnan = next((n for n in p.outputs if n.op == "IsNaN"), None)
+    where = next((n for n in p.outputs if n.op == "Where"), None)
+    if (len(p.outputs) != 2 or isnan is None or where is None or len(isnan.outputs[0].outputs) != 1
+            or where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not p or scalar_value(where.inputs[1]) != 0):
+        return []
+    return [isnan, where]
 
 
 class FuseAttention:
@@ -140,16 +186,21 @@ class FuseAttention:
         if axis != -1 and not (x.shape is not None and axis == len(x.shape) - 1):
             return f"Softmax axis {axis} is not the last axis"
         out_t = softmax.outputs[0]
-        casts = []
-        # softmax(x, dtype=float32).to(v.dtype): the Cast that brings P to V's type (a no-op in a float32 graph)
-        while len(out_t.outputs) == 1 and out_t.outputs[0].op == "Cast" and out_t.outputs[0].attrs.get("to") in _FLOAT_TYPES:
-            casts.append(out_t.outputs[0])
-            out_t = casts[-1].outputs[0]
+        after = []  # casts and a NaN guard between the Softmax and PV
+        while True:
+            # softmax(x, dtype=float32).to(v.dtype): the Cast that brings P to V's type (a no-op in a float32 graph)
+            if len(out_t.outputs) == 1 and out_t.outputs[0].op == "Cast" and out_t.outputs[0].attrs.get("to") in _FLOAT_TYPES:
+                after.append(out_t.outputs[0])
+            elif guard := _nan_guard(out_t):
+                after += guard
+            else:
+                break
+            out_t = after[-1].outputs[0]
         if len(out_t.outputs) != 1 or out_t.outputs[0].op != "MatMul" or out_t.outputs[0].inputs[0] is not out_t:
             return (f"Softmax output does not feed exactly one MatMul as its left operand "
                     f"(it feeds {[n.op for n in out_t.outputs]})")
         pv = out_t.outputs[0]
-        nodes = [softmax, pv, *casts]
+        nodes = [softmax, pv, *after]
         masks: list[tuple[str, gs.Node]] = []
         t = x
         scale = 1.0
@@ -217,6 +268,8 @@ class FuseAttention:
         elif perm == [0, 2, 3, 1]:  # K^T straight from the [B, T, H, D] view (BERT, GPT-2 exports)
             k_bshd = tr.inputs[0]
             k = gs.Variable(f"{kt.name}_k_bhsd", dtype=kt.dtype)  # made by a Transpose at rewrite time
+        elif producer(kt, "Mul") is not None:
+            return "K^T is scaled by a Mul whose factor is not a constant scalar (a scale computed at run time?)"
         else:
             return "the right operand of QK^T is not Transpose(K, perm=[0,1,3,2]) nor Transpose(K_bshd, perm=[0,2,3,1])"
         nodes.append(tr)
@@ -229,7 +282,7 @@ class FuseAttention:
         if bool(k_rep) != bool(v_rep):
             return "only one of K and V goes through the GQA repeat"
         return AttentionMatch(q, k, v, k_raw, v_raw, scale, masks[::-1], softmax, pv.outputs[0], nodes, qk.outputs[0],
-                              k_bshd)
+                              k_bshd, any(n.op == "IsNaN" for n in after))
 
     @staticmethod
     def _leads_to_qk(t: gs.Tensor) -> bool:
@@ -309,9 +362,10 @@ class FuseAttention:
         form = MaskForm(causal=False)
         if m.masks:
             terms = self._mask_terms(m)
-            key = tuple(t.name for term in terms for t in term[1:] if t is not None)
+            past = _cache_length(m.k_raw)
+            key = (*(t.name for term in terms for t in term[1:] if t is not None), past or "")
             if key not in mask_checks:
-                mask_checks[key] = self._mask_form(graph, terms)
+                mask_checks[key] = self._mask_form(graph, terms, past)
             if isinstance(mask_checks[key], str):
                 return mask_checks[key]
             form = mask_checks[key]
@@ -344,7 +398,8 @@ class FuseAttention:
                 terms.append(("where", node.inputs[0], node.inputs[2]))
         return terms
 
-    def _mask_form(self, graph: gs.Graph, terms: list[tuple[str, gs.Tensor, gs.Tensor | None]]) -> MaskForm | str:
+    def _mask_form(self, graph: gs.Graph, terms: list[tuple[str, gs.Tensor, gs.Tensor | None]],
+                   past: str | None) -> MaskForm | str:
         """What the masks keep (causal or not, and the padding input they read), or why it is not a form
         the kernel has.
 
@@ -358,7 +413,11 @@ class FuseAttention:
         tensors = [t for term in terms for t in term[1:] if t is not None]
         if all(constant_value(t) is not None for t in tensors):
             values = {t.name: np.asarray(constant_value(t)) for t in tensors}
-            return _matching_form(_kept(terms, values), None, None)
+            keep = _kept(terms, values)
+            if isinstance(keep, str) or keep.ndim < 2:
+                return keep if isinstance(keep, str) else f"mask of shape {list(keep.shape)} is not over (query, key)"
+            # one query row broadcast over the queries: as many queries as keys, the most it can be causal for
+            return _matching_form(keep, None, keep.shape[-2] if keep.shape[-2] > 1 else keep.shape[-1], keep.shape[-1])
         closure = _mask_closure(tensors)
         if isinstance(closure, str):
             return closure
@@ -367,6 +426,9 @@ class FuseAttention:
         if wide:
             return (f"the mask is computed with the constant {wide[0]}, beyond max_seq_len={self.max_seq_len} "
                     f"(a sliding window?), so it cannot be checked up to there")
+        roles = _dimension_roles(inputs, padding, past)
+        if isinstance(roles, str):
+            return roles
         import onnxruntime as ort
 
         computed = [t for t in tensors if constant_value(t) is None]
@@ -379,24 +441,26 @@ class FuseAttention:
         forms = [MaskForm(True, padding), MaskForm(False, padding)]
         reasons: dict[bool, str] = {}  # by causal: why the form failed, at the length where it did
         rng = np.random.default_rng(0)
-        for length in sorted({n for n in _CHECK_LENGTHS if n < self.max_seq_len} | {self.max_seq_len}):
-            # four padding patterns while the masks are small, two (left padding, holes) beyond
-            feeds = _shape_feeds(inputs, batch=2 if padding is None or length > 1024 else 4, length=length)
-            if isinstance(feeds, str):
-                return feeds
+        for point in _check_points(self.max_seq_len, cache=past is not None, padded=padding is not None):
+            feeds = _shape_feeds(inputs, roles, point)
             pad = None
             if padding is not None:
                 pad = _padding_patterns(*feeds[padding.name].shape, rng)
                 feeds[padding.name] = pad.astype(feeds[padding.name].dtype)
             names = [t.name for t in computed]
-            keep = _kept(terms, {**constants, **dict(zip(names, session.run(names, feeds), strict=True))})
+            at = f"{point.seq} new tokens after {point.past} cached" if point.past else f"sequence length {point.seq}"
+            try:
+                values = dict(zip(names, session.run(names, feeds), strict=True))
+            except Exception as err:  # ONNX Runtime raises its own error types
+                return f"the mask's computation fails at {at}: {str(err).splitlines()[0]}"
+            keep = _kept(terms, {**constants, **values})
             failed_now = []
             for form in list(forms):
-                reason = _matching_form(keep, pad, length, causal=form.causal)
+                reason = _matching_form(keep, pad, point.seq, point.keys, causal=form.causal)
                 if isinstance(reason, str):
                     forms.remove(form)
                     failed_now.append(form.causal)
-                    reasons[form.causal] = f"{reason} (mask computed at run time, at sequence length {length})"
+                    reasons[form.causal] = f"{reason} (mask computed at run time, at {at})"
             if not forms:  # the reason of the form that held longest (the causal one's on a tie)
                 return reasons[max(failed_now)]
         return forms[0]
@@ -441,6 +505,13 @@ class FuseAttention:
             graph.nodes.append(gs.Node("Concat", attrs={"axis": 0}, inputs=[bhs, t_len], outputs=[shape]))
             graph.nodes.append(gs.Node("Expand", inputs=[bias, shape], outputs=[full]))
             bias = full
+            if m.nan_guard:
+                # -inf over a whole row would make MultiHeadAttention's output NaN there, and NaN K/V at
+                # those positions would reach every row of later layers (0 * NaN): the lowest float keeps it finite
+                finite = gs.Variable(f"{name}_bias_finite", dtype=np.float32)
+                lowest = gs.Constant(f"{name}_lowest", np.array(np.finfo(np.float32).min, np.float32))
+                graph.nodes.append(gs.Node("Max", inputs=[bias, lowest], outputs=[finite]))
+                bias = finite
         def all_heads(t: gs.Tensor, known: int | None, tag: str) -> gs.Tensor:
             # MatMul broadcasts K/V with one head over Q's heads (multi-query attention without a
             # repeat, e.g. Falcon); MultiHeadAttention wants as many K/V heads as Q has: Expand them.
@@ -493,18 +564,16 @@ def _kept(terms: list[tuple[str, gs.Tensor, gs.Tensor | None]], values: dict[str
     return keep
 
 
-def _matching_form(keep: np.ndarray | str, pad: np.ndarray | None, length: int | None, *,
+def _matching_form(keep: np.ndarray | str, pad: np.ndarray | None, seq: int, keys: int, *,
                    causal: bool = True) -> MaskForm | str:
-    """``keep`` against ``causal(i, j) and pad[b, j] != 0`` over [batch, head, query, key] (of ``length``
-    x ``length`` when given): a MaskForm if equal, else why not. Rows the expected mask leaves empty are
-    not compared (see the module docstring)."""
+    """``keep`` against ``causal(i, j) and pad[b, j] != 0`` over [batch, head, query, key], for ``seq``
+    queries (the last ``seq`` of ``keys`` positions: causal(i, j) is j <= i + keys - seq): a MaskForm if
+    equal, else why not. Rows the expected mask leaves empty are not compared (see the module docstring)."""
     if isinstance(keep, str):
         return keep
-    if keep.ndim < 2 or keep.shape[-1] != (length or keep.shape[-2]) or keep.shape[-2] not in (1, keep.shape[-1]):
-        what = f"{length} x {length}" if length else "square"
-        return f"mask of shape {list(keep.shape)} is not {what} over (query, key)"
-    n = keep.shape[-1]
-    expected = np.tril(np.ones((n, n), bool)) if causal else np.ones((n, n), bool)
+    if keep.ndim < 2 or keep.shape[-1] != keys or keep.shape[-2] not in (1, seq):
+        return f"mask of shape {list(keep.shape)} is not {seq} x {keys} over (query, key)"
+    expected = np.tri(seq, keys, keys - seq, dtype=bool) if causal else np.ones((seq, keys), bool)
     if pad is not None:
         expected = expected & (pad != 0)[:, None, None, :]
     try:
@@ -573,22 +642,45 @@ def _mask_closure(tensors: list[gs.Tensor]) -> tuple[list[gs.Node], list[gs.Tens
     return list(nodes.values()), list(inputs.values()), integers, padding
 
 
-def _shape_feeds(inputs: list[gs.Tensor], *, batch: int, length: int) -> dict[str, np.ndarray] | str:
-    """Zeros for the inputs whose shapes a run-time mask reads: their first dynamic dimension is the
-    batch, the second the sequence (as exports name them: batch, seq); static ones stay as they are."""
-    symbols: list[str] = []
-    feeds = {}
+def _cache_length(k: gs.Tensor) -> str | None:
+    """The dimension symbol of the cached sequence when ``k`` is ``Concat(past, new, axis=2)`` with ``past`` a
+    graph input [batch, heads, past, head_dim] (a KV cache, as exports with ``past_key_values`` feed it),
+    else None."""
+    concat = producer(k, "Concat")
+    if concat is None or len(concat.inputs) != 2 or concat.attrs.get("axis") not in (2, -2):
+        return None
+    past = concat.inputs[0]
+    while past.inputs and past.inputs[0].op in ("Identity", "Cast", "Concat") and len(past.inputs[0].inputs) == 1:
+        past = past.inputs[0].inputs[0]
+    if past.inputs or past.shape is None or len(past.shape) != 4 or not isinstance(past.shape[2], str):
+        return None
+    return past.shape[2]
+
+
+def _dimension_roles(inputs: list[gs.Tensor], padding: gs.Tensor | None, past: str | None) -> dict[str, str] | str:
+    """What each dimension symbol of the inputs a run-time mask reads stands for, or why that cannot be
+    told. "batch": axis 0 of the padding input, else of the first input of rank 2 or more. Without a KV
+    cache, the one other symbol is "seq", the sequence. With one: ``past`` is "past", the cached length;
+    the padding input's axis 1 "keys" (past and new tokens); the one other symbol "seq" (new tokens)."""
     for t in inputs:
-        shape = []
-        for dim in t.shape or []:
-            if isinstance(dim, int) and dim >= 0:
-                shape.append(dim)
-                continue
-            if not isinstance(dim, str) or (dim not in symbols and len(symbols) == 2):
-                return f"cannot tell the batch and sequence dimensions of input {t.name} {list(t.shape)}"
-            symbols += [] if dim in symbols else [dim]
-            shape.append((batch, length)[symbols.index(dim)])
         if t.shape is None or t.dtype is None:
             return f"input {t.name} has no static rank or type"
-        feeds[t.name] = np.zeros(shape, t.dtype)
-    return feeds
+        if any(not isinstance(d, (int, str)) or isinstance(d, int) and d < 0 for d in t.shape):
+            return f"input {t.name} {list(t.shape)} has a dimension with neither a size nor a name"
+    first = padding if padding is not None else next((t for t in inputs if len(t.shape) >= 2), None)
+    roles = {first.shape[0]: "batch"} if first is not None and isinstance(first.shape[0], str) else {}
+    if past is not None:
+        roles.setdefault(past, "past")
+        if padding is not None and isinstance(padding.shape[1], str):
+            roles.setdefault(padding.shape[1], "keys")
+    seq = sorted({d for t in inputs for d in t.shape if isinstance(d, str)} - set(roles))
+    if len(seq) > 1:
+        what = "the sequence" if past is None else "the new tokens"
+        return f"cannot tell which of the dimensions {seq} of inputs {[t.name for t in inputs]} is {what}"
+    return roles | dict.fromkeys(seq, "seq")
+
+
+def _shape_feeds(inputs: list[gs.Tensor], roles: dict[str, str], point: CheckPoint) -> dict[str, np.ndarray]:
+    """Zeros for the inputs whose shapes a run-time mask reads, sized by their dimensions' roles at ``point``."""
+    sizes = {"batch": point.batch, "seq": point.seq, "past": point.past, "keys": point.keys}
+    return {t.name: np.zeros([d if isinstance(d, int) else sizes[roles[d]] for d in t.shape], t.dtype) for t in inputs}

@@ -358,6 +358,126 @@ def test_onnxruntime_target_finds_heads_reshaped_at_run_time():
     np.testing.assert_allclose(_run(fused, feeds), _run(model, feeds), rtol=1e-5, atol=1e-5)
 
 
+def _cached_attention_graph(*, aligned="bottom-right", padding=False, fill=None, nan_guard=False):
+    """One decode/prefill step of attention over a KV cache, as exports with ``past_key_values`` build it::
+
+        past_k [batch, H, past, D] ─┐
+        k      [batch, H, seq, D]  ─ Concat(axis 2) ─ Transpose ─ MatMul(q, .) ─ Mul ─ Where(i >= j [& keep[b, j]], ., fill) ─┐
+        Softmax ─ [Where(IsNaN(p), 0, p)] ─ MatMul(., Concat(past_v, v)) ─ o ──────────────────────────────────────────────────┘
+
+    Query i sits at position past + i of the past + seq keys ("bottom-right"); ``aligned="top-left"``
+    puts it at i, a mask that forgets the cache. ``padding`` ands in ``keep`` [batch, past + seq] (bool).
+    ``fill`` defaults to the lowest float32, as transformers fills masks.
+    ``nan_guard`` adds what torch's scaled_dot_product_attention export puts after its Softmax.
+    """
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info(n, f32, ["batch", HQ, "seq", D]) for n in ("q", "k", "v")]
+    inputs += [helper.make_tensor_value_info(n, f32, ["batch", HQ, "past", D]) for n in ("past_k", "past_v")]
+    inits = [numpy_helper.from_array(np.array(v, dt), n) for n, v, dt in
+             [("two", 2, np.int64), ("zero", 0, np.int64), ("one", 1, np.int64), ("ax0", [0], np.int64),
+              ("ax1", [1], np.int64), ("axes01", [1, 2], np.int64), ("isd", 1 / np.sqrt(D), np.float32),
+              ("fill", np.finfo(np.float32).min if fill is None else fill, np.float32), ("zero_f", 0.0, np.float32)]]
+    first_query = "past" if aligned == "bottom-right" else "zero"
+    nodes = [helper.make_node("Shape", ["q"], ["qshape"]), helper.make_node("Gather", ["qshape", "two"], ["seq"]),
+             helper.make_node("Shape", ["past_k"], ["pshape"]), helper.make_node("Gather", ["pshape", "two"], ["past"]),
+             helper.make_node("Add", ["past", "seq"], ["total"]), helper.make_node("Add", [first_query, "seq"], ["last_query"]),
+             helper.make_node("Range", [first_query, "last_query", "one"], ["qpos"]),
+             helper.make_node("Range", ["zero", "total", "one"], ["kpos"]),
+             helper.make_node("Unsqueeze", ["qpos", "ax1"], ["i"]), helper.make_node("Unsqueeze", ["kpos", "ax0"], ["j"]),
+             helper.make_node("GreaterOrEqual", ["i", "j"], ["cond0"])]
+    cond = "cond0"
+    if padding:
+        inputs.append(helper.make_tensor_value_info("keep", TensorProto.BOOL, ["batch", "past + seq"]))
+        nodes += [helper.make_node("Unsqueeze", ["keep", "axes01"], ["keep4"]), helper.make_node("And", [cond, "keep4"], ["cond1"])]
+        cond = "cond1"
+    nodes += [helper.make_node("Concat", ["past_k", "k"], ["k_all"], axis=2), helper.make_node("Concat", ["past_v", "v"], ["v_all"], axis=2),
+              helper.make_node("Transpose", ["k_all"], ["kt"], perm=[0, 1, 3, 2]), helper.make_node("MatMul", ["q", "kt"], ["qk"]),
+              helper.make_node("Mul", ["qk", "isd"], ["s0"]), helper.make_node("Where", [cond, "s0", "fill"], ["s1"]),
+              helper.make_node("Softmax", ["s1"], ["p0"], axis=-1, name="attn_softmax")]
+    probs = "p0"
+    if nan_guard:
+        nodes += [helper.make_node("IsNaN", ["p0"], ["nan"]), helper.make_node("Where", ["nan", "zero_f", "p0"], ["p"])]
+        probs = "p"
+    nodes.append(helper.make_node("MatMul", [probs, "v_all"], ["o"]))
+    g = helper.make_graph(nodes, "cached_attn", inputs, [helper.make_tensor_value_info("o", f32, ["batch", HQ, "seq", D])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    return m
+
+
+# (new tokens, cached tokens): a prefill, a one-token decode step, a chunk after a cache
+STEPS = [(9, 0), (1, 9), (4, 6)]
+
+
+def _cached_feeds(seq, past, seed=0):
+    """Q/K/V of ``seq`` new tokens, a cache of ``past``, and keep: row 0 left-padded (its first 3 positions),
+    row 1 with a hole at position 2."""
+    rng = np.random.default_rng(seed)
+    feeds = {n: rng.standard_normal((B, HQ, seq, D)).astype(np.float32) for n in ("q", "k", "v")}
+    feeds |= {n: rng.standard_normal((B, HQ, past, D)).astype(np.float32) for n in ("past_k", "past_v")}
+    keep = np.ones((B, past + seq), bool)
+    keep[0, :3] = False
+    keep[1, 2] = False
+    return feeds | {"keep": keep}
+
+
+def _rows_that_see_a_key(feeds):
+    """[B, 1, seq] bool: query rows whose causal window holds a kept key."""
+    keep, seq = feeds["keep"], feeds["q"].shape[2]
+    total = keep.shape[1]
+    return (np.tri(seq, total, total - seq, dtype=bool)[None] & keep[:, None, :]).any(-1)[:, None, :]
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_plugin_target_fuses_attention_over_a_kv_cache(padding):
+    """The query rows are the last of the keys (causal bottom-right aligned, as the op defines it), checked at
+    prefills, decode steps and chunks: one node over the concatenated cache, exact at every step."""
+    model = _cached_attention_graph(padding=padding)
+    graph = import_graph(model)
+    result = FuseAttention("plugin", max_seq_len=300).run(graph, PassContext())
+    assert result.changed, result.not_fired
+    assert result.details[0]["causal"] and result.details[0]["key_mask"] == ("keep" if padding else None)
+    fused = export_graph(graph)
+    (flash,) = [n for n in fused.graph.node if n.op_type == "FlashAttention"]
+    assert list(flash.input[1:3]) == ["k_all", "v_all"]
+    for seq, past in STEPS:
+        feeds = _cached_feeds(seq, past)
+        got, want = run_plugin_graph(fused, feeds)[0], _run(model, feeds)
+        rows = np.broadcast_to(_rows_that_see_a_key(feeds) if padding else True, got.shape[:3])
+        np.testing.assert_allclose(got[rows], want[rows], rtol=1e-5, atol=1e-5)
+        assert np.all(got[~rows] == 0)
+
+
+def test_plugin_target_declines_a_mask_that_forgets_the_cache():
+    """A causal mask aligned top-left (query i at position i, not past + i) equals the op's only when nothing is cached."""
+    result = FuseAttention("plugin", max_seq_len=300).run(import_graph(_cached_attention_graph(aligned="top-left")), PassContext())
+    assert not result.changed
+    assert "new tokens after" in result.not_fired[0][1], result.not_fired
+
+
+@pytest.mark.parametrize("target", ["plugin", "onnxruntime"])
+def test_nan_guard_of_scaled_dot_product_attention_exports(target):
+    """Where(IsNaN(P), 0, P) after the Softmax (a row masked with -inf everywhere gives NaN, zeroed): the
+    plugin's O = 0 on such rows is what the guard gives, so it is exact on every row; MultiHeadAttention
+    gets a finite bias instead of -inf (NaN there would spread through the cache to every row) and is exact
+    on every row that sees a key."""
+    model = _cached_attention_graph(padding=True, fill=-np.inf, nan_guard=True)
+    graph = import_graph(model)
+    result = FuseAttention(target, max_seq_len=300).run(graph, PassContext())
+    assert result.changed, result.not_fired
+    fused = export_graph(graph)
+    assert not {"IsNaN", "Softmax"} & {n.op_type for n in fused.graph.node}
+    for seq, past in STEPS:
+        feeds = _cached_feeds(seq, past)
+        want = _run(model, feeds)
+        got = run_plugin_graph(fused, feeds)[0] if target == "plugin" else _run(fused, feeds)
+        assert np.all(np.isfinite(got))
+        rows = np.broadcast_to(_rows_that_see_a_key(feeds), got.shape[:3])
+        if target == "plugin":
+            rows = np.ones_like(rows)
+        np.testing.assert_allclose(got[rows], want[rows], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("args,message", [(("tensorrt",), "target must be one of"), (("plugin", 0), "max_seq_len must be")])
 def test_bad_configuration_is_a_clear_error(args, message):
     with pytest.raises(ValueError, match=message):
