@@ -5,7 +5,8 @@ s in {512, 2048, 8192, 16384}, d in {64, 128}, causal and not; B*s = 16384 token
 of the plugin's tactics for the head dim (what TensorRT's autotuner keeps): the Triton kernel's and the
 CUDA C++ wgmma kernel's; "triton" is the Triton kernel alone (the kernel before the wgmma one).
 
-    python benchmarks/bench_attention.py [--seqs 2048,8192] [--dims 128] [--sweep] [--key-mask] [--out results.md]
+    python benchmarks/bench_attention.py [--seqs 2048,8192] [--dims 128] [--sweep] [--key-mask] [--decode]
+                                         [--skip-dense] [--out results.md]
 
 ``--key-mask`` adds a table for padded batches: the kernel with a key_mask (every batch entry left-padded
 by a random share of up to half its length, as an attention_mask holds it) against itself without one, and
@@ -13,6 +14,10 @@ against SDPA's memory-efficient and cuDNN backends given the same padding as a [
 (the FlashAttention-2 backend takes no mask); and the kernel with a key_mask that has holes (10% of the keys
 dropped at random: no single run of kept keys, so every key block reads the mask). Each column is the fastest
 of the plugin's tactics for the head dim (Triton and wgmma), as TensorRT's autotuner would keep.
+
+``--decode`` adds a table for one-token decode steps over a KV cache of s keys (Sq = 1, 32 query heads over
+8 KV heads, batch 1 and 16): µs, the K/V bytes read per µs (TB/s), and SDPA's backends given the same GQA
+tensors (``enable_gqa=True``; a backend that refuses them has no figure).
 """
 
 # ruff: noqa: B023  (each lambda is timed inside the iteration that defines it)
@@ -62,6 +67,8 @@ def main(argv=None):
     ap.add_argument("--dims", default=",".join(map(str, DIMS)))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--key-mask", action="store_true")
+    ap.add_argument("--decode", action="store_true")
+    ap.add_argument("--skip-dense", action="store_true", help="leave out the first table (dense prefill)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -72,7 +79,7 @@ def main(argv=None):
     print("\n".join(lines), flush=True)
     detail = ["", "## Every timed tactic", "", "| d | s | causal | config | µs | TFLOPS |", "|---|---|---|---|---|---|"]
     for d, s, causal in itertools.product([int(x) for x in args.dims.split(",")],
-                                          [int(x) for x in args.seqs.split(",")], (False, True)):
+                                          [] if args.skip_dense else [int(x) for x in args.seqs.split(",")], (False, True)):
         B, H = max(1, 16384 // s), 2048 // d
         q, k, v = (torch.randn(B, H, s, d, device="cuda", dtype=torch.float16) for _ in range(3))
         flops = 4 * B * H * s * s * d / (2 if causal else 1)
@@ -109,6 +116,8 @@ def main(argv=None):
         print(row, flush=True)
     if args.key_mask:
         lines += key_mask_table([int(x) for x in args.dims.split(",")], [int(x) for x in args.seqs.split(",")])
+    if args.decode:
+        lines += decode_table([int(x) for x in args.dims.split(",")], [int(x) for x in args.seqs.split(",")])
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines + detail) + "\n")
@@ -149,6 +158,36 @@ def key_mask_table(dims: list[int], seqs: list[int]) -> list[str]:
                + " | ".join(f"{times[n]:.0f}" for n in masked) + " | "
                + " | ".join(f"{times[n] / ours:.2f}x" for n in masked) + f" | {holey:.0f} | {holey / dense:.2f}x | "
                f"{dense_cfg}, {ours_cfg}, {holes_cfg} |")
+        lines.append(row)
+        print(row, flush=True)
+    return lines
+
+
+def decode_table(dims: list[int], seqs: list[int]) -> list[str]:
+    """One-token decode steps over a cache of s keys: ours vs SDPA's backends (µs, K/V TB/s, one run)."""
+    hq, hkv = 32, 8
+    head = ("| d | keys | batch | ours µs | ours K/V TB/s | " + " | ".join(f"{n} µs" for n in BACKENDS) + " | "
+            + " | ".join(f"vs {n}" for n in BACKENDS) + " | tactic |")
+    lines = ["", f"## Decode steps (1 query, {hq} query heads over {hkv} KV heads)", "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    print("\n".join(lines), flush=True)
+    for d, s, batch in itertools.product(dims, seqs, (1, 16)):
+        q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.float16)
+        k, v = (torch.randn(batch, hkv, s, d, device="cuda", dtype=torch.float16) for _ in range(2))
+        kv_bytes = 2 * k.numel() * k.element_size()
+        tactics = [pick_attn_config(d, s)] + [c for c in ATTN_WGMMA_TACTICS.values() if c.D == d]
+        ours, cfg = min((bench(lambda: flash_attention(q, k, v, causal=True, config=c)), _desc(c)) for c in tactics)
+        times = {}
+        for name, backend in BACKENDS.items():
+            try:
+                with sdpa_kernel([backend]):
+                    times[name] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            except RuntimeError as err:
+                print(f"  {name} unavailable: {str(err).splitlines()[0][:80]}", file=sys.stderr)
+                times[name] = float("nan")
+        row = (f"| {d} | {s} | {batch} | {ours:.1f} | {kv_bytes / ours / 1e6:.2f} | "
+               + " | ".join(f"{times[n]:.1f}" for n in BACKENDS) + " | "
+               + " | ".join(f"{times[n] / ours:.2f}x" for n in BACKENDS) + f" | {cfg} |")
         lines.append(row)
         print(row, flush=True)
     return lines

@@ -21,6 +21,12 @@ length, left-padded into one batch, against each prefix run alone, per implement
 difference| at real tokens over the largest |logit|. Beside it, for scale, the same measure between each prefix
 alone on that implementation and on the numpy references (the implementation's own rounding). This runs
 FlashAttention's key_mask (one run of kept keys per row) on a real model.
+
+--decode N (models with a KV cache, e.g. qcompiler.models.kv_cache exports): a third table. The first window
+run as a prefill of all but its last N + N/2 tokens, a chunk of N/2 tokens over that cache, then N one-token
+decode steps, each step's presents fed back as the next past, against the window run as one prefill, per
+implementation (the largest |logit difference| at the tokens after the prefill, over the largest |logit|).
+This runs FlashAttention with fewer queries than keys (causal bottom-right aligned) on a real model.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import onnx
 
 from qcompiler.backends.plugin_graph import kernel_ops, run_plugin_graph
 from qcompiler.config import Recipe, WeightOnlyConfig
-from qcompiler.evaluation import lm_feeds, perplexity_of
+from qcompiler.evaluation import lm_feeds, logits_through_cache, perplexity_of
 from qcompiler.graph import export_graph, import_graph, save_model
 from qcompiler.pass_manager import PassContext
 from qcompiler.pipeline import build_passes
@@ -58,7 +64,7 @@ def _ort(model: onnx.ModelProto):
     import onnxruntime as ort
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return lambda feed: session.run(None, feed)[0]
+    return lambda feed: session.run(None, feed)
 
 
 def main(argv=None) -> None:
@@ -76,6 +82,7 @@ def main(argv=None) -> None:
     ap.add_argument("--save-plugin-graph")
     ap.add_argument("--kernels", default="", help="INT4_TACTIC:ATTENTION_TACTIC[:W8A8_TACTIC],... (needs CUDA)")
     ap.add_argument("--padded", action="store_true", help="also the left-padded batch table (see above)")
+    ap.add_argument("--decode", type=int, default=0, help="also the KV-cache table: N decode steps (see above)")
     args = ap.parse_args(argv)
     if bool(args.model) == bool(args.plugin_graph):
         raise SystemExit("plugin_graph_ppl: give exactly one of --model and --plugin-graph")
@@ -93,13 +100,16 @@ def main(argv=None) -> None:
     feeds = lm_feeds(model, windows)
     if args.padded and ("attention_mask" not in feeds[0] or "position_ids" in feeds[0]):
         raise SystemExit("plugin_graph_ppl: --padded needs a model that takes attention_mask (and not position_ids)")
-    plugin_runs = []  # (name, logits of a feed) of the plugin graph: references first, then kernels
+    caches = [name for name in feeds[0] if name not in ("input_ids", "attention_mask", "position_ids")]
+    if args.decode and (not caches or 3 * args.decode // 2 >= windows.shape[1]):
+        raise SystemExit("plugin_graph_ppl: --decode N needs a model with a KV cache and windows longer than 1.5 N")
+    plugin_runs = []  # (name, outputs of a feed) of the plugin graph: references first, then kernels
 
-    def row(name: str, logits_of, plugin_graph: bool = True) -> None:
+    def row(name: str, outputs_of, plugin_graph: bool = True) -> None:
         start = time.time()
         if plugin_graph:
-            plugin_runs.append((name, logits_of))
-        ppl = perplexity_of(logits_of, feeds)
+            plugin_runs.append((name, outputs_of))
+        ppl = perplexity_of(lambda f: outputs_of(f)[0], feeds)
         print(f"| {name} | {ppl:.4f} | {time.time() - start:.0f} |", flush=True)
 
     print(f"# Perplexity of the plugin graph, {len(windows)} x {windows.shape[1]} tokens\n")
@@ -114,20 +124,34 @@ def main(argv=None) -> None:
     else:
         plugin = model
         print("| graph | ppl | s |\n|---|---|---|")
-    row("plugin graph, numpy references (float64)", lambda f: run_plugin_graph(plugin, f)[0])
+    row("plugin graph, numpy references (float64)", lambda f: run_plugin_graph(plugin, f))
     for spec in filter(None, args.kernels.split(",")):
         int4_tactic, attention_tactic, w8a8_tactic = (spec.split(":") + ["large"])[:3]
         ops = kernel_ops(int4_tactic, attention_tactic, w8a8_tactic=w8a8_tactic)
-        row(f"plugin graph, kernels {spec} (float16)", lambda f, ops=ops: run_plugin_graph(plugin, f, ops)[0])
+        row(f"plugin graph, kernels {spec} (float16)", lambda f, ops=ops: run_plugin_graph(plugin, f, ops))
     if args.padded:
         print("\n| graph | left-padded batch vs each prefix alone | each prefix alone vs the references |\n"
               "|---|---|---|")
         prefixes = [max(1, windows.shape[1] * quarters // 4) for quarters in (4, 3, 2, 1)]
         reference = None
-        for name, logits_of in plugin_runs:
-            batch, alone = padded_batch(logits_of, windows[0], prefixes)
+        for name, outputs_of in plugin_runs:
+            batch, alone = padded_batch(lambda f, run=outputs_of: run(f)[0], windows[0], prefixes)
             reference = reference or alone
             print(f"| {name} | {_worst(batch, alone):.2e} | {_worst(alone, reference):.2e} |", flush=True)
+    if args.decode:
+        print(f"\n| graph | prefill + chunk of {args.decode // 2} + {args.decode} decode steps vs one prefill |\n|---|---|")
+        for name, outputs_of in plugin_runs:
+            steps, whole = cached_steps(outputs_of, feeds[0], caches, args.decode)
+            print(f"| {name} | {_worst([steps], [whole]):.2e} |", flush=True)
+
+
+def cached_steps(outputs_of, feed: dict[str, np.ndarray], caches: list[str], decode: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of the window's last ``decode + decode // 2`` tokens: through the KV cache (a prefill of the rest,
+    a chunk of ``decode // 2``, then ``decode`` one-token steps), and from one prefill of the whole window."""
+    seq = feed["input_ids"].shape[1]
+    start = seq - decode - decode // 2
+    bounds = sorted({0, start, start + decode // 2, *range(start + decode // 2 + 1, seq + 1)})
+    return logits_through_cache(outputs_of, feed, caches, bounds)[0, start:], outputs_of(feed)[0][0, start:]
 
 
 def padded_batch(logits_of, window: np.ndarray, lengths: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -16,7 +16,7 @@ from qcompiler.calibration import _session
 from qcompiler.errors import QCompileError
 
 __all__ = ["OutputAgreement", "LayerError", "Evaluation", "compare_outputs", "perplexity", "perplexity_of", "layer_sqnr", "holds_plugin_ops",
-           "lm_feeds", "latency_pair"]
+           "lm_feeds", "logits_through_cache", "latency_pair"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,27 +118,69 @@ def compare_outputs(original: Path, compiled: Path, feeds: Iterable[dict[str, np
 
 
 def lm_feeds(model: onnx.ModelProto, windows: np.ndarray) -> list[dict[str, np.ndarray]]:
-    """One feed per token window for a language model taking input_ids (+ attention_mask, position_ids).
+    """One feed per token window for a language model taking input_ids (+ attention_mask, position_ids,
+    and a KV cache: float inputs [batch, heads, past, head_dim] with static heads and head_dim, as
+    ``past_key_values.*`` are exported; each window is a prefill, so they are fed empty).
 
     Raises:
         QCompileError: the model has inputs other than these, so text cannot drive it.
     """
     initializers = {t.name for t in model.graph.initializer}
-    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    inputs = [i for i in model.graph.input if i.name not in initializers]
     known = {"input_ids", "attention_mask", "position_ids"}
-    if "input_ids" not in inputs or set(inputs) - known:
-        raise QCompileError(f"text calibration/evaluation needs a model whose inputs are input_ids "
-                            f"[+ attention_mask, position_ids]; this one has {inputs}: pass --calib arrays instead")
+    caches = {i.name: _cache_shape(i) for i in inputs if i.name not in known and _cache_shape(i) is not None}
+    names = [i.name for i in inputs]
+    if "input_ids" not in names or set(names) - known - set(caches):
+        raise QCompileError(f"text calibration/evaluation needs a model whose inputs are input_ids [+ attention_mask, "
+                            f"position_ids, a KV cache]; this one has {names}: pass --calib arrays instead")
     feeds = []
     for window in windows:
         ids = window[None, :].astype(np.int64)
         feed = {"input_ids": ids}
-        if "attention_mask" in inputs:
+        if "attention_mask" in names:
             feed["attention_mask"] = np.ones_like(ids)
-        if "position_ids" in inputs:
+        if "position_ids" in names:
             feed["position_ids"] = np.arange(ids.shape[1], dtype=np.int64)[None, :]
+        for name, (heads, head_dim, dtype) in caches.items():
+            feed[name] = np.zeros((1, heads, 0, head_dim), dtype)
         feeds.append(feed)
     return feeds
+
+
+def logits_through_cache(outputs_of: Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]], feed: dict[str, np.ndarray],
+                         caches: Sequence[str], bounds: Sequence[int]) -> np.ndarray:
+    """Logits [batch, seq, vocab] of a window fed in steps over a KV cache, as generation feeds it.
+
+    ``feed`` is the whole window as one prefill (``lm_feeds``: its caches empty); ``caches`` names its cache
+    inputs, and ``outputs_of(step)`` returns the logits then the presents in that order. Step n takes the
+    tokens ``bounds[n]:bounds[n + 1]`` (bounds rise from 0 to seq), the attention_mask's first
+    ``bounds[n + 1]`` columns and the previous step's presents.
+    """
+    if list(bounds) != sorted(set(bounds)) or bounds[0] != 0 or bounds[-1] != feed["input_ids"].shape[1]:
+        raise ValueError(f"logits_through_cache: bounds must rise from 0 to the window's length, got {list(bounds)}")
+    past = {name: feed[name] for name in caches}
+    logits = []
+    for begin, end in zip(bounds, bounds[1:], strict=False):
+        step = {"input_ids": feed["input_ids"][:, begin:end], **past}
+        if "attention_mask" in feed:
+            step["attention_mask"] = feed["attention_mask"][:, :end]
+        if "position_ids" in feed:
+            step["position_ids"] = feed["position_ids"][:, begin:end]
+        out = outputs_of(step)
+        past = dict(zip(caches, out[1:], strict=True))
+        logits.append(out[0])
+    return np.concatenate(logits, axis=1)
+
+
+def _cache_shape(value: onnx.ValueInfoProto) -> tuple[int, int, np.dtype] | None:
+    """(heads, head_dim, dtype) of a KV-cache input [batch, heads, past, head_dim], else None."""
+    tensor = value.type.tensor_type
+    dims = tensor.shape.dim
+    if tensor.elem_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16) or len(dims) != 4:
+        return None
+    if not (dims[1].dim_value and dims[3].dim_value and dims[2].dim_param):
+        return None
+    return dims[1].dim_value, dims[3].dim_value, onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
 
 
 def perplexity(model_path: Path, feeds: Sequence[dict[str, np.ndarray]], logits_name: str | None = None,

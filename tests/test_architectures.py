@@ -43,6 +43,7 @@ pytest.importorskip("onnxscript")
 
 from qcompiler.models.builders import TensorOutput, _reinit_  # noqa: E402
 from qcompiler.models.export import DEFAULT_OPSET, export_module  # noqa: E402
+from qcompiler.models.kv_cache import export_with_kv_cache  # noqa: E402
 from qcompiler.models.rescale import apply_channel_factors_, fold_sites  # noqa: E402
 
 HIDDEN, VOCAB, SEQ = 64, 256, 32
@@ -107,27 +108,10 @@ def exported(arch: str, exporter: str, outliers: int = 0) -> onnx.ModelProto:
     return onnx.load_from_string(buffer.getvalue())
 
 
-class WithCache(torch.nn.Module):
-    """``(input_ids, attention_mask, *past) -> (logits, *present)``, past/present flattened as
-    ``past_key_values.{layer}.key/value`` [batch, kv heads, length, head dim] (as optimum exports decoders
-    with a cache)."""
-
-    def __init__(self, hf: torch.nn.Module):
-        super().__init__()
-        self.hf = hf
-
-    def forward(self, input_ids, attention_mask, *past):
-        cache = transformers.DynamicCache(config=self.hf.config)
-        for layer in range(len(past) // 2):
-            cache.update(past[2 * layer], past[2 * layer + 1], layer)
-        out = self.hf(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
-        return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
-
-
 @functools.cache
-def exported_with_cache(arch: str, attention: str) -> tuple[onnx.ModelProto, tuple[tuple[int, int], ...]]:
-    """The TorchScript export of one step over a KV cache with ``attention`` ("eager" or "sdpa", whose export
-    zeroes NaN probabilities), and each cache input's (heads, head dim)."""
+def exported_with_cache(arch: str, attention: str) -> tuple[onnx.ModelProto, list[tuple[int, int]]]:
+    """One step over a KV cache (qcompiler.models.kv_cache) with ``attention`` ("eager" or "sdpa"), and each
+    cache input's (heads, head dim)."""
     config_class, model_class, kwargs = ARCHITECTURES[arch]
     config = getattr(transformers, config_class)(**kwargs)
     config._attn_implementation = attention
@@ -135,20 +119,7 @@ def exported_with_cache(arch: str, attention: str) -> tuple[onnx.ModelProto, tup
         hf = getattr(transformers, model_class)(config)
     _reinit_(hf, 0)
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        cache = hf.eval()(input_ids=ids[:, :5], use_cache=True).past_key_values
-    past = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-    names = [f"past_key_values.{i // 2}.{('key', 'value')[i % 2]}" for i in range(len(past))]
-    present = [name.replace("past_key_values", "present") for name in names]
-    dims = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "past_seq + seq"},
-            **{n: {0: "batch", 2: "past_seq"} for n in names}, **{n: {0: "batch", 2: "past_seq + seq"} for n in present}}
-    buffer = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(WithCache(hf), (ids[:, 5:], torch.ones_like(ids), *past), buffer, dynamo=False, opset_version=17,
-                          input_names=["input_ids", "attention_mask", *names], output_names=["logits", *present],
-                          dynamic_axes=dims)
-    return onnx.load_from_string(buffer.getvalue()), tuple((t.shape[1], t.shape[3]) for t in past)
+    return export_with_kv_cache(hf, ids, past_length=5)
 
 
 # (new tokens, cached tokens): a prefill, a one-token decode step, a chunk after a cache

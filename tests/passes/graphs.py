@@ -35,7 +35,7 @@ def two_linear_model(rng, k=32, n=48, t=12, outlier=0.0):
     return make_model(nodes, inits, inputs, outputs)
 
 
-def decoder_model(rng, *, vocab=384, hidden=256, heads=4, kv_heads=2, ffn=512, layers=2, padding=False):
+def decoder_model(rng, *, vocab=384, hidden=256, heads=4, kv_heads=2, ffn=512, layers=2, padding=False, cache=False):
     """A Llama-style decoder written out as exports write it (no torch needed), ``input_ids -> logits``::
 
         ids ─ Gather(embed) ─ x ─┬─ RMSNorm ─ q/k/v MatMul ─ Reshape ─ Transpose ─ [K/V: repeat_kv]
@@ -47,7 +47,12 @@ def decoder_model(rng, *, vocab=384, hidden=256, heads=4, kv_heads=2, ffn=512, l
     Where(0, min)); repeat_kv expands K/V to the query heads with shapes read at run time. With
     ``padding`` the model also takes ``attention_mask`` int64 [batch, seq] and the mask keeps only the
     keys it marks (causal & Cast(attention_mask, bool)[:, None, None, :]), as padded-batch exports do.
+    With ``cache`` (padding implied) it is one step over a KV cache, laid out as optimum exports decoders
+    with past: ``past_key_values.{layer}.key/value`` [batch, kv_heads, past_seq, head_dim] inputs are
+    concatenated before the new tokens' K/V (``present.{layer}.key/value`` outputs), attention_mask is
+    [batch, past_seq + seq] and query i sits at position past_seq + i of the causal mask.
     """
+    padding = padding or cache
     head_dim = hidden // heads
     f32 = np.float32
     inits, nodes = [], []
@@ -76,15 +81,22 @@ def decoder_model(rng, *, vocab=384, hidden=256, heads=4, kv_heads=2, ffn=512, l
     ids_shape = node("Shape", ["input_ids"], "ids_shape")
     batch = node("Gather", [ids_shape, const("i0", [0])], "batch")
     seq = node("Gather", [ids_shape, const("i1", [1])], "seq")
-    pos = node("Range", [const("zero", 0), node("Squeeze", [seq, const("axis0", [0])], "seq_scalar"), const("one", 1)], "pos")
-    causal = node("GreaterOrEqual", [node("Unsqueeze", [pos, const("axis1", [1])], "pos_i"),
-                                     node("Unsqueeze", [pos, "axis0"], "pos_j")], "causal")
+    seq_scalar = node("Squeeze", [seq, const("axis0", [0])], "seq_scalar")
+    total, past = seq, const("zero", 0)
+    if cache:
+        past = node("Squeeze", [node("Gather", [node("Shape", ["past_key_values.0.key"], "past_shape"), const("i2", [2])],
+                                     "past_seq"), "axis0"], "past_scalar")
+        total = node("Unsqueeze", [node("Add", [past, seq_scalar], "total_scalar"), "axis0"], "total")
+    keys = node("Range", [const("zero", 0), node("Squeeze", [total, "axis0"], "total_keys"), const("one", 1)], "pos")
+    queries = node("Range", [past, node("Add", [past, seq_scalar], "last_query"), "one"], "query_pos") if cache else keys
+    causal = node("GreaterOrEqual", [node("Unsqueeze", [queries, const("axis1", [1])], "pos_i"),
+                                     node("Unsqueeze", [keys, "axis0"], "pos_j")], "causal")
     if padding:
         keys = node("Unsqueeze", [node("Cast", ["attention_mask"], "mask_bool", to=TensorProto.BOOL), const("axes12", [1, 2])],
                     "mask_keys")
         causal = node("And", [causal, keys], "causal_and_padding")
     mask = node("Where", [causal, const("zero_f", 0.0, f32), const("min_f", np.finfo(f32).min, f32)], "mask")
-    kv_shape = node("Concat", [batch, const("kv_heads", [kv_heads]), const("rep", [heads // kv_heads]), seq,
+    kv_shape = node("Concat", [batch, const("kv_heads", [kv_heads]), const("rep", [heads // kv_heads]), total,
                                const("head_dim", [head_dim])], "kv_expand_shape", axis=0)
     for layer in range(layers):
         p = f"layers.{layer}"
@@ -94,6 +106,9 @@ def decoder_model(rng, *, vocab=384, hidden=256, heads=4, kv_heads=2, ffn=512, l
             proj = node("MatMul", [n, weight(f"{p}.{name}_proj", [hidden, width * head_dim], hidden ** -0.5)], f"{p}/{name}_proj")
             heads4 = node("Reshape", [proj, const(f"{name}_view", [0, 0, width, head_dim])], f"{p}/{name}_view")
             split[name] = node("Transpose", [heads4], f"{p}/{name}_bhsd", perm=[0, 2, 1, 3])
+            if cache and name != "q":
+                past_name = f"past_key_values.{layer}.{'key' if name == 'k' else 'value'}"
+                split[name] = node("Concat", [past_name, split[name]], past_name.replace("past_key_values", "present"), axis=2)
         for name in ("k", "v"):
             expanded = node("Expand", [node("Unsqueeze", [split[name], const("axis2", [2])], f"{p}/{name}_unsq"), kv_shape],
                             f"{p}/{name}_expand")
@@ -116,5 +131,13 @@ def decoder_model(rng, *, vocab=384, hidden=256, heads=4, kv_heads=2, ffn=512, l
     nodes[-1].output[0] = "logits"
     inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", "seq"])
               for name in ("input_ids", "attention_mask")[:1 + padding]]
-    return make_model(nodes, inits, inputs,
-                      [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", "seq", vocab])], opset=21)
+    outputs = [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", "seq", vocab])]
+    if cache:
+        inputs[1] = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "past_seq + seq"])
+        for layer in range(layers):
+            for kv in ("key", "value"):
+                inputs.append(helper.make_tensor_value_info(f"past_key_values.{layer}.{kv}", TensorProto.FLOAT,
+                                                            ["batch", kv_heads, "past_seq", head_dim]))
+                outputs.append(helper.make_tensor_value_info(f"present.{layer}.{kv}", TensorProto.FLOAT,
+                                                             ["batch", kv_heads, "past_seq + seq", head_dim]))
+    return make_model(nodes, inits, inputs, outputs, opset=21)

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 
 from qcompiler.backends.plugin_graph import run_plugin_graph
 from qcompiler.config import Recipe, WeightOnlyConfig
+from qcompiler.evaluation import lm_feeds, logits_through_cache
 from qcompiler.graph import export_graph, import_graph
 from qcompiler.pass_manager import PassContext
 from qcompiler.pipeline import build_passes
@@ -73,6 +74,34 @@ def test_padded_decoder_takes_its_attention_mask_as_the_key_mask():
     expected, got = run_ort(nbits, feeds)[0], run_plugin_graph(plugins, feeds)[0]
     tokens = feeds["attention_mask"] == 1
     np.testing.assert_allclose(got[tokens], expected[tokens], rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+CACHE_BOUNDS = [0, 21, 29, 30, 31, 32, 33]  # a prefill, a chunk of 8 over its cache, then 4 one-token decode steps
+
+
+def cached_feeds(batch: int, seed: int) -> tuple[dict[str, np.ndarray], list[str]]:
+    """A padded window of 33 tokens as one prefill (empty caches) for the cached decoder, and its cache inputs."""
+    model = decoder_model(np.random.default_rng(0), layers=LAYERS, cache=True)
+    feeds = lm_feeds(model, np.zeros((1, 33), np.int64))[0] | padded_feeds(batch, 33, seed)
+    caches = [i.name for i in model.graph.input if i.name.startswith("past_key_values")]
+    return feeds | {name: np.repeat(feeds[name], batch, axis=0) for name in caches}, caches
+
+
+def test_decoder_steps_through_its_kv_cache():
+    """The decoder as one step over a KV cache: FlashAttention takes the cache's keys concatenated before the new
+    ones (causal bottom-right aligned, attention_mask over both as the key_mask), and a padded window fed as a
+    prefill, a chunk and one-token decode steps, each step's presents fed back, gives the MatMulNBits graph's
+    logits at every real token, as does the whole window in one prefill."""
+    model = decoder_model(np.random.default_rng(0), layers=LAYERS, cache=True)
+    nbits, plugins = plugin_graph(model)
+    flash = [n for n in plugins.graph.node if n.op_type == "FlashAttention"]
+    assert [n.input[1] for n in flash] == [f"present.{layer}.key" for layer in range(LAYERS)]
+    feeds, caches = cached_feeds(3, seed=1)
+    expected = run_ort(nbits, feeds)[0]
+    tokens = feeds["attention_mask"] == 1
+    for got in (run_plugin_graph(plugins, feeds)[0],
+                logits_through_cache(lambda f: run_plugin_graph(plugins, f), feeds, caches, CACHE_BOUNDS)):
+        np.testing.assert_allclose(got[tokens], expected[tokens], rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
 def test_output_comparison_leaves_out_padding_positions(tmp_path):

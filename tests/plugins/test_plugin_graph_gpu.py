@@ -18,8 +18,9 @@ pytest.importorskip("cupy")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from qcompiler.backends.plugin_graph import kernel_ops, run_plugin_graph  # noqa: E402 - after the importorskips
+from qcompiler.evaluation import logits_through_cache  # noqa: E402
 from tests.passes.graphs import decoder_model  # noqa: E402
-from tests.passes.test_plugin_graph import LAYERS, padded_feeds, plugin_graph  # noqa: E402
+from tests.passes.test_plugin_graph import CACHE_BOUNDS, LAYERS, cached_feeds, padded_feeds, plugin_graph  # noqa: E402
 
 
 @pytest.mark.parametrize("hidden,int4_tactic,attention_tactic", [
@@ -56,6 +57,25 @@ def test_padded_plugin_graph_on_the_plugin_kernels(attention_tactic):
         assert np.isfinite(got).all()
         error = np.linalg.norm(got[tokens] - expected[tokens]) / np.linalg.norm(expected[tokens])
         assert error < 5e-3, (batch, seq, error)
+
+
+@pytest.mark.parametrize("attention_tactic", ["d64", "wgmma_d64"])
+def test_cached_plugin_graph_on_the_plugin_kernels(attention_tactic):
+    """The decoder as one step over a KV cache, fed a padded window as a prefill, a chunk and one-token decode
+    steps (FlashAttention with fewer queries than keys, causal bottom-right aligned, with key_mask) on the
+    Triton and the wgmma kernel, against the references' one prefill at every real token."""
+    model = decoder_model(np.random.default_rng(0), layers=LAYERS, cache=True)
+    _, plugins = plugin_graph(model)
+    feeds, caches = cached_feeds(3, seed=2)
+    launched: list[str] = []
+    ops = kernel_ops("m16", attention_tactic, launched)
+    got = logits_through_cache(lambda f: run_plugin_graph(plugins, f, ops=ops), feeds, caches, CACHE_BOUNDS)
+    assert launched.count(attention_tactic) == LAYERS * (len(CACHE_BOUNDS) - 1)
+    expected = run_plugin_graph(plugins, feeds)[0]
+    tokens = feeds["attention_mask"] == 1
+    assert np.isfinite(got).all()
+    error = np.linalg.norm(got[tokens] - expected[tokens]) / np.linalg.norm(expected[tokens])
+    assert error < 5e-3, error
 
 
 @pytest.mark.parametrize("w8a8_tactic", ["small", "large"])
