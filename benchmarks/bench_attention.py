@@ -16,8 +16,10 @@ dropped at random: no single run of kept keys, so every key block reads the mask
 of the plugin's tactics for the head dim (Triton and wgmma), as TensorRT's autotuner would keep.
 
 ``--decode`` adds a table for one-token decode steps over a KV cache of s keys (Sq = 1, 32 query heads over
-8 KV heads, batch 1 and 16): µs, the K/V bytes read per µs (TB/s), and SDPA's backends given the same GQA
-tensors (``enable_gqa=True``; a backend that refuses them has no figure).
+8 KV heads, batch 1 and 16): the fastest of every tactic (the cluster decode kernel's included) in µs, the K/V
+bytes read per µs (TB/s), SDPA's backends given the same GQA tensors (``enable_gqa=True``; a backend that
+refuses them has no figure), and the fastest of the prefill tactics alone (what the plugin had before
+flash_decode.py).
 """
 
 # ruff: noqa: B023  (each lambda is timed inside the iteration that defines it)
@@ -33,6 +35,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from qcompiler.plugins.flash_attention import AttnConfig, flash_attention, pick_attn_config
 from qcompiler.plugins.flash_attention_wgmma import ATTN_WGMMA_TACTICS, AttnWgmmaConfig
+from qcompiler.plugins.flash_decode import ATTN_DECODE_TACTICS, AttnDecodeConfig
+from qcompiler.plugins.flash_decode import supports as supports_decode
 
 SEQS = [512, 2048, 8192, 16384]
 DIMS = [64, 128]
@@ -52,7 +56,7 @@ def bench(fn):
 
 
 def _desc(cfg):
-    if isinstance(cfg, AttnWgmmaConfig):
+    if isinstance(cfg, (AttnWgmmaConfig, AttnDecodeConfig)):
         return cfg.describe()
     return f"{cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}"
 
@@ -167,7 +171,7 @@ def decode_table(dims: list[int], seqs: list[int]) -> list[str]:
     """One-token decode steps over a cache of s keys: ours vs SDPA's backends (µs, K/V TB/s, one run)."""
     hq, hkv = 32, 8
     head = ("| d | keys | batch | ours µs | ours K/V TB/s | " + " | ".join(f"{n} µs" for n in BACKENDS) + " | "
-            + " | ".join(f"vs {n}" for n in BACKENDS) + " | tactic |")
+            + " | ".join(f"vs {n}" for n in BACKENDS) + " | tactic | prefill kernels µs | vs prefill kernels |")
     lines = ["", f"## Decode steps (1 query, {hq} query heads over {hkv} KV heads)", "", head,
              "|" + "---|" * (head.count("|") - 1)]
     print("\n".join(lines), flush=True)
@@ -175,8 +179,10 @@ def decode_table(dims: list[int], seqs: list[int]) -> list[str]:
         q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.float16)
         k, v = (torch.randn(batch, hkv, s, d, device="cuda", dtype=torch.float16) for _ in range(2))
         kv_bytes = 2 * k.numel() * k.element_size()
-        tactics = [pick_attn_config(d, s)] + [c for c in ATTN_WGMMA_TACTICS.values() if c.D == d]
-        ours, cfg = min((bench(lambda: flash_attention(q, k, v, causal=True, config=c)), _desc(c)) for c in tactics)
+        prefill = [pick_attn_config(d, s)] + [c for c in ATTN_WGMMA_TACTICS.values() if c.D == d]
+        decode = [c for c in ATTN_DECODE_TACTICS.values() if supports_decode(c, d, 0.0, hq // hkv)]
+        (pre, pre_cfg), (ours, cfg) = (min((bench(lambda: flash_attention(q, k, v, causal=True, config=c)), _desc(c))
+                                           for c in tactics) for tactics in (prefill, prefill + decode))
         times = {}
         for name, backend in BACKENDS.items():
             try:
@@ -187,7 +193,7 @@ def decode_table(dims: list[int], seqs: list[int]) -> list[str]:
                 times[name] = float("nan")
         row = (f"| {d} | {s} | {batch} | {ours:.1f} | {kv_bytes / ours / 1e6:.2f} | "
                + " | ".join(f"{times[n]:.1f}" for n in BACKENDS) + " | "
-               + " | ".join(f"{times[n] / ours:.2f}x" for n in BACKENDS) + f" | {cfg} |")
+               + " | ".join(f"{times[n] / ours:.2f}x" for n in BACKENDS) + f" | {cfg} | {pre:.1f} ({pre_cfg}) | {pre / ours:.2f}x |")
         lines.append(row)
         print(row, flush=True)
     return lines

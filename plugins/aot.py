@@ -200,8 +200,11 @@ def tactics(config) -> list[str]:
     if isinstance(config, FlashAttentionPlugin):
         from .flash_attention import ATTN_TACTICS
         from .flash_attention_wgmma import ATTN_WGMMA_TACTICS, supports
-        return list(ATTN_TACTICS) + [name for name, cfg in ATTN_WGMMA_TACTICS.items()
-                                     if supports(cfg, config.head_dim, config.scale)]
+        from .flash_decode import ATTN_DECODE_TACTICS
+        from .flash_decode import supports as supports_decode
+        gqa = config.num_heads // config.kv_num_heads
+        return (list(ATTN_TACTICS) + [name for name, cfg in ATTN_WGMMA_TACTICS.items() if supports(cfg, config.head_dim, config.scale)]
+                + [name for name, cfg in ATTN_DECODE_TACTICS.items() if supports_decode(cfg, config.head_dim, config.scale, gqa)])
     return ["default"]
 
 
@@ -272,14 +275,15 @@ def build_int4_cuda(c: Int4GemmPlugin, cfg) -> AotKernel:
     return _nvrtc_kernel(module, cfg, name, source, params, grid)
 
 
-def _nvrtc_kernel(module, cfg, name: str, source: str, params: list, grid: tuple) -> AotKernel:
+def _nvrtc_kernel(module, cfg, name: str, source: str, params: list, grid: tuple, shared_mem: int | None = None) -> AotKernel:
     """A hand-written kernel's source compiled by NVRTC for its module's ``ARCH`` and ``PTX_ISA``, with the block
-    and shared memory its config declares."""
+    its config declares and ``shared_mem`` (default: the config's ``dynamic_shared_bytes``)."""
     from .nvrtc import compile_to_ptx
 
     ptx = compile_to_ptx(source, name + ".cu", options=(f"--gpu-architecture={module.ARCH}", "-std=c++17"),
                          ptx_version=module.PTX_ISA)
-    return AotKernel(name, ptx, cfg.num_warps, cfg.dynamic_shared_bytes, tuple(params), grid, module.PROGRAMMATIC_LAUNCH)
+    shared_mem = cfg.dynamic_shared_bytes if shared_mem is None else shared_mem
+    return AotKernel(name, ptx, cfg.num_warps, shared_mem, tuple(params), grid, module.PROGRAMMATIC_LAUNCH)
 
 
 def _build_w8a8(c: W8A8GemmPlugin) -> AotKernel:
@@ -327,6 +331,7 @@ def _build_quant(c: QuantizePerTokenPlugin) -> AotKernel:
 def _build_attn(c: FlashAttentionPlugin) -> AotKernel:
     from .flash_attention import ATTN_TACTICS, _flash_attn_fwd_kernel, pick_attn_config
     from .flash_attention_wgmma import ATTN_WGMMA_TACTICS
+    from .flash_decode import ATTN_DECODE_TACTICS
 
     if c.num_heads % c.kv_num_heads:
         raise ValueError("FlashAttention plugin: num_heads must be a multiple of kv_num_heads")
@@ -334,6 +339,8 @@ def _build_attn(c: FlashAttentionPlugin) -> AotKernel:
         raise ValueError("FlashAttention plugin: seqlens_k and key_mask exclude each other")
     if c.tactic in ATTN_WGMMA_TACTICS:
         return build_attn_cuda(c, ATTN_WGMMA_TACTICS[c.tactic])
+    if c.tactic in ATTN_DECODE_TACTICS:
+        return build_attn_cuda(c, ATTN_DECODE_TACTICS[c.tactic])
     cfg = ATTN_TACTICS[c.tactic] if c.tactic else pick_attn_config(c.head_dim, 0)
     dt = _DTYPES[c.dtype]
     D, HQ, HKV = c.head_dim, c.num_heads, c.kv_num_heads
@@ -366,16 +373,23 @@ def _build_attn(c: FlashAttentionPlugin) -> AotKernel:
 
 
 def build_attn_cuda(c: FlashAttentionPlugin, cfg) -> AotKernel:
-    """The CUDA C++ wgmma attention kernel (flash_attention_wgmma.py) for ``cfg``, compiled by NVRTC; no
-    scratch parameters. ``c.tactic`` is not read, so sweeps can build configs outside the table."""
+    """A CUDA C++ attention kernel for ``cfg``, compiled by NVRTC: the wgmma prefill kernel (flash_attention_wgmma.py,
+    an AttnWgmmaConfig) or the cluster decode kernel (flash_decode.py, an AttnDecodeConfig); no scratch parameters.
+    ``c.tactic`` is not read, so sweeps can build configs outside the tables."""
     from . import flash_attention_wgmma as fa
+    from . import flash_decode
 
     if c.head_dim != cfg.D:
         raise ValueError(f"FlashAttention plugin: tactic {cfg.describe()} is for head dim {cfg.D}, not {c.head_dim}")
-    name, source = fa.kernel_source(cfg, c.dtype, c.num_heads, c.kv_num_heads, c.causal, c.scale, c.has_seqlens_k,
-                                    c.has_key_mask)
+    decode = isinstance(cfg, flash_decode.AttnDecodeConfig)
+    module = flash_decode if decode else fa
+    name, source = module.kernel_source(cfg, c.dtype, c.num_heads, c.kv_num_heads, c.causal, c.scale, c.has_seqlens_k,
+                                        c.has_key_mask)
     params = [("Q", "in", "Q"), ("K", "in", "K"), ("V", "in", "V")]
     params += [("SEQLENS_K", "in", "seqlens_k")] * c.has_seqlens_k + [("KEY_MASK", "in", "key_mask")] * c.has_key_mask
     params += [("SQ", "i32", Expr.of("SQ")), ("SK", "i32", Expr.of("SK")), ("O", "out", "O"), ("LSE", "out", "LSE")]
+    if decode:  # clusters of CLUSTER CTAs along x split one KV head's keys
+        grid = (Expr(cfg.CLUSTER), Expr(1, (("SQ", cfg.QT),)), Expr(c.kv_num_heads, (("B", 1),)))
+        return _nvrtc_kernel(module, cfg, name, source, params, grid, cfg.dynamic_shared_bytes(c.num_heads // c.kv_num_heads))
     grid = (Expr(1, (("SQ", cfg.BLOCK_M),)), Expr(c.num_heads, (("B", 1),)), Expr(1))
     return _nvrtc_kernel(fa, cfg, name, source, params, grid)

@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 
 from .flash_attention_wgmma import ATTN_WGMMA_TACTICS, AttnWgmmaConfig
+from .flash_decode import AttnDecodeConfig
+from .flash_decode import supports as supports_decode
 from .launch import launch, sm90a_kernels_available
 
 __all__ = ["AttnConfig", "flash_attention", "flash_attention_reference", "pick_attn_config", "ATTN_TACTICS",
@@ -247,8 +249,9 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         key_mask: int32 [B, Sk], contiguous; 0 masks key j of batch b (key-masked mode).
         cu_seqlens_q, cu_seqlens_k: int32 [B+1] prefix sums (varlen mode).
         max_seqlen_q: longest query sequence in varlen mode (grid size); computed when None.
-        config: launch tactic: an AttnConfig of the Triton kernel, or an AttnWgmmaConfig of the CUDA C++ kernel
-            (dense/padded contiguous tensors on sm_90a; launched from its plugin PTX). When None: the wgmma
+        config: launch tactic: an AttnConfig of the Triton kernel, an AttnWgmmaConfig of the CUDA C++ kernel
+            (dense/padded contiguous tensors on sm_90a; launched from its plugin PTX) or an AttnDecodeConfig of the
+            decode kernel (flash_decode.py; the same, up to 16 query rows per CTA). When None: the wgmma
             kernel where it can run and measured faster (WGMMA_TACTIC_BY_HEAD_DIM: head dim 128; contiguous
             dense/padded tensors, Hopper with NVRTC and CuPy, a positive scale), else the Triton tactic.
 
@@ -317,10 +320,11 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if config is None and dense_contiguous and (scale is None or scale > 0) and D in WGMMA_TACTIC_BY_HEAD_DIM \
             and q.is_cuda and sm90a_kernels_available(q.device.index if q.device.index is not None else 0):
         config = ATTN_WGMMA_TACTICS[WGMMA_TACTIC_BY_HEAD_DIM[D]]
-    if isinstance(config, AttnWgmmaConfig):
-        if not dense_contiguous or config.D != D or (scale is not None and scale <= 0):
+    if isinstance(config, (AttnWgmmaConfig, AttnDecodeConfig)):
+        fits = not isinstance(config, AttnDecodeConfig) or supports_decode(config, D, float(scale or 0.0), HQ // HKV)
+        if not dense_contiguous or config.D != D or (scale is not None and scale <= 0) or not fits:
             raise ValueError(f"FlashAttention: tactic {config.describe()} needs contiguous dense/padded q/k/v with head "
-                             f"dim {config.D} and a positive scale")
+                             f"dim {config.D} and a positive scale" + ("" if fits else ", and at most 16 query rows per CTA"))
         kernel = _cuda_kernel(str(q.dtype).removeprefix("torch."), HQ, HKV, bool(causal), float(scale or 0.0),
                               mode == MODE_PADDED, mode == MODE_KEY_MASK, config)
         launch(kernel, {"Q": q, "K": k, "V": v, "seqlens_k": seqlens_k, "key_mask": key_mask, "O": o, "LSE": lse},
@@ -341,7 +345,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
 @lru_cache(maxsize=64)
 def _cuda_kernel(dtype: str, num_heads: int, kv_num_heads: int, causal: bool, scale: float, padded: bool,
-                 key_masked: bool, cfg: AttnWgmmaConfig):
+                 key_masked: bool, cfg: AttnWgmmaConfig | AttnDecodeConfig):
     from .aot import FlashAttentionPlugin, build_attn_cuda
 
     return build_attn_cuda(FlashAttentionPlugin(dtype, num_heads, kv_num_heads, cfg.D, causal, scale, padded,

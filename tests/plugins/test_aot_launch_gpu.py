@@ -113,6 +113,8 @@ ATTN_CASES = [  # dtype, Hq, Hkv, D, causal, masking ("", "seqlens_k", "key_mask
     ("float16", 4, 1, 128, False, "key_mask", "wgmma_d128"), ("float16", 6, 3, 128, True, "key_mask", "wgmma_d128_s3"),
     ("float16", 8, 2, 64, True, "seqlens_k", "wgmma_d64"), ("bfloat16", 4, 1, 128, True, "", "wgmma_d128"),
     ("float16", 6, 3, 128, False, "seqlens_k", "wgmma_d128_s3"), ("bfloat16", 8, 8, 64, False, "", "wgmma_d64"),
+    ("float16", 8, 2, 64, True, "key_mask", "decode_d64"), ("bfloat16", 32, 8, 128, True, "", "decode_d128"),
+    ("float16", 6, 3, 128, False, "seqlens_k", "decode_d128"), ("bfloat16", 4, 1, 64, True, "", "decode_d64"),
 ]
 
 
