@@ -16,7 +16,8 @@ dropped at random: no single run of kept keys, so every key block reads the mask
 of the plugin's tactics for the head dim (Triton and wgmma), as TensorRT's autotuner would keep.
 
 ``--decode`` adds a table for one-token decode steps over a KV cache of s keys (Sq = 1, 32 query heads over
-8 KV heads, batch 1 and 16): the fastest of every tactic (the cluster decode kernel's included) in µs, the K/V
+8 KV heads, batch 1 and 16), every call timed as a CUDA-graph replay: the fastest of every tactic (the cluster
+decode kernel's included) in µs, the K/V
 bytes read per µs (TB/s), SDPA's backends given the same GQA tensors (``enable_gqa=True``; a backend that
 refuses them has no figure), and the fastest of the prefill tactics alone (what the plugin had before
 flash_decode.py).
@@ -53,6 +54,17 @@ SWEEP = [AttnConfig(128, 64, 8, 3), AttnConfig(128, 128, 8, 3), AttnConfig(128, 
 
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def graph_bench(fn):
+    """Median µs of a CUDA-graph replay of fn: a decode step's kernel runs for less time than a Python launch
+    takes, so timed launch by launch the figure would be the launcher's."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
 
 
 def _desc(cfg):
@@ -181,13 +193,13 @@ def decode_table(dims: list[int], seqs: list[int]) -> list[str]:
         kv_bytes = 2 * k.numel() * k.element_size()
         prefill = [pick_attn_config(d, s)] + [c for c in ATTN_WGMMA_TACTICS.values() if c.D == d]
         decode = [c for c in ATTN_DECODE_TACTICS.values() if supports_decode(c, d, 0.0, hq // hkv)]
-        (pre, pre_cfg), (ours, cfg) = (min((bench(lambda: flash_attention(q, k, v, causal=True, config=c)), _desc(c))
+        (pre, pre_cfg), (ours, cfg) = (min((graph_bench(lambda: flash_attention(q, k, v, causal=True, config=c)), _desc(c))
                                            for c in tactics) for tactics in (prefill, prefill + decode))
         times = {}
         for name, backend in BACKENDS.items():
             try:
                 with sdpa_kernel([backend]):
-                    times[name] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+                    times[name] = graph_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
             except RuntimeError as err:
                 print(f"  {name} unavailable: {str(err).splitlines()[0][:80]}", file=sys.stderr)
                 times[name] = float("nan")

@@ -1,23 +1,26 @@
 """Attention for decode steps on Hopper: few queries over a long KV cache, split over a thread-block cluster.
 
 The prefill kernels (flash_attention.py, flash_attention_wgmma.py) give each CTA 64-128 query rows of one head
-and walk every key. A decode step has one query per head: B * Hq CTAs then stream the whole cache each, one
-CTA per head of a GQA group reading the same K/V, and at batch 1 a few dozen CTAs cannot pull the H100's
-bandwidth (measured 0.2-0.6x SDPA's split-KV kernels: benchmarks/results/attention_decode_h100.md).
+and walk every key. A decode step has one query per head: B * Hq CTAs then stream the whole cache each, the
+heads of a GQA group reading the same K/V, and at batch 1 a few dozen CTAs cannot pull the H100's bandwidth
+(measured 1.5-9.4x slower than this kernel: benchmarks/results/attention_decode_h100.md).
 
-Here one CTA takes the GQA group's query heads times ``QT`` queries (``ROWS`` <= 16 rows) of one KV head, and
-the CLUSTER CTAs of a thread-block cluster split that KV head's keys between them. Each CTA streams its share
-of K and V through STAGES shared-memory stages (cp.async), computes S = Q K^T and O += P V on the CUDA cores in
-float32 (ROWS rows are too few for the tensor cores to matter: the loop is bound by memory), and keeps an
-online softmax. The CTAs then merge their (row max, row sum, O) in distributed shared memory: each combines a
-slice of the output from all of them. A split-KV reduction needs no global workspace this way, so the kernel
-stays one launch with nothing beyond the op's inputs and outputs, as a TensorRT AOT plugin requires; the
-cluster shape is compiled in (``__cluster_dims__``), so a plain launch forms the clusters.
+Here one CTA takes the GQA group's query heads times ``QT`` queries (``ROWS`` <= 16 rows: one m16 MMA tile) of
+one KV head, and the CLUSTER CTAs of a thread-block cluster split that KV head's keys between them. Each CTA
+streams its share of K and V through STAGES shared-memory stages of 128 keys (cp.async); each of its 4 warps
+takes 32 keys of a stage: S = Q K^T with ``mma.sync`` m16n8k16 (Q's A fragments held in registers, K read as
+B fragments from padded rows), an online softmax of its own, and O += P V with P's S-accumulator fragments as
+the A operand and V through ``ldmatrix.trans``. The warps' (row max, row sum, O) are merged in the CTA, and the
+CTAs' in distributed shared memory, each CTA merging a slice of the output from all of them. A split-KV
+reduction needs no global workspace this way, so the kernel stays one launch with nothing beyond the op's
+inputs and outputs, as a TensorRT AOT plugin requires; the cluster shape is compiled in (``__cluster_dims__``),
+so a plain launch forms the clusters.
 
 Semantics are ops.FLASH_ATTENTION's, like the other tactics: dense, padded (``seqlens_k``) or key-masked batches
 of contiguous [B, H, S, D] tensors, GQA/MQA, bottom-right aligned causal mask, O and the natural-log LSE (O = 0,
 LSE = -inf for a row that sees no key). Any Sq is correct (grid y covers the queries ``QT`` at a time); it is
-meant for Sq * Hq / Hkv <= 16 or so. Head dims 64 and 128, fp16/bf16, a positive scale. Needs sm_90.
+meant for decode steps. A key_mask is read per key; padded keys are loaded (unlike the prefill kernels, which
+skip the blocks before a run of kept keys). Head dims 64 and 128, fp16/bf16, a positive scale. Needs sm_90.
 This module never imports Triton or graph code.
 """
 
@@ -35,7 +38,7 @@ PTX_ISA = "8.0"  # clusters, mapa and barrier.cluster
 ARCH = "compute_90"
 PROGRAMMATIC_LAUNCH = False
 _SMEM_LIMIT = 227 * 1024
-_THREADS = 128  # one key of a 128-key tile per thread for S; one head-dim column (or half of one) for O
+_WARPS, _KEYS = 4, 128  # keys per tile: 32 per warp
 _MAX_ROWS = 16
 
 
@@ -61,15 +64,17 @@ class AttnDecodeConfig:
 
     @property
     def num_warps(self) -> int:
-        return _THREADS // 32
+        return _WARPS
 
     def rows(self, gqa: int) -> int:
         return gqa * self.QT
 
     def dynamic_shared_bytes(self, gqa: int) -> int:
+        tiles = self.STAGES * (2 * _KEYS * (self.D + 8) * 2 + _KEYS * 4)  # K, V (padded rows), key_mask
+        q_tile = 16 * (self.D + 8) * 2
         rows = self.rows(gqa)
-        tiles = self.STAGES * (2 * _THREADS * (self.D + 8) * 2 + _THREADS * 4)  # K, V (padded rows), key_mask
-        return tiles + 4 * (rows * self.D + rows * _THREADS + rows * 4 + 2 * rows + rows * self.D)
+        partials = 4 * (_WARPS + 1) * (2 * 16 + rows * self.D)  # row max, row sum and O of each warp and of the CTA
+        return tiles + q_tile + partials
 
     def describe(self) -> str:
         return f"decode c{self.CLUSTER} d{self.D} s{self.STAGES} q{self.QT}"
@@ -96,16 +101,16 @@ _SOURCE = r"""
 #define ROWS (GQA * QT)
 #define HQ @HQ@
 #define HKV (HQ / GQA)
-#define BN 128
+#define BN 128                   // keys per tile: 32 per warp
 #define THREADS 128
+#define WARPS 4
 #define STAGES @STAGES@
 #define CLUSTER @CLUSTER@
 #define CAUSAL @CAUSAL@
 #define PADDED @PADDED@
 #define KEYMASK @KEYMASK@
 #define SCALE_LOG2 @SCALE_LOG2@  // softmax scale * log2(e): the exponentials are exp2
-#define LD (D + 8)               // K/V tile row stride (16-bit elements): a quarter-warp's 16-byte loads of 8 rows hit distinct banks
-#define DP (THREADS / D)         // O += P V: key partitions of a tile (1 at d128, 2 at d64)
+#define LD (D + 8)               // tile row stride (16-bit elements): 8 rows of one 16-byte column hit distinct banks
 #define NEG_INF __int_as_float(0xff800000)
 #define LN2 0.6931471805599453f
 
@@ -119,17 +124,29 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
+
+// c (16x8, f32) += a (16x16) . b (16x8): the m16n8k16 fragments.
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." DT "." DT ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};" : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(u32* r, u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+__device__ __forceinline__ u32 lds32(const u16* p) { return *(const u32*)p; }
 
 __device__ __forceinline__ u32 cluster_rank() {
   u32 r;
@@ -146,18 +163,10 @@ __device__ __forceinline__ void cluster_sync() {
 __device__ __forceinline__ float ld_cluster(const float* p, u32 rank) {
   u32 remote;
   float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(p)), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+  // not volatile: the loads of a merge are independent and may be in flight together (cluster_sync orders them)
+  asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(p)), "r"(rank));
+  asm("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote));
   return v;
-}
-
-__device__ __forceinline__ void unpack8(v4 w, float* f) {
-  const u32 words[4] = {w.a, w.b, w.c, w.d};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = from_16((u16)(words[i] & 0xFFFFu));
-    f[2 * i + 1] = from_16((u16)(words[i] >> 16));
-  }
 }
 
 extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THREADS, 1)
@@ -170,16 +179,17 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
 #endif
        int SQ, int SK, u16* __restrict__ O, float* __restrict__ LSE) {
   extern __shared__ __align__(16) unsigned char smem[];
-  u16* k_tiles = (u16*)smem;                       // [STAGES][BN][LD]
-  u16* v_tiles = k_tiles + STAGES * BN * LD;       // [STAGES][BN][LD]
-  int* mask_tiles = (int*)(v_tiles + STAGES * BN * LD);  // [STAGES][BN]
-  float* q_rows = (float*)(mask_tiles + STAGES * BN);    // [ROWS][D], scaled into log2 units
-  float* p_rows = q_rows + ROWS * D;               // [ROWS][BN]
-  float* warp_red = p_rows + ROWS * BN;            // [ROWS][4]
-  float* part_m = warp_red + ROWS * 4;             // [ROWS]: this CTA's row max, row sum and O, read by the cluster
-  float* part_l = part_m + ROWS;
-  float* part_o = part_l + ROWS;                   // [ROWS][D]
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  u16* k_tiles = (u16*)smem;                             // [STAGES][BN][LD]
+  u16* v_tiles = k_tiles + STAGES * BN * LD;             // [STAGES][BN][LD]
+  u16* q_tile = v_tiles + STAGES * BN * LD;              // [16][LD]: the rows, zero past ROWS and SQ
+  int* mask_tiles = (int*)(q_tile + 16 * LD);            // [STAGES][BN]
+  float* part_m = (float*)(mask_tiles + STAGES * BN);    // [WARPS][16]: each warp's row max, row sum and O
+  float* part_l = part_m + WARPS * 16;                   // [WARPS][16]
+  float* part_o = part_l + WARPS * 16;                   // [WARPS][ROWS][D]
+  float* cta_m = part_o + WARPS * ROWS * D;              // [ROWS]: the CTA's, merged from its warps' and
+  float* cta_l = cta_m + ROWS;                           // [ROWS]   read by the whole cluster
+  float* cta_o = cta_l + ROWS;                           // [ROWS][D]
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const u32 rank = cluster_rank();
   const int b = blockIdx.z / HKV, kvh = blockIdx.z % HKV, q0 = blockIdx.y * QT;
   int kend = SK;  // keys past kend do not exist for this batch entry
@@ -194,9 +204,9 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
   const int t_begin = rank * per, t_end = min(tiles, t_begin + per);
 
   // row r: query q0 + r / GQA of head kvh * GQA + r % GQA
-  for (int i = tid; i < ROWS * D; i += THREADS) {
+  for (int i = tid; i < 16 * D; i += THREADS) {
     const int r = i / D, s = q0 + r / GQA, h = kvh * GQA + r % GQA;
-    q_rows[i] = s < SQ ? from_16(Q[((long long)(b * HQ + h) * SQ + s) * D + i % D]) * SCALE_LOG2 : 0.f;
+    q_tile[r * LD + i % D] = r < ROWS && s < SQ ? Q[((long long)(b * HQ + h) * SQ + s) * D + i % D] : (u16)0;
   }
   const u16* k_head = K + (long long)(b * HKV + kvh) * SK * D;
   const u16* v_head = V + (long long)(b * HKV + kvh) * SK * D;
@@ -221,15 +231,28 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
     if (t_begin + i < t_end) load(t_begin + i, i);
     else cp_async_commit();
   }
-
-  float m_run[ROWS], l_part[ROWS], acc[ROWS];  // m_run is the same in every thread; l_part sums this thread's keys
+  __syncthreads();  // q_tile
+  u32 qa[D / 16][4];  // Q as the A fragments of S = Q K^T, one per 16 columns
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    m_run[r] = NEG_INF;
-    l_part[r] = 0.f;
-    acc[r] = 0.f;
+  for (int ks = 0; ks < D / 16; ++ks) {
+    qa[ks][0] = lds32(q_tile + g * LD + ks * 16 + 2 * t4);
+    qa[ks][1] = lds32(q_tile + (g + 8) * LD + ks * 16 + 2 * t4);
+    qa[ks][2] = lds32(q_tile + g * LD + ks * 16 + 8 + 2 * t4);
+    qa[ks][3] = lds32(q_tile + (g + 8) * LD + ks * 16 + 8 + 2 * t4);
   }
-  const int d_col = tid % D, d_part = tid / D;  // O[r][d_col] over this partition's keys of each tile
+  // rows g and g + 8 of this thread's fragments: their query positions (or -1 past ROWS / SQ)
+  int query[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = g + 8 * h;
+    query[h] = r < ROWS && q0 + r / GQA < SQ ? q0 + r / GQA : -1;
+  }
+  // this warp's online softmax over its 32 keys of every tile: the row max (quad-uniform), this thread's share of
+  // the row sum, and O's fragments (rows g, g + 8; columns 8 n + 2 t4, + 1)
+  float m_run[2] = {NEG_INF, NEG_INF}, l_part[2] = {0.f, 0.f}, o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+
   for (int t = t_begin; t < t_end; ++t) {
     const int stage = (t - t_begin) % STAGES;
     const int next = t + STAGES - 1;
@@ -237,94 +260,136 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
     else cp_async_commit();
     cp_async_wait<STAGES - 1>();
     __syncthreads();
-    const int key = t * BN + tid;
-    float s[ROWS];
+    const u16* k_tile = k_tiles + stage * BN * LD;
+    const int kw = warp * 32;  // this warp's first key in the tile
+    float s[4][4];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) s[r] = 0.f;
-    const u16* k_row = k_tiles + (stage * BN + tid) * LD;
-#pragma unroll 4
-    for (int c = 0; c < D; c += 8) {
-      float kf[8];
-      unpack8(lds128(smem_addr(k_row + c)), kf);
+    for (int n = 0; n < 4; ++n) {
+      s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+      const u16* k_row = k_tile + (kw + 8 * n + g) * LD + 2 * t4;
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        const float4 qa = *(const float4*)(q_rows + r * D + c), qb = *(const float4*)(q_rows + r * D + c + 4);
-        s[r] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] + qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
+      for (int ks = 0; ks < D / 16; ++ks) mma16816(s[n], qa[ks], lds32(k_row + ks * 16), lds32(k_row + ks * 16 + 8));
+    }
+    float tile_max[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int local = kw + 8 * n + 2 * t4 + (e & 1), key = t * BN + local, q = query[e >> 1];
+        bool kept = q >= 0 && key < kend;
+#if KEYMASK
+        kept = kept && mask_tiles[stage * BN + local] != 0;
+#endif
+#if CAUSAL
+        kept = kept && key <= q + kend - SQ;
+#endif
+        s[n][e] = kept ? s[n][e] * SCALE_LOG2 : NEG_INF;
+        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[n][e]);
       }
     }
-    bool key_kept = key < kend;
-#if KEYMASK
-    key_kept = key_kept && mask_tiles[stage * BN + tid] != 0;
-#endif
+    float alpha[2];
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      const int query = q0 + r / GQA;
-      bool kept = key_kept && query < SQ;
-#if CAUSAL
-      kept = kept && key <= query + kend - SQ;
-#endif
-      s[r] = kept ? s[r] : NEG_INF;
-      const float tile_max = warp_max(s[r]);
-      if (lane == 0) warp_red[r * 4 + warp] = tile_max;
+    for (int h = 0; h < 2; ++h) {
+      const float m_new = fmaxf(m_run[h], quad_max(tile_max[h]));
+      alpha[h] = m_new == NEG_INF ? 1.f : ex2(m_run[h] - m_new);
+      m_run[h] = m_new;
+      l_part[h] *= alpha[h];
     }
-    __syncthreads();
+    u32 pa[2][4];  // P as the A fragments of O += P V, one per 16 keys
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      const float tile_max = fmaxf(fmaxf(warp_red[r * 4], warp_red[r * 4 + 1]), fmaxf(warp_red[r * 4 + 2], warp_red[r * 4 + 3]));
-      const float m_new = fmaxf(m_run[r], tile_max);
-      const float alpha = m_new == NEG_INF ? 1.f : ex2(m_run[r] - m_new);
-      const float p = m_new == NEG_INF ? 0.f : ex2(s[r] - m_new);
-      l_part[r] = l_part[r] * alpha + p;
-      acc[r] *= alpha;
-      m_run[r] = m_new;
-      p_rows[r * BN + tid] = p;
-    }
-    __syncthreads();
-    const u16* v_col = v_tiles + stage * BN * LD + d_col;
-#pragma unroll 8
-    for (int j = d_part * (BN / DP); j < (d_part + 1) * (BN / DP); ++j) {
-      const float vf = from_16(v_col[j * LD]);
+    for (int n = 0; n < 4; ++n) {
+      float p[4];
 #pragma unroll
-      for (int r = 0; r < ROWS; ++r) acc[r] += p_rows[r * BN + j] * vf;
+      for (int e = 0; e < 4; ++e) {
+        p[e] = m_run[e >> 1] == NEG_INF ? 0.f : ex2(s[n][e] - m_run[e >> 1]);
+        l_part[e >> 1] += p[e];
+      }
+      pa[n >> 1][2 * (n & 1)] = pack2(p[0], p[1]);
+      pa[n >> 1][2 * (n & 1) + 1] = pack2(p[2], p[3]);
     }
-    __syncthreads();  // the stage and p_rows are written again next tile
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+    const u16* v_tile = v_tiles + stage * BN * LD;
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      const int key = kw + 16 * kk + ((lane >> 3) & 1) * 8 + (lane & 7);
+#pragma unroll
+      for (int n = 0; n < D / 8; n += 2) {
+        u32 vb[4];
+        ldmatrix_x4_trans(vb, smem_addr(v_tile + key * LD + 8 * n + (lane >> 4) * 8));
+        mma16816(o[n], pa[kk], vb[0], vb[1]);
+        mma16816(o[n + 1], pa[kk], vb[2], vb[3]);
+      }
+    }
+    __syncthreads();  // the stage is written again
   }
   cp_async_wait<0>();
 
-  // this CTA's partial result
+  // this warp's partial result
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    const float l = warp_sum(l_part[r]);
-    if (lane == 0) warp_red[r * 4 + warp] = l;
-    if (tid == 0) part_m[r] = m_run[r];
-    if (d_part == 0) part_o[r * D + d_col] = acc[r];
+  for (int h = 0; h < 2; ++h) {
+    const float l = quad_sum(l_part[h]);
+    const int r = g + 8 * h;
+    if (t4 == 0) {
+      part_m[warp * 16 + r] = m_run[h];
+      part_l[warp * 16 + r] = l;
+    }
+    if (r < ROWS) {
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        part_o[(warp * ROWS + r) * D + 8 * n + 2 * t4] = o[n][2 * h];
+        part_o[(warp * ROWS + r) * D + 8 * n + 2 * t4 + 1] = o[n][2 * h + 1];
+      }
+    }
   }
   __syncthreads();
+  // the CTA's partial result, merged from its warps'
+  for (int i = tid; i < ROWS * D; i += THREADS) {
+    const int r = i / D;
+    float m[WARPS], row_max = NEG_INF;
 #pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    if (tid == 0) part_l[r] = warp_red[r * 4] + warp_red[r * 4 + 1] + warp_red[r * 4 + 2] + warp_red[r * 4 + 3];
-    if (DP > 1 && d_part == 1) part_o[r * D + d_col] += acc[r];
+    for (int w = 0; w < WARPS; ++w) {
+      m[w] = part_m[w * 16 + r];
+      row_max = fmaxf(row_max, m[w]);
+    }
+    float l = 0.f, out = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float scale = m[w] == NEG_INF ? 0.f : ex2(m[w] - row_max);
+      l += part_l[w * 16 + r] * scale;
+      out += part_o[w * ROWS * D + i] * scale;
+    }
+    cta_o[i] = out;
+    if (i % D == 0) {
+      cta_m[r] = row_max;
+      cta_l[r] = l;
+    }
   }
   cluster_sync();
   // each CTA merges a slice of the output from every CTA of the cluster
   for (int i = rank * THREADS + tid; i < ROWS * D; i += THREADS * CLUSTER) {
-    const int r = i / D, d = i % D, query = q0 + r / GQA, h = kvh * GQA + r % GQA;
+    const int r = i / D, d = i % D, q = q0 + r / GQA, h = kvh * GQA + r % GQA;
     float m[CLUSTER], row_max = NEG_INF;
 #pragma unroll
     for (int c = 0; c < CLUSTER; ++c) {
-      m[c] = ld_cluster(part_m + r, c);
+      m[c] = ld_cluster(cta_m + r, c);
       row_max = fmaxf(row_max, m[c]);
     }
-    float l = 0.f, o = 0.f;
+    float l = 0.f, out = 0.f;
 #pragma unroll
     for (int c = 0; c < CLUSTER; ++c) {
       const float w = m[c] == NEG_INF ? 0.f : ex2(m[c] - row_max);
-      l += ld_cluster(part_l + r, c) * w;
-      o += ld_cluster(part_o + i, c) * w;
+      l += ld_cluster(cta_l + r, c) * w;
+      out += ld_cluster(cta_o + i, c) * w;
     }
-    if (query < SQ) {
-      const long long row = (long long)(b * HQ + h) * SQ + query;
-      O[row * D + d] = to_out(l > 0.f ? o / l : 0.f);
+    if (q < SQ) {
+      const long long row = (long long)(b * HQ + h) * SQ + q;
+      O[row * D + d] = to_out(l > 0.f ? out / l : 0.f);
       if (d == 0) LSE[row] = l > 0.f ? (row_max + log2f(l)) * LN2 : NEG_INF;
     }
   }

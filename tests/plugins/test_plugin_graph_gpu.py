@@ -59,11 +59,11 @@ def test_padded_plugin_graph_on_the_plugin_kernels(attention_tactic):
         assert error < 5e-3, (batch, seq, error)
 
 
-@pytest.mark.parametrize("attention_tactic", ["d64", "wgmma_d64"])
+@pytest.mark.parametrize("attention_tactic", ["d64", "wgmma_d64", "decode_d64"])
 def test_cached_plugin_graph_on_the_plugin_kernels(attention_tactic):
     """The decoder as one step over a KV cache, fed a padded window as a prefill, a chunk and one-token decode
     steps (FlashAttention with fewer queries than keys, causal bottom-right aligned, with key_mask) on the
-    Triton and the wgmma kernel, against the references' one prefill at every real token."""
+    Triton, the wgmma and the cluster decode kernel, against the references' one prefill at every real token."""
     model = decoder_model(np.random.default_rng(0), layers=LAYERS, cache=True)
     _, plugins = plugin_graph(model)
     feeds, caches = cached_feeds(3, seed=2)
