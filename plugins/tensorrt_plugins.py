@@ -41,7 +41,8 @@ def TACTIC_NAMES(op_type: str) -> list[str]:  # noqa: N802 - a table by op, kept
     if "Attention" in op_type:  # every tactic of every FlashAttention plugin; autotune offers those that apply
         from .flash_attention import ATTN_TACTICS
         from .flash_attention_wgmma import ATTN_WGMMA_TACTICS
-        return list(ATTN_TACTICS) + list(ATTN_WGMMA_TACTICS)
+        from .flash_decode import ATTN_DECODE_TACTICS
+        return list(ATTN_TACTICS) + list(ATTN_WGMMA_TACTICS) + list(ATTN_DECODE_TACTICS)
     dummy = {"W8A8Gemm": aot.W8A8GemmPlugin("float16", 16, 16)}.get(op_type)
     return aot.tactics(dummy) if dummy else ["default"]
 

@@ -51,3 +51,16 @@ def test_configs_refuse_what_cannot_run():
         kernel_source(ATTN_DECODE_TACTICS["decode_d64"], "float16", 4, 4, False, -1.0, False)
     with pytest.raises(ValueError, match="exclude"):
         kernel_source(ATTN_DECODE_TACTICS["decode_d64"], "float16", 4, 4, False, 0.0, True, True)
+
+
+def test_tensorrt_tactic_ids_cover_every_attention_tactic():
+    """TensorRT tactic ids index one fixed table per attention plugin; every tactic aot offers must be in it."""
+    from qcompiler.plugins import aot
+    from qcompiler.plugins.ops import MASKED_ATTENTION_PLUGINS
+    from qcompiler.plugins.tensorrt_plugins import TACTIC_NAMES
+
+    for op_type in ("FlashAttention", *MASKED_ATTENTION_PLUGINS.values()):
+        names = TACTIC_NAMES(op_type)
+        assert len(set(names)) == len(names) and set(ATTN_DECODE_TACTICS) <= set(names)
+        for hq, hkv, d in ((32, 8, 128), (9, 3, 64), (8, 8, 64), (32, 1, 128)):
+            assert set(aot.tactics(aot.FlashAttentionPlugin("float16", hq, hkv, d))) <= set(names), (op_type, hq, hkv, d)
