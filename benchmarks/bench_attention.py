@@ -16,7 +16,7 @@ dropped at random: no single run of kept keys, so every key block reads the mask
 of the plugin's tactics for the head dim (Triton and wgmma), as TensorRT's autotuner would keep.
 
 ``--decode`` adds a table for one-token decode steps over a KV cache of s keys (Sq = 1, 32 query heads over
-8 KV heads, batch 1 and 16), every call timed as a CUDA-graph replay: the fastest of every tactic (the cluster
+8 KV heads, batch 1, 16 and 64 up to 2^20 cached tokens), every call timed as a CUDA-graph replay: the fastest of every tactic (the cluster
 decode kernel's included) in µs, the K/V
 bytes read per µs (TB/s), SDPA's backends given the same GQA tensors (``enable_gqa=True``; a backend that
 refuses them has no figure), and the fastest of the prefill tactics alone (what the plugin had before
@@ -187,7 +187,9 @@ def decode_table(dims: list[int], seqs: list[int]) -> list[str]:
     lines = ["", f"## Decode steps (1 query, {hq} query heads over {hkv} KV heads)", "", head,
              "|" + "---|" * (head.count("|") - 1)]
     print("\n".join(lines), flush=True)
-    for d, s, batch in itertools.product(dims, seqs, (1, 16)):
+    for d, s, batch in itertools.product(dims, seqs, (1, 16, 64)):
+        if batch * s > 1 << 20:
+            continue
         q = torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.float16)
         k, v = (torch.randn(batch, hkv, s, d, device="cuda", dtype=torch.float16) for _ in range(2))
         kv_bytes = 2 * k.numel() * k.element_size()

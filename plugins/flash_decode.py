@@ -80,10 +80,16 @@ class AttnDecodeConfig:
         return f"decode c{self.CLUSTER} d{self.D} s{self.STAGES} q{self.QT}"
 
 
-# Measured on an H100: benchmarks/results/attention_decode_h100.md.
+# Measured on an H100 (benchmarks/gpu_notes.md, session 20): 8-CTA clusters are fastest while the KV heads of a step
+# are few (batch 1: 8-32 CTA clusters), 2 or 1 CTAs once batch x KV heads fill the GPU (batch 16-64), where 8 cost up
+# to 2x; TensorRT's autotuner times each for the profile.
 ATTN_DECODE_TACTICS: dict[str, AttnDecodeConfig] = {
     "decode_d64": AttnDecodeConfig(64, 8, 3),
+    "decode_d64_c2": AttnDecodeConfig(64, 2, 3),
+    "decode_d64_c1": AttnDecodeConfig(64, 1, 2),
     "decode_d128": AttnDecodeConfig(128, 8, 2),
+    "decode_d128_c2": AttnDecodeConfig(128, 2, 2),
+    "decode_d128_c1": AttnDecodeConfig(128, 1, 2),
 }
 
 

@@ -15,8 +15,8 @@ from qcompiler.plugins.flash_attention import flash_attention, flash_attention_r
 from qcompiler.plugins.flash_decode import ATTN_DECODE_TACTICS, AttnDecodeConfig, supports  # noqa: E402
 from tests.plugins.cuda_kernels import key_padding, rel  # noqa: E402
 
-# + no cluster, a cluster of 2 with 3 stages, two queries per CTA
-CONFIGS = list(ATTN_DECODE_TACTICS.values()) + [AttnDecodeConfig(64, 1, 2), AttnDecodeConfig(128, 2, 3),
+# + clusters of 4, 3 stages at d128, two queries per CTA
+CONFIGS = list(ATTN_DECODE_TACTICS.values()) + [AttnDecodeConfig(64, 4, 2), AttnDecodeConfig(128, 4, 3),
                                                 AttnDecodeConfig(128, 8, 2, QT=2)]
 # B, Hq, Hkv, Sq, Sk: a decode step over a ragged cache (Llama-3 heads); over fewer keys than the cluster has CTAs;
 # over one key; MQA with a GQA group of 16; a chunk of 5 queries (more rows than one CTA takes at QT=1); more
