@@ -227,3 +227,36 @@ def test_padded_batch_through_the_attention_plugin():
     for row, seq in enumerate(seqs):
         alone = run_ort(exported, {"input_ids": np.array([seq]), "attention_mask": np.ones((1, len(seq)), np.int64)})[0][0]
         assert np.abs(batch[row, width - len(seq):] - alone).max() < 1e-4 * np.abs(alone).max(), row
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_kv_cache_export_steps_through_the_attention_plugin():
+    """SmolLM2 exported as one step over a KV cache (qcompiler.models.kv_cache, optimum's layout): every layer
+    fuses into FlashAttention over the concatenated cache (causal bottom-right aligned, attention_mask as the
+    key_mask), and the plugin graph fed the sentence as a prefill, a chunk and one-token decode steps (its
+    presents fed back) gives the unfused graph's logits of the whole sentence in one prefill."""
+    import torch
+
+    from qcompiler.backends.plugin_graph import run_plugin_graph
+    from qcompiler.evaluation import lm_feeds, logits_through_cache
+    from qcompiler.graph import export_graph, import_graph
+    from qcompiler.models.kv_cache import export_with_kv_cache
+    from qcompiler.pass_manager import PassContext
+    from qcompiler.passes.fuse_attention import FuseAttention
+    from tests.helpers import run_ort
+
+    model, tokenizer = smollm2.load_smollm2(find_smollm2_gguf())
+    model.config._attn_implementation = "eager"
+    ids = tokenizer.encode(SENTENCE).ids
+    exported, _ = export_with_kv_cache(model, torch.tensor([ids[:8]] * 2), past_length=5)
+    graph = import_graph(exported)
+    result = FuseAttention("plugin", max_seq_len=2048).run(graph, PassContext())
+    assert len(result.details) == 30 and all(d["causal"] and d["key_mask"] == "attention_mask" for d in result.details)
+    fused = export_graph(graph)
+    feed = lm_feeds(exported, np.array([ids]))[0]
+    caches = [name for name in feed if name.startswith("past_key_values")]
+    expected = run_ort(exported, feed)[0]
+    n = len(ids)
+    got = logits_through_cache(lambda f: run_plugin_graph(fused, f), feed, caches, [0, n - 7, n - 3, n - 2, n - 1, n])
+    assert np.abs(got - expected).max() < 1e-4 * np.abs(expected).max()
