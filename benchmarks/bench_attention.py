@@ -19,8 +19,8 @@ of the plugin's tactics for the head dim (Triton and wgmma), as TensorRT's autot
 8 KV heads, batch 1, 16 and 64 up to 2^20 cached tokens), every call timed as a CUDA-graph replay: the fastest of every tactic (the cluster
 decode kernel's included) in µs, the K/V
 bytes read per µs (TB/s), SDPA's backends given the same GQA tensors (``enable_gqa=True``; a backend that
-refuses them has no figure), and the fastest of the prefill tactics alone (what the plugin had before
-flash_decode.py).
+refuses them has no figure), the fastest of the prefill tactics alone (what the plugin had before
+flash_decode.py), and every tactic's fastest with a key_mask that left-pads every entry by half its keys.
 """
 
 # ruff: noqa: B023  (each lambda is timed inside the iteration that defines it)
@@ -183,7 +183,8 @@ def decode_table(dims: list[int], seqs: list[int]) -> list[str]:
     """One-token decode steps over a cache of s keys: ours vs SDPA's backends (µs, K/V TB/s, one run)."""
     hq, hkv = 32, 8
     head = ("| d | keys | batch | ours µs | ours K/V TB/s | " + " | ".join(f"{n} µs" for n in BACKENDS) + " | "
-            + " | ".join(f"vs {n}" for n in BACKENDS) + " | tactic | prefill kernels µs | vs prefill kernels |")
+            + " | ".join(f"vs {n}" for n in BACKENDS) + " | tactic | prefill kernels µs | vs prefill kernels |"
+            + " half left-padded (key_mask) µs | / dense |")
     lines = ["", f"## Decode steps (1 query, {hq} query heads over {hkv} KV heads)", "", head,
              "|" + "---|" * (head.count("|") - 1)]
     print("\n".join(lines), flush=True)
@@ -197,6 +198,9 @@ def decode_table(dims: list[int], seqs: list[int]) -> list[str]:
         decode = [c for c in ATTN_DECODE_TACTICS.values() if supports_decode(c, d, 0.0, hq // hkv)]
         (pre, pre_cfg), (ours, cfg) = (min((graph_bench(lambda: flash_attention(q, k, v, causal=True, config=c)), _desc(c))
                                            for c in tactics) for tactics in (prefill, prefill + decode))
+        half = (torch.arange(s, device="cuda") >= s // 2).int().expand(batch, s).contiguous()  # left-padded by half
+        padded, _ = min((graph_bench(lambda: flash_attention(q, k, v, causal=True, key_mask=half, config=c)), _desc(c))
+                        for c in prefill + decode)
         times = {}
         for name, backend in BACKENDS.items():
             try:
@@ -207,7 +211,8 @@ def decode_table(dims: list[int], seqs: list[int]) -> list[str]:
                 times[name] = float("nan")
         row = (f"| {d} | {s} | {batch} | {ours:.1f} | {kv_bytes / ours / 1e6:.2f} | "
                + " | ".join(f"{times[n]:.1f}" for n in BACKENDS) + " | "
-               + " | ".join(f"{times[n] / ours:.2f}x" for n in BACKENDS) + f" | {cfg} | {pre:.1f} ({pre_cfg}) | {pre / ours:.2f}x |")
+               + " | ".join(f"{times[n] / ours:.2f}x" for n in BACKENDS) + f" | {cfg} | {pre:.1f} ({pre_cfg}) | {pre / ours:.2f}x |"
+               + f" {padded:.1f} | {padded / ours:.2f}x |")
         lines.append(row)
         print(row, flush=True)
     return lines

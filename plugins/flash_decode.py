@@ -19,9 +19,9 @@ so a plain launch forms the clusters.
 Semantics are ops.FLASH_ATTENTION's, like the other tactics: dense, padded (``seqlens_k``) or key-masked batches
 of contiguous [B, H, S, D] tensors, GQA/MQA, bottom-right aligned causal mask, O and the natural-log LSE (O = 0,
 LSE = -inf for a row that sees no key). Any Sq is correct (grid y covers the queries ``QT`` at a time); it is
-meant for decode steps. A key_mask is read per key; padded keys are loaded (unlike the prefill kernels, which
-skip the blocks before a run of kept keys). Head dims 64 and 128, fp16/bf16, a positive scale. Needs sm_90.
-This module never imports Triton or graph code.
+meant for decode steps. With a key_mask each CTA first scans its batch row of the mask, and the cluster splits the
+tiles from the first to the last kept key (left or right padding is never loaded); holes are masked per key.
+Head dims 64 and 128, fp16/bf16, a positive scale. Needs sm_90. This module never imports Triton or graph code.
 """
 
 from __future__ import annotations
@@ -206,8 +206,34 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
 #if CAUSAL
   kstop = max(0, min(kend, min(q0 + QT, SQ) + kend - SQ));
 #endif
-  const int tiles = (kstop + BN - 1) / BN, per = (tiles + CLUSTER - 1) / CLUSTER;
-  const int t_begin = rank * per, t_end = min(tiles, t_begin + per);
+  int t_first = 0, t_stop = (kstop + BN - 1) / BN;  // the key tiles this CTA's cluster walks
+#if KEYMASK
+  {  // from the first to the last kept key: left or right padding is never loaded, and the CTAs share what is kept
+    __shared__ int kept_lo, kept_hi;
+    if (tid == 0) {
+      kept_lo = 0x7fffffff;
+      kept_hi = -1;
+    }
+    __syncthreads();
+    int lo = 0x7fffffff, hi = -1;
+#pragma unroll 8
+    for (int j = tid; j < kstop; j += THREADS) {
+      if (KEY_MASK[(long long)b * SK + j] != 0) {
+        lo = min(lo, j);
+        hi = max(hi, j);
+      }
+    }
+    if (hi >= 0) {
+      atomicMin(&kept_lo, lo);
+      atomicMax(&kept_hi, hi);
+    }
+    __syncthreads();
+    t_first = kept_hi < 0 ? 0 : kept_lo / BN;
+    t_stop = kept_hi < 0 ? 0 : kept_hi / BN + 1;
+  }
+#endif
+  const int per = (t_stop - t_first + CLUSTER - 1) / CLUSTER;
+  const int t_begin = t_first + rank * per, t_end = min(t_stop, t_begin + per);
 
   // row r: query q0 + r / GQA of head kvh * GQA + r % GQA
   for (int i = tid; i < 16 * D; i += THREADS) {
