@@ -67,6 +67,19 @@ def graph_bench(fn):
     return bench(graph.replay)
 
 
+def sdpa_times(backends, run, timer=bench) -> dict[str, float]:
+    """µs of ``run`` (an SDPA call) under each named backend; NaN where the backend refuses it."""
+    times = {}
+    for name in backends:
+        try:
+            with sdpa_kernel([BACKENDS[name]]):
+                times[name] = timer(run)
+        except RuntimeError as err:
+            print(f"  {name} unavailable: {str(err).splitlines()[0][:80]}", file=sys.stderr)
+            times[name] = float("nan")
+    return times
+
+
 def _desc(cfg):
     if isinstance(cfg, (AttnWgmmaConfig, AttnDecodeConfig)):
         return cfg.describe()
@@ -99,14 +112,7 @@ def main(argv=None):
         B, H = max(1, 16384 // s), 2048 // d
         q, k, v = (torch.randn(B, H, s, d, device="cuda", dtype=torch.float16) for _ in range(3))
         flops = 4 * B * H * s * s * d / (2 if causal else 1)
-        times = {}
-        for name, backend in BACKENDS.items():
-            try:
-                with sdpa_kernel([backend]):
-                    times[name] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
-            except RuntimeError as err:
-                print(f"  {name} unavailable: {str(err).splitlines()[0][:80]}", file=sys.stderr)
-                times[name] = float("nan")
+        times = sdpa_times(BACKENDS, lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal))
         triton_cfg = pick_attn_config(d, s)
         candidates = [triton_cfg] + [c for c in ATTN_WGMMA_TACTICS.values() if c.D == d]
         if args.sweep:
@@ -162,14 +168,7 @@ def key_mask_table(dims: list[int], seqs: list[int]) -> list[str]:
         mask = keep.bool()[:, None, None, :]
         if causal:
             mask = mask & torch.ones(s, s, dtype=torch.bool, device="cuda").tril()
-        times = {}
-        for name in masked:
-            try:
-                with sdpa_kernel([BACKENDS[name]]):
-                    times[name] = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
-            except RuntimeError as err:
-                print(f"  {name} unavailable with a mask: {str(err).splitlines()[0][:80]}", file=sys.stderr)
-                times[name] = float("nan")
+        times = sdpa_times(masked, lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
         row = (f"| {d} | {s} | {int(causal)} | {dense:.0f} | {ours:.0f} | {ours / dense:.2f}x | "
                + " | ".join(f"{times[n]:.0f}" for n in masked) + " | "
                + " | ".join(f"{times[n] / ours:.2f}x" for n in masked) + f" | {holey:.0f} | {holey / dense:.2f}x | "
@@ -201,14 +200,8 @@ def decode_table(dims: list[int], seqs: list[int]) -> list[str]:
         half = (torch.arange(s, device="cuda") >= s // 2).int().expand(batch, s).contiguous()  # left-padded by half
         padded, _ = min((graph_bench(lambda: flash_attention(q, k, v, causal=True, key_mask=half, config=c)), _desc(c))
                         for c in prefill + decode)
-        times = {}
-        for name, backend in BACKENDS.items():
-            try:
-                with sdpa_kernel([backend]):
-                    times[name] = graph_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-            except RuntimeError as err:
-                print(f"  {name} unavailable: {str(err).splitlines()[0][:80]}", file=sys.stderr)
-                times[name] = float("nan")
+        times = sdpa_times(BACKENDS, lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+                           graph_bench)
         row = (f"| {d} | {s} | {batch} | {ours:.1f} | {kv_bytes / ours / 1e6:.2f} | "
                + " | ".join(f"{times[n]:.1f}" for n in BACKENDS) + " | "
                + " | ".join(f"{times[n] / ours:.2f}x" for n in BACKENDS) + f" | {cfg} | {pre:.1f} ({pre_cfg}) | {pre / ours:.2f}x |"

@@ -9,7 +9,10 @@ both halves, under which a 4-bit value OR-ed into the mantissa is exact. Never i
 
 from __future__ import annotations
 
-__all__ = ["HALF2_HELPERS", "WGMMA_HELPERS", "PIPELINE_HELPERS", "consumer_registers", "weight_layout", "fill"]
+import struct
+
+__all__ = ["HALF2_HELPERS", "WGMMA_HELPERS", "PIPELINE_HELPERS", "SOFTMAX_HELPERS", "consumer_registers", "weight_layout",
+           "fill", "float_literal", "check_attention_arguments"]
 
 HALF2_HELPERS = r"""
 typedef unsigned int u32;
@@ -161,6 +164,27 @@ struct Slot {
 """
 
 
+# The online softmax of the attention kernels (flash_attention_wgmma.py, flash_decode.py): exp2, and the row max / sum
+# over the 4 threads of an MMA fragment's quad.
+SOFTMAX_HELPERS = r"""
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+"""
+
+
 def consumer_registers(threads: int, consumer_warpgroups: int, producer_registers: int = 40) -> int:
     """Registers per consumer thread after ``setmaxnreg``: the CTA's launch allocation (65536 / threads, in steps of
     8, at most 255) less the producer warpgroup's, shared by the consumer warpgroups (at most 256)."""
@@ -178,8 +202,26 @@ def weight_layout(K: int, block_size: int) -> dict[str, str]:
 
 def fill(template: str, values: dict[str, str]) -> str:
     """Replaces each ``@KEY@`` of the template, and ``@HALF2_HELPERS@`` / ``@WGMMA_HELPERS@`` /
-    ``@PIPELINE_HELPERS@`` with the helpers."""
-    helpers = {"@HALF2_HELPERS@": HALF2_HELPERS, "@WGMMA_HELPERS@": WGMMA_HELPERS, "@PIPELINE_HELPERS@": PIPELINE_HELPERS}
+    ``@PIPELINE_HELPERS@`` / ``@SOFTMAX_HELPERS@`` with the helpers."""
+    helpers = {"@HALF2_HELPERS@": HALF2_HELPERS, "@WGMMA_HELPERS@": WGMMA_HELPERS, "@PIPELINE_HELPERS@": PIPELINE_HELPERS,
+               "@SOFTMAX_HELPERS@": SOFTMAX_HELPERS}
     for key, value in {**helpers, **values}.items():
         template = template.replace(key, value)
     return template
+
+
+def float_literal(x: float) -> str:
+    """A float32 constant written exactly (its bit pattern), so the PTX does not depend on decimal printing."""
+    bits = struct.unpack("<I", struct.pack("<f", x))[0]
+    return f"__int_as_float(0x{bits:08X})"
+
+
+def check_attention_arguments(kernel: str, dtype: str, num_heads: int, kv_num_heads: int, has_seqlens_k: bool,
+                              has_key_mask: bool) -> None:
+    """What every attention kernel's source needs of its configuration; raises ValueError naming ``kernel``."""
+    if dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"{kernel}: dtype must be float16/bfloat16, got {dtype}")
+    if num_heads <= 0 or kv_num_heads <= 0 or num_heads % kv_num_heads:
+        raise ValueError(f"{kernel}: num_heads {num_heads} must be a multiple of kv_num_heads {kv_num_heads}")
+    if has_seqlens_k and has_key_mask:
+        raise ValueError(f"{kernel}: seqlens_k and key_mask exclude each other")

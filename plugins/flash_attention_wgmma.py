@@ -38,10 +38,9 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from dataclasses import dataclass
 
-from .cuda_source import consumer_registers, fill
+from .cuda_source import check_attention_arguments, consumer_registers, fill, float_literal
 
 __all__ = ["AttnWgmmaConfig", "ATTN_WGMMA_TACTICS", "supports", "kernel_source", "kernel_name", "PTX_ISA", "ARCH"]
 
@@ -178,21 +177,7 @@ _SOURCE = r"""
 
 @PIPELINE_HELPERS@
 
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ float quad_max(float v) {
-  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
+@SOFTMAX_HELPERS@
 
 // S (+)= Q . K^T for one 64-row slice: desc_a / desc_b advance 32 B per k16 inside a 64-wide column block.
 __device__ __forceinline__ void wgmma_qk(float* acc, u64 desc_a, u64 desc_b, int scale_d) {
@@ -564,12 +549,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) @NAME@(
 """
 
 
-def _float_literal(x: float) -> str:
-    """A float32 constant written exactly (its bit pattern), so the PTX does not depend on decimal printing."""
-    bits = struct.unpack("<I", struct.pack("<f", x))[0]
-    return f"__int_as_float(0x{bits:08X})"
-
-
 def kernel_source(cfg: AttnWgmmaConfig, dtype: str, num_heads: int, kv_num_heads: int, causal: bool, scale: float,
                   has_seqlens_k: bool, has_key_mask: bool = False) -> tuple[str, str]:
     """(entry name, CUDA C++ source) of one plugin configuration; heads, head dim and scale are compiled in.
@@ -582,13 +561,7 @@ def kernel_source(cfg: AttnWgmmaConfig, dtype: str, num_heads: int, kv_num_heads
         ValueError: a dtype other than float16/bfloat16, heads that do not divide, or a head dim / scale the
             tactic does not take.
     """
-    if dtype not in ("float16", "bfloat16"):
-        raise ValueError(f"FlashAttention wgmma kernel: dtype must be float16/bfloat16, got {dtype}")
-    if num_heads <= 0 or kv_num_heads <= 0 or num_heads % kv_num_heads:
-        raise ValueError(f"FlashAttention wgmma kernel: num_heads {num_heads} must be a multiple of kv_num_heads "
-                         f"{kv_num_heads}")
-    if has_seqlens_k and has_key_mask:
-        raise ValueError("FlashAttention wgmma kernel: seqlens_k and key_mask exclude each other")
+    check_attention_arguments("FlashAttention wgmma kernel", dtype, num_heads, kv_num_heads, has_seqlens_k, has_key_mask)
     if not supports(cfg, cfg.D, scale):
         raise ValueError(f"FlashAttention wgmma kernel {cfg.describe()}: needs a scale >= 0 (0: 1/sqrt(D)), got {scale}")
     scale = scale or 1.0 / math.sqrt(cfg.D)
@@ -598,6 +571,6 @@ def kernel_source(cfg: AttnWgmmaConfig, dtype: str, num_heads: int, kv_num_heads
             "@BN@": str(cfg.BN), "@STAGES@": str(cfg.STAGES), "@CAUSAL@": str(int(causal)),
             "@PADDED@": str(int(has_seqlens_k)), "@KEYMASK@": str(int(has_key_mask)), "@HQ@": str(num_heads),
             "@GQA@": str(num_heads // kv_num_heads),
-            "@SCALE_LOG2@": _float_literal(scale * math.log2(math.e)),
+            "@SCALE_LOG2@": float_literal(scale * math.log2(math.e)),
             "@REGS_CONSUMER@": str(cfg.consumer_registers), "@WGMMA_QK@": _wgmma_ss(cfg.BN, dt), "@WGMMA_PV@": _wgmma_rs_transposed_b(cfg.D, dt)}
     return name, fill(_SOURCE, subs)

@@ -27,10 +27,9 @@ Head dims 64 and 128, fp16/bf16, a positive scale. Needs sm_90. This module neve
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 
-from .cuda_source import fill
+from .cuda_source import check_attention_arguments, fill, float_literal
 
 __all__ = ["AttnDecodeConfig", "ATTN_DECODE_TACTICS", "supports", "kernel_source", "PTX_ISA", "ARCH"]
 
@@ -124,21 +123,7 @@ _SOURCE = r"""
 
 @WGMMA_HELPERS@
 
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ __forceinline__ float quad_max(float v) {
-  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
-}
+@SOFTMAX_HELPERS@
 
 // c (16x8, f32) += a (16x16) . b (16x8): the m16n8k16 fragments.
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
@@ -430,12 +415,6 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
 """
 
 
-def _float_literal(x: float) -> str:
-    """A float32 constant written exactly (its bit pattern), so the PTX does not depend on decimal printing."""
-    bits = struct.unpack("<I", struct.pack("<f", x))[0]
-    return f"__int_as_float(0x{bits:08X})"
-
-
 def kernel_source(cfg: AttnDecodeConfig, dtype: str, num_heads: int, kv_num_heads: int, causal: bool, scale: float,
                   has_seqlens_k: bool, has_key_mask: bool = False) -> tuple[str, str]:
     """(entry name, CUDA C++ source) of one plugin configuration; heads, head dim and scale are compiled in.
@@ -448,13 +427,7 @@ def kernel_source(cfg: AttnDecodeConfig, dtype: str, num_heads: int, kv_num_head
         ValueError: a dtype other than float16/bfloat16, heads that do not divide, or a head dim / scale / GQA group
             the tactic does not take.
     """
-    if dtype not in ("float16", "bfloat16"):
-        raise ValueError(f"FlashAttention decode kernel: dtype must be float16/bfloat16, got {dtype}")
-    if num_heads <= 0 or kv_num_heads <= 0 or num_heads % kv_num_heads:
-        raise ValueError(f"FlashAttention decode kernel: num_heads {num_heads} must be a multiple of kv_num_heads "
-                         f"{kv_num_heads}")
-    if has_seqlens_k and has_key_mask:
-        raise ValueError("FlashAttention decode kernel: seqlens_k and key_mask exclude each other")
+    check_attention_arguments("FlashAttention decode kernel", dtype, num_heads, kv_num_heads, has_seqlens_k, has_key_mask)
     gqa = num_heads // kv_num_heads
     if not supports(cfg, cfg.D, scale, gqa):
         raise ValueError(f"FlashAttention decode kernel {cfg.describe()}: needs a scale >= 0 (0: 1/sqrt(D)) and at most "
@@ -466,5 +439,5 @@ def kernel_source(cfg: AttnDecodeConfig, dtype: str, num_heads: int, kv_num_head
     subs = {"@NAME@": name, "@BF16@": str(int(dtype == "bfloat16")), "@D@": str(cfg.D), "@GQA@": str(gqa),
             "@QT@": str(cfg.QT), "@HQ@": str(num_heads), "@STAGES@": str(cfg.STAGES), "@CLUSTER@": str(cfg.CLUSTER),
             "@CAUSAL@": str(int(causal)), "@PADDED@": str(int(has_seqlens_k)), "@KEYMASK@": str(int(has_key_mask)),
-            "@SCALE_LOG2@": _float_literal(scale * math.log2(math.e))}
+            "@SCALE_LOG2@": float_literal(scale * math.log2(math.e))}
     return name, fill(_SOURCE, subs)

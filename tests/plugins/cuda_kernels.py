@@ -1,6 +1,6 @@
 """What the tests of the hand-written CUDA C++ kernels share: the CPU toolchain (NVRTC, Triton's bundled ptxas and
-cuobjdump), the relative error, the attention kernels' key masks, and the INT4 kernels' GPU checks against the fp32
-reference."""
+cuobjdump), the relative error, the attention kernels' key masks and GPU check against the fp32 reference, and the
+INT4 kernels' GPU checks against the fp32 reference."""
 
 import os
 import re
@@ -115,3 +115,42 @@ def key_padding(batch: int, keys: int, first: int = 0):
         rows.append({"left": position >= pad, "right": position < keys - pad, "holes": holes[b],
                      "none kept": torch.zeros_like(holes[b]), "all kept": torch.ones_like(holes[b])}[kind])
     return torch.stack(rows).int()
+
+
+def check_attention_tactic(cfg, dtype, causal: bool, masking: str, shapes) -> None:
+    """``flash_attention(..., config=cfg)`` against the fp32 reference on each (B, Hq, Hkv, Sq, Sk) of ``shapes``, with
+    the error bar of the Triton kernel's tests (2x the same-precision torch baseline + 1e-3). ``masking`` "key_mask" takes
+    every kind of padding over the shapes; "seqlens_k" fills the keys past each batch entry's length with NaN, which must
+    never reach the product. Rows that see no key must be 0 with LSE -inf."""
+    import torch
+
+    from qcompiler.plugins.flash_attention import flash_attention, flash_attention_reference
+
+    for B, HQ, HKV, SQ, SK in shapes:
+        torch.manual_seed(SQ + SK + cfg.D)
+        q = torch.randn(B, HQ, SQ, cfg.D, device="cuda", dtype=dtype)
+        k = torch.randn(B, HKV, SK, cfg.D, device="cuda", dtype=dtype)
+        v = torch.randn(B, HKV, SK, cfg.D, device="cuda", dtype=dtype)
+        lens = keep = None
+        if masking == "key_mask":
+            keep = key_padding(B, SK, first=SQ + SK)
+        if masking == "seqlens_k":
+            lens = torch.randint(0, SK + 1, (B,), device="cuda", dtype=torch.int32)
+            lens[0] = SK // 2
+            for b in range(B):
+                k[b, :, int(lens[b]):] = float("nan")
+                v[b, :, int(lens[b]):] = float("nan")
+        o, lse = flash_attention(q, k, v, causal=causal, seqlens_k=lens, key_mask=keep, config=cfg)
+        ro, rlse = flash_attention_reference(q.float(), k.float().nan_to_num(), v.float().nan_to_num(), causal=causal,
+                                             seqlens_k=lens, key_mask=keep)
+        base = flash_attention_reference(q, k.nan_to_num(), v.nan_to_num(), causal=causal, seqlens_k=lens,
+                                         key_mask=keep, dtype=dtype)[0]
+        rows = torch.isfinite(rlse)
+        shape = (B, HQ, HKV, SQ, SK)
+        assert torch.equal(torch.isfinite(lse), rows), shape
+        assert not torch.isnan(o).any(), shape
+        if rows.any():
+            err, berr = rel(o[rows], ro[rows]), rel(base[rows], ro[rows])
+            assert err <= 2 * berr + 1e-3, (shape, err, berr)
+            assert torch.allclose(lse[rows], rlse[rows], atol=2e-2 if dtype == torch.bfloat16 else 5e-3), shape
+        assert (o.float()[~rows] == 0).all(), shape  # rows that see no key: zero output

@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() 
 
 from qcompiler.plugins.flash_attention import flash_attention, flash_attention_reference  # noqa: E402
 from qcompiler.plugins.flash_attention_wgmma import ATTN_WGMMA_TACTICS, AttnWgmmaConfig  # noqa: E402
-from tests.plugins.cuda_kernels import key_padding, rel  # noqa: E402
+from tests.plugins.cuda_kernels import check_attention_tactic, rel  # noqa: E402
 
 # + one consumer warpgroup (no ping-pong, no register hand-over), 192-key blocks, 3 consumer warpgroups, 64-key blocks,
 # FA3's 176-key blocks (not a multiple of 64).
@@ -29,34 +29,7 @@ SHAPES = [(2, 4, 4, 97, 97), (1, 4, 1, 1025, 1025), (2, 8, 2, 1, 300), (2, 6, 3,
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("masking", ["", "seqlens_k", "key_mask"], ids=["dense", "padded", "key_mask"])
 def test_attention_wgmma_matches_reference(cfg, dtype, causal, masking):
-    for B, HQ, HKV, SQ, SK in SHAPES:
-        torch.manual_seed(SQ + SK + cfg.D)
-        q = torch.randn(B, HQ, SQ, cfg.D, device="cuda", dtype=dtype)
-        k = torch.randn(B, HKV, SK, cfg.D, device="cuda", dtype=dtype)
-        v = torch.randn(B, HKV, SK, cfg.D, device="cuda", dtype=dtype)
-        lens = keep = None
-        if masking == "key_mask":  # every kind of padding over the shapes
-            keep = key_padding(B, SK, first=SQ)
-        if masking == "seqlens_k":  # keys past lens[b] hold NaN: masked keys must never reach the product
-            lens = torch.randint(0, SK + 1, (B,), device="cuda", dtype=torch.int32)
-            lens[0] = SK // 2
-            for b in range(B):
-                k[b, :, int(lens[b]):] = float("nan")
-                v[b, :, int(lens[b]):] = float("nan")
-        o, lse = flash_attention(q, k, v, causal=causal, seqlens_k=lens, key_mask=keep, config=cfg)
-        ro, rlse = flash_attention_reference(q.float(), k.float().nan_to_num(), v.float().nan_to_num(), causal=causal,
-                                             seqlens_k=lens, key_mask=keep)
-        base = flash_attention_reference(q, k.nan_to_num(), v.nan_to_num(), causal=causal, seqlens_k=lens,
-                                         key_mask=keep, dtype=dtype)[0]
-        rows = torch.isfinite(rlse)
-        shape = (B, HQ, HKV, SQ, SK)
-        assert torch.equal(torch.isfinite(lse), rows), shape
-        assert not torch.isnan(o).any(), shape
-        if rows.any():
-            err, berr = rel(o[rows], ro[rows]), rel(base[rows], ro[rows])
-            assert err <= 2 * berr + 1e-3, (shape, err, berr)
-            assert torch.allclose(lse[rows], rlse[rows], atol=2e-2 if dtype == torch.bfloat16 else 5e-3), shape
-        assert (o.float()[~rows] == 0).all(), shape  # rows that see no key: zero output
+    check_attention_tactic(cfg, dtype, causal, masking, SHAPES)
 
 
 def test_attention_wgmma_scale_and_refusals():
