@@ -171,6 +171,26 @@ def test_attention_over_a_kv_cache_fuses(attention, target):
     _check_cache_fusion("qwen2", attention, target)
 
 
+@pytest.mark.parametrize("recipe", ["w8a8-smoothquant", "w4a16-gptq", "llm-int8"])
+def test_kv_cache_export_compiles_and_decodes(recipe, tmp_path):
+    """Calibrated on prefills (text feeds a KV-cache model empty caches: lm_feeds), a recipe compiles the export with
+    a cache, and the compiled graph runs decode steps over a cache close to the float model's."""
+    from qcompiler.evaluation import lm_feeds
+
+    model, cache_shapes = exported_with_cache("qwen2", "eager")
+    source, calib = tmp_path / "cached.onnx", tmp_path / "calib.npz"
+    onnx.save(model, str(source))
+    feeds = lm_feeds(model, np.random.default_rng(1).integers(0, VOCAB, (8, 32)))
+    np.savez(calib, **{name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]})
+    result = qcompiler.compile(source, tmp_path / f"cached.{recipe}.onnx", recipe, data=qcompiler.DataOptions(calib=calib))
+    compiled = onnx.load(str(result.output))
+    for seq, past in CACHE_STEPS[1:]:
+        step = _cache_step(model, cache_shapes, seq, past, seed=seq)
+        tokens = step["attention_mask"][:, -seq:] == 1
+        got, want = run_ort(compiled, step)[0][tokens], run_ort(model, step)[0][tokens]
+        assert np.all(np.isfinite(got)) and sqnr_db(want, got) > 3.0, (recipe, seq, past)
+
+
 def _arrays(model: onnx.ModelProto, count: int, seed: int) -> dict[str, np.ndarray]:
     arrays = {"input_ids": np.random.default_rng(seed).integers(0, VOCAB, (count, SEQ)).astype(np.int64)}
     if any(i.name == "attention_mask" for i in model.graph.input):
