@@ -47,7 +47,7 @@ class AttnDecodeConfig:
 
     Attributes:
         D: head dim (64 or 128).
-        CLUSTER: CTAs per cluster, splitting one KV head's keys (2-8: the portable cluster sizes).
+        CLUSTER: CTAs per cluster, splitting one KV head's keys (1, 2, 4 or 8: portable cluster sizes).
         STAGES: K/V tiles of 128 keys in flight per CTA.
         QT: queries per CTA (its rows: QT times the GQA group).
     """
@@ -79,9 +79,9 @@ class AttnDecodeConfig:
         return f"decode c{self.CLUSTER} d{self.D} s{self.STAGES} q{self.QT}"
 
 
-# Measured on an H100 (benchmarks/gpu_notes.md, session 20): 8-CTA clusters are fastest while the KV heads of a step
-# are few (batch 1: 8-32 CTA clusters), 2 or 1 CTAs once batch x KV heads fill the GPU (batch 16-64), where 8 cost up
-# to 2x; TensorRT's autotuner times each for the profile.
+# Measured on an H100 (benchmarks/gpu_notes.md, session 20): clusters of 8 CTAs are fastest while a step has few
+# (batch, KV head) pairs (batch 1 with 8 KV heads: 8 clusters), of 2 or 1 once those pairs fill the GPU (batch 16-64),
+# where 8 cost up to 2x; TensorRT's autotuner times each for the profile.
 ATTN_DECODE_TACTICS: dict[str, AttnDecodeConfig] = {
     "decode_d64": AttnDecodeConfig(64, 8, 3),
     "decode_d64_c2": AttnDecodeConfig(64, 2, 3),
