@@ -19,8 +19,9 @@ so a plain launch forms the clusters.
 Semantics are ops.FLASH_ATTENTION's, like the other tactics: dense, padded (``seqlens_k``) or key-masked batches
 of contiguous [B, H, S, D] tensors, GQA/MQA, bottom-right aligned causal mask, O and the natural-log LSE (O = 0,
 LSE = -inf for a row that sees no key). Any Sq is correct (grid y covers the queries ``QT`` at a time); it is
-meant for decode steps. With a key_mask each CTA first scans its batch row of the mask, and the cluster splits the
-tiles from the first to the last kept key (left or right padding is never loaded); holes are masked per key.
+meant for decode steps. With a key_mask the CTAs of a cluster first scan a share of its batch row each and merge
+the first and last kept key in distributed shared memory; the cluster splits the tiles between them (left or right
+padding is never loaded); holes are masked per key.
 Head dims 64 and 128, fp16/bf16, a positive scale. Needs sm_90. This module never imports Triton or graph code.
 """
 
@@ -201,8 +202,9 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
     }
     __syncthreads();
     int lo = 0x7fffffff, hi = -1;
+    const int share = (kstop + CLUSTER - 1) / CLUSTER;  // each CTA of the cluster scans a share of the row
 #pragma unroll 8
-    for (int j = tid; j < kstop; j += THREADS) {
+    for (int j = rank * share + tid; j < min(kstop, (int)(rank + 1) * share); j += THREADS) {
       if (KEY_MASK[(long long)b * SK + j] != 0) {
         lo = min(lo, j);
         hi = max(hi, j);
@@ -212,9 +214,16 @@ extern "C" __global__ void __cluster_dims__(CLUSTER, 1, 1) __launch_bounds__(THR
       atomicMin(&kept_lo, lo);
       atomicMax(&kept_hi, hi);
     }
-    __syncthreads();
-    t_first = kept_hi < 0 ? 0 : kept_lo / BN;
-    t_stop = kept_hi < 0 ? 0 : kept_hi / BN + 1;
+    cluster_sync();
+    lo = 0x7fffffff;
+    hi = -1;
+#pragma unroll
+    for (int c = 0; c < CLUSTER; ++c) {
+      lo = min(lo, __float_as_int(ld_cluster((const float*)&kept_lo, c)));
+      hi = max(hi, __float_as_int(ld_cluster((const float*)&kept_hi, c)));
+    }
+    t_first = hi < 0 ? 0 : lo / BN;
+    t_stop = hi < 0 ? 0 : hi / BN + 1;
   }
 #endif
   const int per = (t_stop - t_first + CLUSTER - 1) / CLUSTER;
