@@ -16,7 +16,7 @@ from qcompiler.calibration import _session
 from qcompiler.errors import QCompileError
 
 __all__ = ["OutputAgreement", "LayerError", "Evaluation", "compare_outputs", "perplexity", "perplexity_of", "layer_sqnr", "holds_plugin_ops",
-           "lm_feeds", "logits_through_cache", "latency_pair"]
+           "lm_feeds", "logits_through_cache", "cache_inputs", "compare_decode_steps", "latency_pair"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,24 @@ def _runner(path: Path, threads: int | None):
     return plugin_graph_evaluator(model)
 
 
+class _Agreement:
+    """Cosine, SQNR and max |error| of one output, accumulated over sample pairs."""
+
+    def __init__(self):
+        self.sums = np.zeros(4)  # <a,b>, |a|^2, |b|^2, |a-b|^2
+        self.max_abs = 0.0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+        self.sums += (a @ b, a @ a, b @ b, np.sum((a - b) ** 2))
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(a - b))) if a.size else 0.0)
+
+    def result(self, name: str) -> OutputAgreement:
+        dot, aa, bb, noise = self.sums
+        cosine = float(dot / math.sqrt(aa * bb)) if aa > 0 and bb > 0 else 1.0
+        return OutputAgreement(name, cosine, _db(aa, noise), self.max_abs)
+
+
 def compare_outputs(original: Path, compiled: Path, feeds: Iterable[dict[str, np.ndarray]],
                     threads: int | None = None) -> tuple[list[OutputAgreement], int]:
     """Cosine similarity, SQNR (dB) and max |error| of every graph output, accumulated over ``feeds``.
@@ -97,24 +115,40 @@ def compare_outputs(original: Path, compiled: Path, feeds: Iterable[dict[str, np
     sees no key: FlashAttention's output is 0 there, the unfused graph's an average of masked keys)."""
     reference, candidate = create_session(original, threads), _runner(compiled, threads)
     names = [o.name for o in reference.get_outputs()]
-    sums = {n: np.zeros(4) for n in names}  # <a,b>, |a|^2, |b|^2, |a-b|^2
-    max_abs = dict.fromkeys(names, 0.0)
+    agreements = {name: _Agreement() for name in names}
     count = 0
     for feed in feeds:
         tokens = np.asarray(feed["attention_mask"]) != 0 if np.ndim(feed.get("attention_mask")) == 2 else None
         for name, a, b in zip(names, reference.run(names, feed), candidate.run(names, feed), strict=True):
             if tokens is not None and a.shape[:2] == tokens.shape:
                 a, b = a[tokens], b[tokens]
-            a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-            sums[name] += (a @ b, a @ a, b @ b, np.sum((a - b) ** 2))
-            max_abs[name] = max(max_abs[name], float(np.max(np.abs(a - b))) if a.size else 0.0)
+            agreements[name].add(a, b)
         count += 1
-    agreements = []
-    for name in names:
-        dot, aa, bb, noise = sums[name]
-        cosine = float(dot / math.sqrt(aa * bb)) if aa > 0 and bb > 0 else 1.0
-        agreements.append(OutputAgreement(name, cosine, _db(aa, noise), max_abs[name]))
-    return agreements, count
+    return [agreements[name].result(name) for name in names], count
+
+
+def compare_decode_steps(original: Path, compiled: Path, feeds: Sequence[dict[str, np.ndarray]], threads: int | None = None,
+                         steps: int = 8) -> OutputAgreement | None:
+    """The first output (the logits) of the compiled model against the original's at each window's last ``steps``
+    tokens, fed one at a time through the KV cache after a prefill of the rest, each model carrying its own
+    presents: what generation runs. None for a model without KV-cache inputs (``cache_inputs``), or feeds
+    whose caches are not empty or whose windows are not longer than ``steps``."""
+    model = onnx.load(str(original), load_external_data=False)
+    caches = cache_inputs(model)
+    usable = [f for f in feeds if caches and f["input_ids"].shape[1] > steps
+              and all(name in f and np.shape(f[name])[2] == 0 for name in caches)]
+    if not usable:
+        return None
+    reference, candidate = create_session(original, threads), _runner(compiled, threads)
+    agreement = _Agreement()
+    for feed in usable:
+        seq = feed["input_ids"].shape[1]
+        bounds = [0, *range(seq - steps, seq + 1)]
+        want, got = (logits_through_cache(lambda f, run=runner: run.run(None, f), feed, caches, bounds)[:, -steps:]
+                     for runner in (reference, candidate))
+        tokens = np.asarray(feed["attention_mask"])[:, -steps:] != 0 if np.ndim(feed.get("attention_mask")) == 2 else None
+        agreement.add(*(want[tokens], got[tokens]) if tokens is not None else (want, got))
+    return agreement.result(f"{model.graph.output[0].name} ({steps} decode steps through the KV cache)")
 
 
 def lm_feeds(model: onnx.ModelProto, windows: np.ndarray) -> list[dict[str, np.ndarray]]:
@@ -128,7 +162,7 @@ def lm_feeds(model: onnx.ModelProto, windows: np.ndarray) -> list[dict[str, np.n
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     known = {"input_ids", "attention_mask", "position_ids"}
-    caches = {i.name: _cache_shape(i) for i in inputs if i.name not in known and _cache_shape(i) is not None}
+    caches = {i.name: _cache_shape(i) for i in inputs if i.name in cache_inputs(model)}
     names = [i.name for i in inputs]
     if "input_ids" not in names or set(names) - known - set(caches):
         raise QCompileError(f"text calibration/evaluation needs a model whose inputs are input_ids [+ attention_mask, "
@@ -170,6 +204,14 @@ def logits_through_cache(outputs_of: Callable[[dict[str, np.ndarray]], Sequence[
         past = dict(zip(caches, out[1:], strict=True))
         logits.append(out[0])
     return np.concatenate(logits, axis=1)
+
+
+def cache_inputs(model: onnx.ModelProto) -> list[str]:
+    """The KV-cache inputs of a language model: float inputs [batch, heads, past, head_dim] with static heads and
+    head_dim and a named ``past`` axis, other than input_ids / attention_mask / position_ids."""
+    initializers = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers
+            and i.name not in ("input_ids", "attention_mask", "position_ids") and _cache_shape(i) is not None]
 
 
 def _cache_shape(value: onnx.ValueInfoProto) -> tuple[int, int, np.dtype] | None:

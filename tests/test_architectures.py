@@ -174,7 +174,8 @@ def test_attention_over_a_kv_cache_fuses(attention, target):
 @pytest.mark.parametrize("recipe", ["w8a8-smoothquant", "w4a16-gptq", "llm-int8"])
 def test_kv_cache_export_compiles_and_decodes(recipe, tmp_path):
     """Calibrated on prefills (text feeds a KV-cache model empty caches: lm_feeds), a recipe compiles the export with
-    a cache, and the compiled graph runs decode steps over a cache close to the float model's."""
+    a cache, and the compiled graph runs decode steps over a cache close to the float model's; the evaluation also
+    compares the calibration windows' last tokens fed through the cache (a decode-steps row)."""
     from qcompiler.evaluation import lm_feeds
 
     model, cache_shapes = exported_with_cache("qwen2", "eager")
@@ -182,7 +183,10 @@ def test_kv_cache_export_compiles_and_decodes(recipe, tmp_path):
     onnx.save(model, str(source))
     feeds = lm_feeds(model, np.random.default_rng(1).integers(0, VOCAB, (8, 32)))
     np.savez(calib, **{name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]})
-    result = qcompiler.compile(source, tmp_path / f"cached.{recipe}.onnx", recipe, data=qcompiler.DataOptions(calib=calib))
+    result = qcompiler.compile(source, tmp_path / f"cached.{recipe}.onnx", recipe, data=qcompiler.DataOptions(calib=calib),
+                               evaluate=qcompiler.EvalOptions(compare_samples=2, latency_repeats=1, layer_report=False))
+    decode = result.evaluation.outputs[-1]
+    assert decode.name == "logits (8 decode steps through the KV cache)" and decode.sqnr_db > 3.0, decode
     compiled = onnx.load(str(result.output))
     for seq, past in CACHE_STEPS[1:]:
         step = _cache_step(model, cache_shapes, seq, past, seed=seq)

@@ -1,6 +1,7 @@
 """Feeds that drive a language model from token windows (qcompile's text calibration and evaluation)."""
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper
 
@@ -37,3 +38,32 @@ def test_steps_must_cover_the_window():
     feed = {"input_ids": np.zeros((1, 8), np.int64)}
     with pytest.raises(ValueError, match="must rise from 0 to the window's length"):
         logits_through_cache(lambda f: [], feed, [], [0, 5, 7])
+
+
+def test_decode_steps_catch_a_compiled_model_that_loses_its_cache(tmp_path):
+    """A compiled model that zeroes the cached keys of one layer computes every prefill exactly (the cache is empty
+    then), so comparing prefills cannot see it; comparing the windows fed through the cache can."""
+    from onnx import numpy_helper
+
+    from qcompiler.evaluation import compare_decode_steps, compare_outputs
+
+    model = decoder_model(np.random.default_rng(0), cache=True)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    concat = next(n for n in broken.graph.node if n.output[0] == "present.0.key")
+    broken.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), "forget"))
+    broken.graph.node.insert(list(broken.graph.node).index(concat),
+                             helper.make_node("Mul", [concat.input[0], "forget"], ["past_forgotten"]))
+    concat.input[0] = "past_forgotten"
+    paths = {name: tmp_path / f"{name}.onnx" for name in ("model", "broken")}
+    onnx.save(model, str(paths["model"]))
+    onnx.save(broken, str(paths["broken"]))
+    feeds = lm_feeds(model, np.random.default_rng(1).integers(0, 384, (2, 24)))
+    prefill, _ = compare_outputs(paths["model"], paths["broken"], feeds)
+    assert prefill[0].sqnr_db == float("inf")
+    assert compare_decode_steps(paths["model"], paths["model"], feeds).sqnr_db == float("inf")
+    decode = compare_decode_steps(paths["model"], paths["broken"], feeds)
+    assert decode.name == "logits (8 decode steps through the KV cache)" and decode.sqnr_db < 20.0, decode
+    plain = tmp_path / "plain.onnx"
+    onnx.save(decoder_model(np.random.default_rng(0), padding=True), str(plain))
+    assert compare_decode_steps(plain, plain, lm_feeds(onnx.load(str(plain)), np.zeros((1, 24), np.int64))) is None
