@@ -40,7 +40,7 @@ import onnx
 
 from qcompiler.backends.plugin_graph import kernel_ops, run_plugin_graph
 from qcompiler.config import Recipe, WeightOnlyConfig
-from qcompiler.evaluation import lm_feeds, logits_through_cache, perplexity_of
+from qcompiler.evaluation import cache_inputs, lm_feeds, logits_through_cache, perplexity_of
 from qcompiler.graph import export_graph, import_graph, save_model
 from qcompiler.pass_manager import PassContext
 from qcompiler.pipeline import build_passes
@@ -100,7 +100,7 @@ def main(argv=None) -> None:
     feeds = lm_feeds(model, windows)
     if args.padded and ("attention_mask" not in feeds[0] or "position_ids" in feeds[0]):
         raise SystemExit("plugin_graph_ppl: --padded needs a model that takes attention_mask (and not position_ids)")
-    caches = [name for name in feeds[0] if name not in ("input_ids", "attention_mask", "position_ids")]
+    caches = cache_inputs(model)
     if args.decode and (not caches or 3 * args.decode // 2 >= windows.shape[1]):
         raise SystemExit("plugin_graph_ppl: --decode N needs a model with a KV cache and windows longer than 1.5 N")
     plugin_runs = []  # (name, outputs of a feed) of the plugin graph: references first, then kernels

@@ -127,14 +127,12 @@ def compare_outputs(original: Path, compiled: Path, feeds: Iterable[dict[str, np
     return [agreements[name].result(name) for name in names], count
 
 
-def compare_decode_steps(original: Path, compiled: Path, feeds: Sequence[dict[str, np.ndarray]], threads: int | None = None,
-                         steps: int = 8) -> OutputAgreement | None:
-    """The first output (the logits) of the compiled model against the original's at each window's last ``steps``
-    tokens, fed one at a time through the KV cache after a prefill of the rest, each model carrying its own
-    presents: what generation runs. None for a model without KV-cache inputs (``cache_inputs``), or feeds
-    whose caches are not empty or whose windows are not longer than ``steps``."""
-    model = onnx.load(str(original), load_external_data=False)
-    caches = cache_inputs(model)
+def compare_decode_steps(original: Path, compiled: Path, feeds: Sequence[dict[str, np.ndarray]], caches: Sequence[str],
+                         logits_name: str, threads: int | None = None, steps: int = 8) -> OutputAgreement | None:
+    """The logits of the compiled model against the original's at each window's last ``steps`` tokens, fed one at a
+    time through the KV cache after a prefill of the rest, each model carrying its own presents: what generation
+    runs. ``caches`` are the models' cache inputs (``cache_inputs``) and the logits their first output. None
+    without cache inputs, or for feeds whose caches are not empty or whose windows are not longer than ``steps``."""
     usable = [f for f in feeds if caches and f["input_ids"].shape[1] > steps
               and all(name in f and np.shape(f[name])[2] == 0 for name in caches)]
     if not usable:
@@ -148,7 +146,7 @@ def compare_decode_steps(original: Path, compiled: Path, feeds: Sequence[dict[st
                      for runner in (reference, candidate))
         tokens = np.asarray(feed["attention_mask"])[:, -steps:] != 0 if np.ndim(feed.get("attention_mask")) == 2 else None
         agreement.add(*(want[tokens], got[tokens]) if tokens is not None else (want, got))
-    return agreement.result(f"{model.graph.output[0].name} ({steps} decode steps through the KV cache)")
+    return agreement.result(f"{logits_name} ({steps} decode steps through the KV cache)")
 
 
 def lm_feeds(model: onnx.ModelProto, windows: np.ndarray) -> list[dict[str, np.ndarray]]:
@@ -162,7 +160,8 @@ def lm_feeds(model: onnx.ModelProto, windows: np.ndarray) -> list[dict[str, np.n
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     known = {"input_ids", "attention_mask", "position_ids"}
-    caches = {i.name: _cache_shape(i) for i in inputs if i.name in cache_inputs(model)}
+    cached = cache_inputs(model)
+    caches = {i.name: _cache_shape(i) for i in inputs if i.name in cached}
     names = [i.name for i in inputs]
     if "input_ids" not in names or set(names) - known - set(caches):
         raise QCompileError(f"text calibration/evaluation needs a model whose inputs are input_ids [+ attention_mask, "

@@ -20,7 +20,7 @@ import onnx
 from qcompiler.calibration import CalibrationStats, iterate_feeds, load_calibration_arrays
 from qcompiler.config import ActivationScheme, Recipe
 from qcompiler.errors import CalibrationDataError, NothingToQuantizeError, OutputPathError, QCompileError
-from qcompiler.evaluation import Evaluation, compare_decode_steps, compare_outputs, latency_pair, layer_sqnr, lm_feeds, perplexity
+from qcompiler.evaluation import Evaluation, cache_inputs, compare_decode_steps, compare_outputs, latency_pair, layer_sqnr, lm_feeds, perplexity
 from qcompiler.graph import export_graph, import_graph, load_model, save_model
 from qcompiler.pass_manager import GraphPass, PassContext, PassManager, PassRecord
 from qcompiler.recipes import load_recipe
@@ -221,8 +221,10 @@ def _evaluate(original_path: Path, compiled_path: Path, original: onnx.ModelProt
     else:
         compare = [_random_feed(original, options.shapes, rng) for _ in range(options.compare_samples)]
     evaluation.outputs, evaluation.samples = compare_outputs(original_path, compiled_path, compare, options.threads)
-    decode = compare_decode_steps(original_path, compiled_path, compare, options.threads)
-    if decode is not None:  # a model with a KV cache: its windows also fed through the cache, as generation runs
+    caches = cache_inputs(original)
+    decode = caches and compare_decode_steps(original_path, compiled_path, compare, caches, original.graph.output[0].name,
+                                             options.threads)
+    if decode:  # a model with a KV cache: its windows also fed through the cache, as generation runs
         evaluation.outputs.append(decode)
     if plugin_graph:  # the plugin ops' numpy references say what the graph computes, not how fast TensorRT runs it
         return evaluation

@@ -122,6 +122,13 @@ def exported_with_cache(arch: str, attention: str) -> tuple[onnx.ModelProto, lis
     return export_with_kv_cache(hf, ids, past_length=5)
 
 
+def test_kv_cache_export_needs_tokens_on_both_sides():
+    config_class, model_class, kwargs = ARCHITECTURES["qwen2"]
+    hf = getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs))
+    with pytest.raises(ValueError, match="past_length must leave more than one token on each side"):
+        export_with_kv_cache(hf, torch.zeros((1, 6), dtype=torch.int64), past_length=5)
+
+
 # (new tokens, cached tokens): a prefill, a one-token decode step, a chunk after a cache
 CACHE_STEPS = [(9, 0), (1, 9), (4, 6)]
 

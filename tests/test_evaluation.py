@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from qcompiler.errors import QCompileError
-from qcompiler.evaluation import lm_feeds, logits_through_cache
+from qcompiler.evaluation import cache_inputs, lm_feeds, logits_through_cache
 from tests.helpers import run_ort
 from tests.passes.graphs import decoder_model
 
@@ -17,8 +17,9 @@ def test_a_model_with_a_kv_cache_gets_empty_caches():
     windows = np.random.default_rng(0).integers(0, 384, (2, 19))
     cached = decoder_model(np.random.default_rng(0), cache=True)
     (feed, _) = lm_feeds(cached, windows)
-    caches = [name for name in feed if name.startswith("past_key_values")]
-    assert len(caches) == 4 and all(feed[name].shape == (1, 2, 0, 64) and feed[name].dtype == np.float32 for name in caches)
+    caches = cache_inputs(cached)
+    assert caches == [name for name in feed if name.startswith("past_key_values")] and len(caches) == 4
+    assert all(feed[name].shape == (1, 2, 0, 64) and feed[name].dtype == np.float32 for name in caches)
     plain = decoder_model(np.random.default_rng(0), padding=True)
     expected = run_ort(plain, lm_feeds(plain, windows)[0])[0]
     np.testing.assert_allclose(run_ort(cached, feed)[0], expected, rtol=1e-5, atol=1e-5)
@@ -45,7 +46,7 @@ def test_decode_steps_catch_a_compiled_model_that_loses_its_cache(tmp_path):
     then), so comparing prefills cannot see it; comparing the windows fed through the cache can."""
     from onnx import numpy_helper
 
-    from qcompiler.evaluation import compare_decode_steps, compare_outputs
+    from qcompiler.evaluation import cache_inputs, compare_decode_steps, compare_outputs
 
     model = decoder_model(np.random.default_rng(0), cache=True)
     broken = onnx.ModelProto()
@@ -61,9 +62,10 @@ def test_decode_steps_catch_a_compiled_model_that_loses_its_cache(tmp_path):
     feeds = lm_feeds(model, np.random.default_rng(1).integers(0, 384, (2, 24)))
     prefill, _ = compare_outputs(paths["model"], paths["broken"], feeds)
     assert prefill[0].sqnr_db == float("inf")
-    assert compare_decode_steps(paths["model"], paths["model"], feeds).sqnr_db == float("inf")
-    decode = compare_decode_steps(paths["model"], paths["broken"], feeds)
+    caches = cache_inputs(model)
+    assert compare_decode_steps(paths["model"], paths["model"], feeds, caches, "logits").sqnr_db == float("inf")
+    decode = compare_decode_steps(paths["model"], paths["broken"], feeds, caches, "logits")
     assert decode.name == "logits (8 decode steps through the KV cache)" and decode.sqnr_db < 20.0, decode
-    plain = tmp_path / "plain.onnx"
-    onnx.save(decoder_model(np.random.default_rng(0), padding=True), str(plain))
-    assert compare_decode_steps(plain, plain, lm_feeds(onnx.load(str(plain)), np.zeros((1, 24), np.int64))) is None
+    assert cache_inputs(decoder_model(np.random.default_rng(0), padding=True)) == []
+    short = lm_feeds(model, np.zeros((1, 8), np.int64))  # no longer than the 8 decode steps
+    assert compare_decode_steps(paths["model"], paths["broken"], short, caches, "logits") is None

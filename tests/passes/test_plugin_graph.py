@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 
 from qcompiler.backends.plugin_graph import run_plugin_graph
 from qcompiler.config import Recipe, WeightOnlyConfig
-from qcompiler.evaluation import lm_feeds, logits_through_cache
+from qcompiler.evaluation import cache_inputs, lm_feeds, logits_through_cache
 from qcompiler.graph import export_graph, import_graph
 from qcompiler.pass_manager import PassContext
 from qcompiler.pipeline import build_passes
@@ -83,7 +83,7 @@ def cached_feeds(batch: int, seed: int) -> tuple[dict[str, np.ndarray], list[str
     """A padded window of 33 tokens as one prefill (empty caches) for the cached decoder, and its cache inputs."""
     model = decoder_model(np.random.default_rng(0), layers=LAYERS, cache=True)
     feeds = lm_feeds(model, np.zeros((1, 33), np.int64))[0] | padded_feeds(batch, 33, seed)
-    caches = [i.name for i in model.graph.input if i.name.startswith("past_key_values")]
+    caches = cache_inputs(model)
     return feeds | {name: np.repeat(feeds[name], batch, axis=0) for name in caches}, caches
 
 
@@ -184,6 +184,23 @@ def test_benchmark_padded_batch_of_the_padded_decoder(tmp_path):
     np.save(tmp_path / "ids.npy", window[None])
     with pytest.raises(SystemExit, match="--padded needs a model that takes attention_mask"):
         main(["--plugin-graph", str(tmp_path / "p.onnx"), "--ids", str(tmp_path / "ids.npy"), "--padded"])
+
+
+def test_benchmark_decode_steps_of_the_cached_decoder(tmp_path):
+    """plugin_graph_ppl --decode: the window fed as a prefill, a chunk and one-token steps through the cache equals one
+    prefill on the references; a model without a KV cache is refused."""
+    from benchmarks.plugin_graph_ppl import cached_steps, main
+
+    model = decoder_model(np.random.default_rng(0), layers=LAYERS, cache=True)
+    _, plugins = plugin_graph(model)
+    feed = lm_feeds(plugins, np.random.default_rng(2).integers(0, 384, (1, 40)))[0]
+    steps, whole = cached_steps(lambda f: run_plugin_graph(plugins, f), feed, cache_inputs(plugins), 8)
+    assert steps.shape == whole.shape == (12, 384) and np.abs(steps - whole).max() < 1e-5 * np.abs(whole).max()
+    _, uncached = plugin_graph(decoder_model(np.random.default_rng(0), layers=LAYERS))
+    onnx.save(uncached, str(tmp_path / "p.onnx"))
+    np.save(tmp_path / "ids.npy", np.zeros((1, 40), np.int64))
+    with pytest.raises(SystemExit, match="--decode N needs a model with a KV cache"):
+        main(["--plugin-graph", str(tmp_path / "p.onnx"), "--ids", str(tmp_path / "ids.npy"), "--decode", "8"])
 
 
 @pytest.mark.parametrize("argv,message", [
